@@ -1,0 +1,193 @@
+"""The CLIP-family dual encoder behind the three multimodal dense embedders.
+
+Any checkpoint that transformers loads with `AutoModel` + `AutoProcessor` and that has
+`get_text_features` / `get_image_features` works (CLIP, SigLIP, SigLIP 2, ...). Loaded encoders are
+shared between components that ask for the same model on the same device, so a text embedder and a
+document embedder in one process hold one copy of the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import weakref
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from haystack.utils import Secret
+from PIL import Image
+
+from haystack_integrations.common.multimodal_rag.hf import (
+    ModelLoadError,
+    load_pretrained,
+    model_dtype,
+    pretrained_kwargs,
+)
+
+_TEXT_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids")
+
+
+def _pooled(output: Any) -> torch.Tensor:
+    """transformers 5 returns a ModelOutput whose `pooler_output` is the projected embedding; 4.x a tensor."""
+    if isinstance(output, torch.Tensor):
+        return output
+    pooled = getattr(output, "pooler_output", None)
+    if pooled is None and isinstance(output, (tuple, list)):
+        pooled = output[1] if len(output) > 1 else output[0]
+    if not isinstance(pooled, torch.Tensor):
+        msg = f"unexpected output of the encoder's feature method: {type(output).__name__}"
+        raise TypeError(msg)
+    return pooled
+
+
+class DenseEncoder:
+    """
+    A loaded dual encoder: text tower and vision tower into one vector space.
+
+    Use `DenseEncoder.get(...)` to load (or reuse) one.
+    """
+
+    _cache: ClassVar[weakref.WeakValueDictionary[str, DenseEncoder]] = weakref.WeakValueDictionary()
+    _cache_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self, model: Any, processor: Any, device: str, model_id: str) -> None:
+        """
+        Wrap a loaded model and processor.
+
+        :param model: A model with `get_text_features` and `get_image_features`.
+        :param processor: Its processor (tokenizer + image processor).
+        :param device: Torch device string the model lives on.
+        :param model_id: The id or path it was loaded from (for messages).
+        """
+        self.model = model
+        self.processor = processor
+        self.device = device
+        self.model_id = model_id
+        self.tokenizer: Any = getattr(processor, "tokenizer", None)
+        self.image_processor: Any = getattr(processor, "image_processor", None)
+        if self.tokenizer is None or self.image_processor is None:
+            msg = f"the processor of '{model_id}' lacks a tokenizer or an image processor; a dual encoder needs both"
+            raise ModelLoadError(msg)
+        self.dtype = model_dtype(model)
+        self.max_length = self._text_max_length()
+
+    @classmethod
+    def get(
+        cls,
+        model: str,
+        *,
+        component: str,
+        device: str,
+        token: Secret | None,
+        local_files_only: bool,
+        model_kwargs: dict[str, Any] | None,
+    ) -> DenseEncoder:
+        """
+        Load a dual encoder, or return the one already loaded with the same settings.
+
+        :param model: Model id or local path.
+        :param component: Name of the component asking (for error messages).
+        :param device: Torch device string.
+        :param token: Hugging Face token.
+        :param local_files_only: Only use local files / the cache.
+        :param model_kwargs: Extra `from_pretrained` keyword arguments.
+        :returns: The encoder.
+        :raises ModelLoadError: When the model cannot be loaded or is not a dual encoder.
+        """
+        key = json.dumps([model, device, local_files_only, model_kwargs], sort_keys=True, default=str)
+        with cls._cache_lock:
+            cached = cls._cache.get(key)
+            if cached is not None:
+                return cached
+            from transformers import AutoModel, AutoProcessor
+
+            hf_model = load_pretrained(
+                AutoModel.from_pretrained,
+                model,
+                component=component,
+                what="model",
+                local_files_only=local_files_only,
+                **pretrained_kwargs(token=token, model_kwargs=model_kwargs, for_model=True),
+            )
+            if not (hasattr(hf_model, "get_text_features") and hasattr(hf_model, "get_image_features")):
+                msg = (
+                    f"{component}: '{model}' loads as {type(hf_model).__name__}, which has no "
+                    "get_text_features/get_image_features: use a CLIP-family dual encoder (CLIP, SigLIP, SigLIP 2)."
+                )
+                raise ModelLoadError(msg)
+            processor = load_pretrained(
+                AutoProcessor.from_pretrained,
+                model,
+                component=component,
+                what="processor",
+                local_files_only=local_files_only,
+                **pretrained_kwargs(token=token, model_kwargs=model_kwargs, for_model=False),
+            )
+            hf_model.to(device)
+            hf_model.eval()
+            encoder = cls(hf_model, processor, device, model)
+            cls._cache[key] = encoder
+            return encoder
+
+    def _text_max_length(self) -> int:
+        candidates = []
+        tok_max = getattr(self.tokenizer, "model_max_length", None)
+        if isinstance(tok_max, int) and 0 < tok_max < 1_000_000:
+            candidates.append(tok_max)
+        config = getattr(self.model, "config", None)
+        text_config = getattr(config, "text_config", None)
+        pos = getattr(text_config, "max_position_embeddings", None)
+        if isinstance(pos, int) and pos > 0:
+            candidates.append(pos)
+        return min(candidates) if candidates else 64
+
+    @torch.inference_mode()
+    def embed_texts(self, texts: list[str], *, normalize: bool) -> np.ndarray:
+        """
+        Embed texts with the text tower.
+
+        Texts are padded to a fixed length (as CLIP/SigLIP were trained), so a text's embedding does not
+        depend on the other texts in its batch.
+
+        :param texts: The texts.
+        :param normalize: L2-normalise each embedding.
+        :returns: `float32` array of shape `(len(texts), dim)`.
+        """
+        if not texts:
+            return np.zeros((0, 0), dtype=np.float32)
+        inputs = self.tokenizer(
+            texts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        kwargs = {k: inputs[k].to(self.device) for k in _TEXT_INPUT_KEYS if k in inputs}
+        features = _pooled(self.model.get_text_features(**kwargs))
+        return self._finish(features, normalize)
+
+    @torch.inference_mode()
+    def embed_images(self, images: list[Image.Image], *, normalize: bool) -> np.ndarray:
+        """
+        Embed images with the vision tower.
+
+        :param images: RGB images.
+        :param normalize: L2-normalise each embedding.
+        :returns: `float32` array of shape `(len(images), dim)`.
+        """
+        if not images:
+            return np.zeros((0, 0), dtype=np.float32)
+        inputs = self.image_processor(images=images, return_tensors="pt")
+        kwargs: dict[str, Any] = {}
+        for key, value in inputs.items():
+            if isinstance(value, torch.Tensor):
+                value = value.to(self.device)
+                if value.is_floating_point():
+                    value = value.to(self.dtype)
+            kwargs[key] = value
+        features = _pooled(self.model.get_image_features(**kwargs))
+        return self._finish(features, normalize)
+
+    @staticmethod
+    def _finish(features: torch.Tensor, normalize: bool) -> np.ndarray:
+        features = features.float()
+        if normalize:
+            features = torch.nn.functional.normalize(features, p=2, dim=-1)
+        return features.cpu().numpy()

@@ -1,0 +1,81 @@
+"""Per-document failure bookkeeping shared by every component that accepts `on_error`.
+
+Rule (see DESIGN.md): every bad input gets an error naming the document id and the reason; with
+`on_error="skip"` failures are returned, never dropped, so `inputs == outputs + failures`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Literal
+
+from haystack import Document
+
+OnError = Literal["raise", "skip"]
+ON_ERROR_VALUES: tuple[str, ...] = ("raise", "skip")
+
+#: Meta key written on documents returned in `failed_documents`.
+EMBEDDING_ERROR_META_KEY = "embedding_error"
+
+
+class DocumentProcessingError(ValueError):
+    """
+    Raised when one or more documents cannot be processed and `on_error="raise"`.
+
+    The message names every failing document id with its reason; `failures` holds the same pairs.
+    """
+
+    def __init__(self, component: str, failures: list[tuple[str, str]]) -> None:
+        """
+        Create the error.
+
+        :param component: Name of the component that failed (used in the message).
+        :param failures: `(document_id, reason)` pairs, in input order.
+        """
+        self.component = component
+        self.failures = list(failures)
+        lines = "\n".join(f"  - document '{doc_id}': {reason}" for doc_id, reason in self.failures)
+        noun = "document" if len(self.failures) == 1 else "documents"
+        super().__init__(
+            f"{component}: {len(self.failures)} {noun} could not be processed "
+            f"(nothing was returned; pass on_error='skip' to get them back in 'failed_documents'):\n{lines}"
+        )
+
+
+def validate_on_error(on_error: str) -> None:
+    """
+    Check an `on_error` parameter value.
+
+    :param on_error: The value to check.
+    :raises ValueError: If it is not `"raise"` or `"skip"`.
+    """
+    if on_error not in ON_ERROR_VALUES:
+        msg = f"on_error must be one of {ON_ERROR_VALUES}, got {on_error!r}"
+        raise ValueError(msg)
+
+
+def mark_failed(document: Document, reason: str) -> Document:
+    """
+    Return a copy of `document` with `meta["embedding_error"]` set to `reason`.
+
+    :param document: The failed document (not mutated).
+    :param reason: Why it failed.
+    :returns: A new Document.
+    """
+    return replace(document, meta={**document.meta, EMBEDDING_ERROR_META_KEY: reason})
+
+
+def check_documents_input(component: str, documents: object) -> None:
+    """
+    Validate that a component received a list of Documents.
+
+    :param component: Name of the component (used in the message).
+    :param documents: What the component received.
+    :raises TypeError: If `documents` is not a list of `Document`.
+    """
+    if not isinstance(documents, list) or not all(isinstance(d, Document) for d in documents):
+        msg = (
+            f"{component} expects a list of Documents as input. "
+            "To embed a single string, use the matching text embedder."
+        )
+        raise TypeError(msg)

@@ -1,0 +1,147 @@
+"""Validate a batch of documents up front, then stream their pixels batch by batch.
+
+Shared by `MultimodalDocumentEmbedder` and `ColPaliDocumentEmbedder` so both apply the same bad-input
+rules: every failure is known (and, with `on_error="raise"`, raised naming every document) before any
+output is produced, and pixels are only held for one batch at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from haystack import Document
+from PIL import Image
+
+from haystack_integrations.common.multimodal_rag.failures import DocumentProcessingError, mark_failed
+from haystack_integrations.common.multimodal_rag.runtime import batched
+from haystack_integrations.common.multimodal_rag.sources import (
+    VISUAL_MODALITIES,
+    SourceError,
+    VisualSource,
+    classify,
+    load_images,
+    locate,
+    probe,
+)
+
+
+@dataclass
+class DocumentPlan:
+    """
+    What each input document is and where its pixels are.
+
+    :param modalities: Modality per input position (`None` where classification failed).
+    :param sources: Visual source per position of image/page documents.
+    :param failures: Reason per failed position.
+    """
+
+    modalities: list[str | None]
+    sources: dict[int, VisualSource] = field(default_factory=dict)
+    failures: dict[int, str] = field(default_factory=dict)
+
+    def indices(self, *modalities: str) -> list[int]:
+        """Positions of the documents of the given modalities that have not failed, in input order."""
+        return [
+            i for i, m in enumerate(self.modalities) if m is not None and m in modalities and i not in self.failures
+        ]
+
+    def visual_indices(self) -> list[int]:
+        """Positions of the image and PDF-page documents that have not failed."""
+        return self.indices(*VISUAL_MODALITIES)
+
+
+def plan_documents(
+    documents: Sequence[Document],
+    *,
+    file_path_meta_field: str,
+    root_path: str | Path | None,
+    probe_pixels: bool = True,
+) -> DocumentPlan:
+    """
+    Classify every document and check its image source.
+
+    :param documents: The input documents.
+    :param file_path_meta_field: Meta key holding image/PDF paths.
+    :param root_path: Directory file paths are resolved in (and confined to).
+    :param probe_pixels: Decode each image (one at a time) / open each PDF page to catch corrupt files now.
+    :returns: The plan.
+    """
+    plan = DocumentPlan(modalities=[None] * len(documents))
+    for i, doc in enumerate(documents):
+        try:
+            modality = classify(doc, file_path_meta_field=file_path_meta_field)
+            if modality in VISUAL_MODALITIES:
+                source = locate(doc, modality, file_path_meta_field=file_path_meta_field, root_path=root_path)
+                if probe_pixels:
+                    probe(source)
+                modality = source.modality
+                plan.sources[i] = source
+            plan.modalities[i] = modality
+        except SourceError as e:
+            plan.failures[i] = str(e)
+    return plan
+
+
+def raise_if_failed(component: str, documents: Sequence[Document], failures: dict[int, str]) -> None:
+    """
+    Raise one `DocumentProcessingError` naming every failed document, if there is any.
+
+    :param component: Component name for the message.
+    :param documents: The input documents.
+    :param failures: Reason per failed position.
+    :raises DocumentProcessingError: When `failures` is not empty.
+    """
+    if failures:
+        raise DocumentProcessingError(component, [(documents[i].id, failures[i]) for i in sorted(failures)])
+
+
+def iter_image_batches(
+    plan: DocumentPlan, indices: Sequence[int], batch_size: int, *, max_side: int | None = None
+) -> Iterator[tuple[list[int], list[Image.Image], dict[int, str]]]:
+    """
+    Decode the images of `indices`, one batch at a time.
+
+    :param plan: The plan holding each position's source.
+    :param indices: Positions to load (visual documents only).
+    :param batch_size: Images per batch.
+    :param max_side: Longest side of rendered PDF pages.
+    :returns: An iterator of `(positions, images, failures)`: the positions that loaded, their images,
+        and the reason per position that did not.
+    """
+    for chunk in batched(indices, batch_size):
+        loaded = load_images([plan.sources[i] for i in chunk], max_side=max_side)
+        ok_positions: list[int] = []
+        images: list[Image.Image] = []
+        failed: dict[int, str] = {}
+        for i, result in zip(chunk, loaded, strict=True):
+            if isinstance(result, SourceError):
+                failed[i] = str(result)
+            else:
+                ok_positions.append(i)
+                images.append(result)
+        yield ok_positions, images, failed
+
+
+def split_outputs(
+    documents: Sequence[Document],
+    failures: dict[int, str],
+    make_output: Callable[[int, Document], Document],
+) -> dict[str, list[Document]]:
+    """
+    Build the `documents` / `failed_documents` outputs, in input order.
+
+    :param documents: The input documents.
+    :param failures: Reason per failed position.
+    :param make_output: Builds the output document for a successful position.
+    :returns: `{"documents": [...], "failed_documents": [...]}` with `len(documents) + len(failed) == len(input)`.
+    """
+    ok: list[Document] = []
+    failed: list[Document] = []
+    for i, doc in enumerate(documents):
+        if i in failures:
+            failed.append(mark_failed(doc, failures[i]))
+        else:
+            ok.append(make_output(i, doc))
+    return {"documents": ok, "failed_documents": failed}

@@ -1,0 +1,67 @@
+"""Small runtime helpers shared by components."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+async def run_in_thread(func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    """
+    Run a blocking function in the default executor, so an async pipeline's event loop stays free.
+
+    :param func: The blocking function (typically a component's `run`).
+    :param args: Positional arguments.
+    :param kwargs: Keyword arguments.
+    :returns: What `func` returns.
+    """
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(None, functools.partial(func, *args, **kwargs))
+
+
+def batched(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+    """
+    Yield consecutive slices of at most `size` items.
+
+    :param items: The sequence.
+    :param size: Batch size, at least 1.
+    :returns: An iterator of slices.
+    """
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def check_positive_int(name: str, value: int) -> None:
+    """
+    Validate a parameter that must be a positive integer.
+
+    :param name: Parameter name for the message.
+    :param value: The value.
+    :raises ValueError: When it is not an integer >= 1.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        msg = f"{name} must be a positive integer, got {value!r}"
+        raise ValueError(msg)
+
+
+def check_query(component_name: str, text: object) -> str:
+    """
+    Validate a query string.
+
+    :param component_name: Component name, for messages.
+    :param text: The query.
+    :returns: The query.
+    :raises TypeError: When it is not a string.
+    :raises ValueError: When it is empty or only whitespace.
+    """
+    if not isinstance(text, str):
+        msg = f"{component_name} expects the query as a string, got {type(text).__name__}"
+        raise TypeError(msg)
+    if not text.strip():
+        msg = f"{component_name} received an empty query (or only whitespace); pass the question to answer or rank for"
+        raise ValueError(msg)
+    return text

@@ -1,0 +1,5 @@
+from haystack_integrations.components.embedders.multimodal.document_embedder import MultimodalDocumentEmbedder
+from haystack_integrations.components.embedders.multimodal.image_embedder import MultimodalImageEmbedder
+from haystack_integrations.components.embedders.multimodal.text_embedder import MultimodalTextEmbedder
+
+__all__ = ["MultimodalDocumentEmbedder", "MultimodalImageEmbedder", "MultimodalTextEmbedder"]

@@ -1,0 +1,248 @@
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+from haystack import Document, component, default_from_dict, default_to_dict, logging
+from haystack.utils import ComponentDevice, Secret
+from tqdm import tqdm
+
+from haystack_integrations.common.multimodal_rag.dense import DenseEncoder
+from haystack_integrations.common.multimodal_rag.failures import (
+    check_documents_input,
+    validate_on_error,
+)
+from haystack_integrations.common.multimodal_rag.hf import resolve_device, serialize_model_kwargs
+from haystack_integrations.common.multimodal_rag.planning import (
+    iter_image_batches,
+    plan_documents,
+    raise_if_failed,
+    split_outputs,
+)
+from haystack_integrations.common.multimodal_rag.runtime import batched, check_positive_int, run_in_thread
+from haystack_integrations.common.multimodal_rag.sources import MODALITY_META_KEY
+
+logger = logging.getLogger(__name__)
+
+_SOURCE_TYPE = {"text": "text", "image": "image", "document": "page"}
+
+
+@component
+class MultimodalDocumentEmbedder:
+    """
+    Embeds text, image and PDF-page documents into ONE vector space with a CLIP-family dual encoder.
+
+    Text documents go through the text tower; image documents (an image `blob`, or `meta["file_path"]`
+    pointing at an image) and PDF-page documents (`meta["file_path"]` pointing at a PDF, page chosen by
+    `meta["page_number"]`, 1-based) go through the vision tower. A text query embedded with
+    `MultimodalTextEmbedder` and the same model can then retrieve images and pages.
+
+    Each output document gets `embedding`, `meta["modality"]` (`"text"`, `"image"` or `"document"`) and
+    `meta["embedding_source"]`. Documents are batched per modality; images are decoded one batch at a
+    time, so memory is bounded by `batch_size`, not by the corpus.
+
+    Bad input (missing, corrupt or zero-byte files, truncated PDFs, pages beyond the PDF, paths outside
+    `root_path`, decompression bombs, unsupported MIME types, documents with neither text nor image):
+    with `on_error="raise"` one error names every failing document id and reason before anything is
+    returned; with `on_error="skip"` the failures come back in `failed_documents` with
+    `meta["embedding_error"]`.
+
+    ### Usage example
+    ```python
+    from haystack import Document
+    from haystack_integrations.components.embedders.multimodal import MultimodalDocumentEmbedder
+
+    embedder = MultimodalDocumentEmbedder(model="google/siglip-so400m-patch14-384")
+    result = embedder.run(documents=[
+        Document(content="Quarterly revenue grew 12%"),
+        Document(meta={"file_path": "charts/revenue.png"}),
+        Document(meta={"file_path": "reports/annual.pdf", "page_number": 3}),
+    ])
+    print([d.meta["modality"] for d in result["documents"]])  # ['text', 'image', 'document']
+    ```
+    """
+
+    def __init__(
+        self,
+        model: str = "google/siglip-so400m-patch14-384",
+        *,
+        file_path_meta_field: str = "file_path",
+        root_path: str | None = None,
+        device: ComponentDevice | None = None,
+        token: Secret | None = Secret.from_env_var(["HF_API_TOKEN", "HF_TOKEN"], strict=False),  # noqa: B008
+        batch_size: int = 16,
+        progress_bar: bool = True,
+        normalize_embeddings: bool = True,
+        local_files_only: bool = False,
+        model_kwargs: dict[str, Any] | None = None,
+        on_error: str = "raise",
+    ) -> None:
+        """
+        Create the embedder. Nothing is loaded until `warm_up()`.
+
+        :param model: Hugging Face model id or local path of a CLIP-family dual encoder (CLIP, SigLIP, SigLIP 2).
+        :param file_path_meta_field: Meta key holding the path of a document's image or PDF.
+        :param root_path: Directory that relative file paths are resolved in; paths escaping it are refused.
+        :param device: Device to run on; `None` picks the best available.
+        :param token: Hugging Face token, for gated or private models.
+        :param batch_size: Documents per forward pass (per modality).
+        :param progress_bar: Show a progress bar.
+        :param normalize_embeddings: L2-normalise embeddings (use cosine or dot-product retrieval).
+        :param local_files_only: Only use a local path or the local Hugging Face cache.
+        :param model_kwargs: Extra keyword arguments for `AutoModel.from_pretrained` (e.g. `{"dtype": "bfloat16"}`).
+        :param on_error: `"raise"` (one error naming every bad document) or `"skip"` (return them in
+            `failed_documents`).
+        :raises ValueError: On an invalid `batch_size` or `on_error`.
+        """
+        check_positive_int("batch_size", batch_size)
+        validate_on_error(on_error)
+        self.model = model
+        self.file_path_meta_field = file_path_meta_field
+        self.root_path = root_path
+        self.device = device
+        self.token = token
+        self.batch_size = batch_size
+        self.progress_bar = progress_bar
+        self.normalize_embeddings = normalize_embeddings
+        self.local_files_only = local_files_only
+        self.model_kwargs = model_kwargs
+        self.on_error = on_error
+        self._encoder: DenseEncoder | None = None
+
+    def warm_up(self) -> None:
+        """
+        Load the model and processor (idempotent).
+
+        :raises ModelLoadError: When the model cannot be loaded; the message says how to fix it.
+        """
+        if self._encoder is None:
+            self._encoder = DenseEncoder.get(
+                self.model,
+                component=type(self).__name__,
+                device=resolve_device(self.device),
+                token=self.token,
+                local_files_only=self.local_files_only,
+                model_kwargs=self.model_kwargs,
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """
+        Serialize this component to a dictionary.
+
+        :returns: The dictionary.
+        """
+        return default_to_dict(
+            self,
+            model=self.model,
+            file_path_meta_field=self.file_path_meta_field,
+            root_path=self.root_path,
+            device=self.device.to_dict() if self.device else None,
+            token=self.token.to_dict() if self.token else None,
+            batch_size=self.batch_size,
+            progress_bar=self.progress_bar,
+            normalize_embeddings=self.normalize_embeddings,
+            local_files_only=self.local_files_only,
+            model_kwargs=serialize_model_kwargs(self.model_kwargs),
+            on_error=self.on_error,
+        )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MultimodalDocumentEmbedder:
+        """
+        Deserialize a component from a dictionary.
+
+        :param data: The dictionary from `to_dict`.
+        :returns: The component.
+        """
+        return default_from_dict(cls, data)
+
+    @component.output_types(documents=list[Document], failed_documents=list[Document])
+    def run(self, documents: list[Document]) -> dict[str, list[Document]]:
+        """
+        Embed text, image and PDF-page documents.
+
+        :param documents: The documents; they are not modified.
+        :returns: A dictionary with:
+            - `documents`: the embedded documents, in input order, with `embedding`, `meta["modality"]` and
+              `meta["embedding_source"]`.
+            - `failed_documents`: with `on_error="skip"`, the documents that could not be embedded, each
+              with `meta["embedding_error"]`; always empty with `on_error="raise"`.
+        :raises TypeError: If `documents` is not a list of Documents.
+        :raises DocumentProcessingError: With `on_error="raise"`, when any document cannot be embedded.
+        :raises ModelLoadError: When the model cannot be loaded.
+        """
+        component_name = type(self).__name__
+        check_documents_input(component_name, documents)
+        if not documents:
+            return {"documents": [], "failed_documents": []}
+        self.warm_up()
+        assert self._encoder is not None
+        encoder = self._encoder
+
+        plan = plan_documents(documents, file_path_meta_field=self.file_path_meta_field, root_path=self.root_path)
+        failures = dict(plan.failures)
+        if self.on_error == "raise":
+            raise_if_failed(component_name, documents, failures)
+
+        embeddings: dict[int, np.ndarray] = {}
+        text_indices = plan.indices("text")
+        visual_indices = plan.visual_indices()
+        with tqdm(
+            total=len(text_indices) + len(visual_indices),
+            disable=not self.progress_bar,
+            desc=f"{component_name} ({encoder.model_id})",
+            unit="doc",
+        ) as bar:
+            for chunk in batched(text_indices, self.batch_size):
+                vectors = encoder.embed_texts(
+                    [documents[i].content or "" for i in chunk], normalize=self.normalize_embeddings
+                )
+                embeddings.update(zip(chunk, vectors, strict=True))
+                bar.update(len(chunk))
+            for positions, images, failed in iter_image_batches(plan, visual_indices, self.batch_size):
+                if failed and self.on_error == "raise":
+                    raise_if_failed(component_name, documents, failed)
+                failures.update(failed)
+                if images:
+                    vectors = encoder.embed_images(images, normalize=self.normalize_embeddings)
+                    embeddings.update(zip(positions, vectors, strict=True))
+                for image in images:
+                    image.close()
+                bar.update(len(positions) + len(failed))
+
+        def make_output(i: int, doc: Document) -> Document:
+            modality = plan.modalities[i]
+            assert modality is not None
+            source = plan.sources.get(i)
+            meta = {
+                **doc.meta,
+                MODALITY_META_KEY: modality,
+                "embedding_source": {
+                    "type": _SOURCE_TYPE[modality],
+                    "file_path_meta_field": self.file_path_meta_field
+                    if source is not None and source.path is not None
+                    else None,
+                },
+            }
+            return replace(doc, embedding=embeddings[i].tolist(), meta=meta)
+
+        result = split_outputs(documents, failures, make_output)
+        if result["failed_documents"]:
+            logger.warning(
+                "{component} skipped {count} document(s) that could not be embedded; see their "
+                "meta['embedding_error'] in 'failed_documents'",
+                component=component_name,
+                count=len(result["failed_documents"]),
+            )
+        return result
+
+    @component.output_types(documents=list[Document], failed_documents=list[Document])
+    async def run_async(self, documents: list[Document]) -> dict[str, list[Document]]:
+        """
+        Asynchronous version of `run`: the model runs in a worker thread.
+
+        :param documents: See `run`.
+        :returns: See `run`.
+        """
+        return await run_in_thread(self.run, documents)

@@ -1,0 +1,166 @@
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Any
+
+from haystack import Document, component, default_from_dict, default_to_dict
+from haystack.dataclasses import ByteStream, ImageContent
+from haystack.utils import ComponentDevice, Secret
+
+from haystack_integrations.common.multimodal_rag.dense import DenseEncoder
+from haystack_integrations.common.multimodal_rag.hf import resolve_device, serialize_model_kwargs
+from haystack_integrations.common.multimodal_rag.runtime import run_in_thread
+from haystack_integrations.common.multimodal_rag.sources import (
+    VISUAL_MODALITIES,
+    SourceError,
+    classify,
+    load_image,
+    locate,
+)
+
+
+@component
+class MultimodalImageEmbedder:
+    """
+    Embeds one query image (query-by-image) with the vision tower of a CLIP-family dual encoder.
+
+    The image may be a file path, a `ByteStream` or a Haystack `ImageContent`; a single-page PDF is
+    rendered. The vector lives in the same space as `MultimodalDocumentEmbedder`'s documents.
+
+    ### Usage example
+    ```python
+    from haystack_integrations.components.embedders.multimodal import MultimodalImageEmbedder
+
+    embedder = MultimodalImageEmbedder(model="google/siglip-so400m-patch14-384")
+    vector = embedder.run(image="photos/query.jpg")["embedding"]
+    ```
+    """
+
+    def __init__(
+        self,
+        model: str = "google/siglip-so400m-patch14-384",
+        *,
+        root_path: str | None = None,
+        device: ComponentDevice | None = None,
+        token: Secret | None = Secret.from_env_var(["HF_API_TOKEN", "HF_TOKEN"], strict=False),  # noqa: B008
+        normalize_embeddings: bool = True,
+        local_files_only: bool = False,
+        model_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        """
+        Create the embedder. Nothing is loaded until `warm_up()`.
+
+        :param model: Hugging Face model id or local path of a CLIP-family dual encoder.
+        :param root_path: Directory that relative image paths are resolved in; paths escaping it are refused.
+        :param device: Device to run on; `None` picks the best available.
+        :param token: Hugging Face token, for gated or private models.
+        :param normalize_embeddings: L2-normalise the embedding.
+        :param local_files_only: Only use a local path or the local Hugging Face cache.
+        :param model_kwargs: Extra keyword arguments for `AutoModel.from_pretrained`.
+        """
+        self.model = model
+        self.root_path = root_path
+        self.device = device
+        self.token = token
+        self.normalize_embeddings = normalize_embeddings
+        self.local_files_only = local_files_only
+        self.model_kwargs = model_kwargs
+        self._encoder: DenseEncoder | None = None
+
+    def warm_up(self) -> None:
+        """
+        Load the model and processor (idempotent).
+
+        :raises ModelLoadError: When the model cannot be loaded; the message says how to fix it.
+        """
+        if self._encoder is None:
+            self._encoder = DenseEncoder.get(
+                self.model,
+                component=type(self).__name__,
+                device=resolve_device(self.device),
+                token=self.token,
+                local_files_only=self.local_files_only,
+                model_kwargs=self.model_kwargs,
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """
+        Serialize this component to a dictionary.
+
+        :returns: The dictionary.
+        """
+        return default_to_dict(
+            self,
+            model=self.model,
+            root_path=self.root_path,
+            device=self.device.to_dict() if self.device else None,
+            token=self.token.to_dict() if self.token else None,
+            normalize_embeddings=self.normalize_embeddings,
+            local_files_only=self.local_files_only,
+            model_kwargs=serialize_model_kwargs(self.model_kwargs),
+        )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MultimodalImageEmbedder:
+        """
+        Deserialize a component from a dictionary.
+
+        :param data: The dictionary from `to_dict`.
+        :returns: The component.
+        """
+        return default_from_dict(cls, data)
+
+    @staticmethod
+    def _as_document(image: ImageContent | ByteStream | str | Path) -> Document:
+        if isinstance(image, ImageContent):
+            data = base64.b64decode(image.base64_image)
+            return Document(blob=ByteStream(data=data, mime_type=image.mime_type))
+        if isinstance(image, ByteStream):
+            return Document(blob=image)
+        if isinstance(image, (str, Path)):
+            return Document(meta={"file_path": str(image)})
+        msg = (
+            "MultimodalImageEmbedder expects an image as a file path, a ByteStream or an ImageContent, "
+            f"got {type(image).__name__}"
+        )
+        raise TypeError(msg)
+
+    @component.output_types(embedding=list[float])
+    def run(self, image: ImageContent | ByteStream | str) -> dict[str, list[float]]:
+        """
+        Embed one image.
+
+        :param image: A file path, a `ByteStream` or an `ImageContent`.
+        :returns: `{"embedding": list[float]}`.
+        :raises TypeError: On an unsupported input type.
+        :raises SourceError: When the image cannot be read (missing, corrupt, outside `root_path`, too large).
+        """
+        doc = self._as_document(image)
+        try:
+            modality = classify(doc)
+            if modality not in VISUAL_MODALITIES:
+                msg = "the input is not an image"
+                raise SourceError(msg)
+            source = locate(doc, modality, root_path=self.root_path)
+            picture = load_image(source)
+        except SourceError as e:
+            msg = f"{type(self).__name__}: cannot embed the query image: {e}"
+            raise SourceError(msg) from e
+        self.warm_up()
+        assert self._encoder is not None
+        try:
+            vector = self._encoder.embed_images([picture], normalize=self.normalize_embeddings)[0]
+        finally:
+            picture.close()
+        return {"embedding": vector.tolist()}
+
+    @component.output_types(embedding=list[float])
+    async def run_async(self, image: ImageContent | ByteStream | str) -> dict[str, list[float]]:
+        """
+        Asynchronous version of `run`: the model runs in a worker thread.
+
+        :param image: See `run`.
+        :returns: See `run`.
+        """
+        return await run_in_thread(self.run, image)

@@ -1,0 +1,124 @@
+from __future__ import annotations
+
+from typing import Any
+
+from haystack import component, default_from_dict, default_to_dict
+from haystack.utils import ComponentDevice, Secret
+
+from haystack_integrations.common.multimodal_rag.dense import DenseEncoder
+from haystack_integrations.common.multimodal_rag.hf import resolve_device, serialize_model_kwargs
+from haystack_integrations.common.multimodal_rag.runtime import check_query, run_in_thread
+
+
+@component
+class MultimodalTextEmbedder:
+    """
+    Embeds a query string with the text tower of a CLIP-family dual encoder.
+
+    Use it with `MultimodalDocumentEmbedder` and the same model: the query vector lives in the same space
+    as the text, image and PDF-page documents, so a text query retrieves images.
+
+    ### Usage example
+    ```python
+    from haystack_integrations.components.embedders.multimodal import MultimodalTextEmbedder
+
+    embedder = MultimodalTextEmbedder(model="google/siglip-so400m-patch14-384")
+    print(len(embedder.run(text="a bar chart of revenue by quarter")["embedding"]))  # 1152
+    ```
+    """
+
+    def __init__(
+        self,
+        model: str = "google/siglip-so400m-patch14-384",
+        *,
+        device: ComponentDevice | None = None,
+        token: Secret | None = Secret.from_env_var(["HF_API_TOKEN", "HF_TOKEN"], strict=False),  # noqa: B008
+        normalize_embeddings: bool = True,
+        local_files_only: bool = False,
+        model_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        """
+        Create the embedder. Nothing is loaded until `warm_up()`.
+
+        :param model: Hugging Face model id or local path of a CLIP-family dual encoder.
+        :param device: Device to run on; `None` picks the best available.
+        :param token: Hugging Face token, for gated or private models.
+        :param normalize_embeddings: L2-normalise the embedding.
+        :param local_files_only: Only use a local path or the local Hugging Face cache.
+        :param model_kwargs: Extra keyword arguments for `AutoModel.from_pretrained`.
+        """
+        self.model = model
+        self.device = device
+        self.token = token
+        self.normalize_embeddings = normalize_embeddings
+        self.local_files_only = local_files_only
+        self.model_kwargs = model_kwargs
+        self._encoder: DenseEncoder | None = None
+
+    def warm_up(self) -> None:
+        """
+        Load the model and processor (idempotent).
+
+        :raises ModelLoadError: When the model cannot be loaded; the message says how to fix it.
+        """
+        if self._encoder is None:
+            self._encoder = DenseEncoder.get(
+                self.model,
+                component=type(self).__name__,
+                device=resolve_device(self.device),
+                token=self.token,
+                local_files_only=self.local_files_only,
+                model_kwargs=self.model_kwargs,
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """
+        Serialize this component to a dictionary.
+
+        :returns: The dictionary.
+        """
+        return default_to_dict(
+            self,
+            model=self.model,
+            device=self.device.to_dict() if self.device else None,
+            token=self.token.to_dict() if self.token else None,
+            normalize_embeddings=self.normalize_embeddings,
+            local_files_only=self.local_files_only,
+            model_kwargs=serialize_model_kwargs(self.model_kwargs),
+        )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MultimodalTextEmbedder:
+        """
+        Deserialize a component from a dictionary.
+
+        :param data: The dictionary from `to_dict`.
+        :returns: The component.
+        """
+        return default_from_dict(cls, data)
+
+    @component.output_types(embedding=list[float])
+    def run(self, text: str) -> dict[str, list[float]]:
+        """
+        Embed one string.
+
+        :param text: The query.
+        :returns: `{"embedding": list[float]}`.
+        :raises TypeError: If `text` is not a string.
+        :raises ValueError: If `text` is empty or only whitespace.
+        """
+        check_query(type(self).__name__, text)
+        self.warm_up()
+        assert self._encoder is not None
+        vector = self._encoder.embed_texts([text], normalize=self.normalize_embeddings)[0]
+        return {"embedding": vector.tolist()}
+
+    @component.output_types(embedding=list[float])
+    async def run_async(self, text: str) -> dict[str, list[float]]:
+        """
+        Asynchronous version of `run`: the model runs in a worker thread.
+
+        :param text: See `run`.
+        :returns: See `run`.
+        """
+        return await run_in_thread(self.run, text)
