@@ -1,0 +1,172 @@
+"""What every multi-vector store shares: the API (a Protocol), input validation and dtype handling.
+
+A page's multi-vector is a 2-D array `(n_vectors, dim)`; the stores keep it under the document id.
+Shapes and names match Haystack 3.5's `Document.multivector_embedding` (one `list[list[float]]` per
+page or query), so `as_multivector` accepts that list form as well as numpy arrays and torch tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+SUPPORTED_DTYPES: tuple[str, ...] = ("float16", "float32")
+
+
+class MultiVectorStoreError(ValueError):
+    """A multi-vector store was used with vectors or settings it cannot accept."""
+
+
+@runtime_checkable
+class MultiVectorStore(Protocol):
+    """The API shared by `InMemoryMultiVectorStore`, `QdrantMultiVectorStore` and `SQLiteMultiVectorStore`."""
+
+    def write(self, vectors_by_id: Mapping[str, Any]) -> int:
+        """Upsert one multi-vector per document id; returns how many were written."""
+        ...
+
+    def get(self, ids: Iterable[str]) -> dict[str, np.ndarray]:
+        """Multi-vectors of the given ids; ids without vectors are absent from the result."""
+        ...
+
+    def delete(self, ids: Iterable[str]) -> None:
+        """Remove the multi-vectors of the given ids (unknown ids are ignored)."""
+        ...
+
+    def count(self) -> int:
+        """Number of stored multi-vectors."""
+        ...
+
+    def to_dict(self) -> dict[str, Any]:
+        """Serialize the store's settings."""
+        ...
+
+
+def check_dtype(dtype: str) -> np.dtype:
+    """
+    Validate a store dtype name.
+
+    :param dtype: `"float16"` or `"float32"`.
+    :returns: The numpy dtype.
+    :raises ValueError: For anything else.
+    """
+    if dtype not in SUPPORTED_DTYPES:
+        msg = f"dtype must be one of {SUPPORTED_DTYPES}, got {dtype!r}"
+        raise ValueError(msg)
+    return np.dtype(dtype)
+
+
+def as_multivector(value: Any, *, dtype: np.dtype, dim: int | None, doc_id: str) -> np.ndarray:
+    """
+    Validate one multi-vector and convert it to a C-contiguous array of `dtype`.
+
+    :param value: A 2-D numpy array, torch tensor or list of lists.
+    :param dtype: Target dtype.
+    :param dim: Required vector width, or `None` to accept any.
+    :param doc_id: Document id, for messages.
+    :returns: The converted array (a copy when conversion was needed).
+    :raises MultiVectorStoreError: When it is not 2-D, empty, of the wrong width, or not finite.
+    """
+    if hasattr(value, "detach"):  # torch tensor
+        value = value.detach().to("cpu")
+        if str(value.dtype) == "torch.bfloat16":
+            value = value.float()
+        value = value.numpy()
+    array = np.asarray(value)
+    if array.ndim != 2 or array.shape[0] == 0 or array.shape[1] == 0:
+        msg = (
+            f"multi-vector of document '{doc_id}' must be a non-empty 2-D array (vectors, dim), got shape {array.shape}"
+        )
+        raise MultiVectorStoreError(msg)
+    if not np.issubdtype(array.dtype, np.number):
+        msg = f"multi-vector of document '{doc_id}' must be numeric, got dtype {array.dtype}"
+        raise MultiVectorStoreError(msg)
+    if dim is not None and array.shape[1] != dim:
+        msg = (
+            f"multi-vector of document '{doc_id}' has vectors of width {array.shape[1]}, but the store holds dim {dim}"
+        )
+        raise MultiVectorStoreError(msg)
+    converted = np.ascontiguousarray(array, dtype=dtype)
+    if not np.isfinite(converted).all():
+        msg = f"multi-vector of document '{doc_id}' contains NaN or infinite values (after conversion to {dtype})"
+        raise MultiVectorStoreError(msg)
+    return converted
+
+
+def check_ids(ids: Iterable[str]) -> list[str]:
+    """
+    Materialise and validate document ids.
+
+    :param ids: Document ids.
+    :returns: The ids as a list.
+    :raises TypeError: When an id is not a non-empty string.
+    """
+    out = list(ids)
+    for doc_id in out:
+        if not isinstance(doc_id, str) or not doc_id:
+            msg = f"document ids must be non-empty strings, got {doc_id!r}"
+            raise TypeError(msg)
+    return out
+
+
+def check_model_binding(store_name: str, stored_model: str | None, model: str | None) -> None:
+    """
+    Refuse to mix embeddings of two models in one store.
+
+    :param store_name: Description of the store, for the message.
+    :param stored_model: Model id the store was created with (`None` when unknown).
+    :param model: Model id of the component using the store.
+    :raises MultiVectorStoreError: When both are known and differ.
+    """
+    if stored_model is not None and model is not None and stored_model != model:
+        msg = (
+            f"{store_name} holds multi-vectors of model '{stored_model}', but this component uses model '{model}'. "
+            "One index must never mix embeddings of two models: use the same model, or a new store."
+        )
+        raise MultiVectorStoreError(msg)
+
+
+def check_store_compatible(store: Any, *, dim: int, model: str, component: str) -> None:
+    """
+    Refuse a multi-vector store whose width or recorded model differs from a component's.
+
+    Stores that can record their model (`bind_model`) are bound to `model` on first use.
+
+    :param store: The multi-vector store.
+    :param dim: Width of the vectors the component's model produces.
+    :param model: The component's model id.
+    :param component: Component name, for messages.
+    :raises MultiVectorStoreError: On a mismatch.
+    """
+    store_dim = getattr(store, "dim", None)
+    if store_dim is not None and store_dim != dim:
+        msg = (
+            f"{component}: the multi-vector store holds vectors of dim {store_dim}, "
+            f"but model '{model}' produces dim {dim}"
+        )
+        raise MultiVectorStoreError(msg)
+    bind = getattr(store, "bind_model", None)
+    if callable(bind):
+        try:
+            bind(model)
+        except MultiVectorStoreError as e:
+            raise MultiVectorStoreError(f"{component}: {e}") from e
+
+
+def store_from_dict(data: dict[str, Any] | None) -> Any:
+    """
+    Deserialize a multi-vector store from its `to_dict` form (any class with `from_dict`).
+
+    The class is imported through Haystack's deserialization allowlist.
+
+    :param data: The serialized store, or `None`.
+    :returns: The store, or `None`.
+    """
+    if data is None:
+        return None
+    from haystack.core.serialization import import_class_by_name
+
+    cls: Any = import_class_by_name(data["type"])
+    return cls.from_dict(data)

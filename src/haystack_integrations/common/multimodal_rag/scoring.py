@@ -1,0 +1,54 @@
+"""Score meta keys and the ranking rules every ranker of the package shares."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from haystack import Document
+
+#: The retriever's (stage-1) score, kept by the first ranker that replaces `score`.
+DENSE_SCORE_META_KEY = "dense_score"
+#: Raw MaxSim written by `ColPaliRanker`.
+LATE_INTERACTION_SCORE_META_KEY = "late_interaction_score"
+#: Probability of relevance written by `VisionLanguageRanker`.
+CROSS_ENCODER_SCORE_META_KEY = "cross_encoder_score"
+#: Written by `ModalityScoreCalibrator`.
+CALIBRATED_DENSE_SCORE_META_KEY = "calibrated_dense_score"
+CALIBRATED_LATE_SCORE_META_KEY = "calibrated_late_interaction_score"
+FUSED_SCORE_META_KEY = "fused_score"
+
+
+def check_top_k_and_threshold(top_k: int | None, score_threshold: float | None) -> None:
+    """
+    Validate `top_k` (a non-negative integer, 0 included) and `score_threshold` (a finite number or None).
+
+    :param top_k: Number of documents to return, or `None` for all (where a component allows it).
+    :param score_threshold: Minimum score, or `None`.
+    :raises ValueError: On a negative or non-integer `top_k`, or a non-finite threshold.
+    """
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+        msg = f"top_k must be a non-negative integer, got {top_k!r}"
+        raise ValueError(msg)
+    if score_threshold is not None and (
+        isinstance(score_threshold, bool)
+        or not isinstance(score_threshold, (int, float))
+        or not math.isfinite(score_threshold)
+    ):
+        msg = f"score_threshold must be a finite number or None, got {score_threshold!r}"
+        raise ValueError(msg)
+
+
+def select_top(documents: Sequence[Document], *, top_k: int | None, score_threshold: float | None) -> list[Document]:
+    """
+    Sort by `score` (best first, stable, documents without a score last), apply the threshold, cut at `top_k`.
+
+    :param documents: Scored documents.
+    :param top_k: How many to keep; `None` keeps all.
+    :param score_threshold: Drop documents whose score is below it (and those without a score); `None` keeps all.
+    :returns: The selected documents.
+    """
+    ranked = sorted(documents, key=lambda d: (d.score is None, -(d.score or 0.0)))
+    if score_threshold is not None:
+        ranked = [d for d in ranked if d.score is not None and d.score >= score_threshold]
+    return ranked if top_k is None else ranked[:top_k]

@@ -1,0 +1,121 @@
+from __future__ import annotations
+
+from typing import Any
+
+from haystack import component, default_from_dict, default_to_dict
+from haystack.utils import ComponentDevice, Secret
+
+from haystack_integrations.common.multimodal_rag.colpali import LateInteractionEncoder
+from haystack_integrations.common.multimodal_rag.hf import resolve_device, serialize_model_kwargs
+from haystack_integrations.common.multimodal_rag.runtime import check_query, run_in_thread
+
+
+@component
+class ColPaliTextEmbedder:
+    """
+    Encodes a query into a ColPali multi-vector: one 128-d vector per query token.
+
+    The model's own query processing is used (query prefix and augmentation tokens included), so the vectors
+    match those `ColPaliRanker` scores pages with. The output name and shape, `multivector_embedding` as
+    `list[list[float]]`, follow Haystack 3.5's multi-vector conventions.
+
+    ### Usage example
+    ```python
+    from haystack_integrations.components.embedders.colpali import ColPaliTextEmbedder
+
+    embedder = ColPaliTextEmbedder(model="vidore/colqwen2.5-v0.2")
+    vectors = embedder.run(text="Which quarter had the highest revenue?")["multivector_embedding"]
+    print(len(vectors), len(vectors[0]))  # n_tokens, 128
+    ```
+    """
+
+    def __init__(
+        self,
+        model: str = "vidore/colqwen2.5-v0.2",
+        *,
+        device: ComponentDevice | None = None,
+        token: Secret | None = Secret.from_env_var(["HF_API_TOKEN", "HF_TOKEN"], strict=False),  # noqa: B008
+        local_files_only: bool = False,
+        model_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        """
+        Create the embedder. Nothing is loaded until `warm_up()`.
+
+        :param model: Hugging Face id or local path of a ColPali-family checkpoint.
+        :param device: Device to run on; `None` picks the best available.
+        :param token: Hugging Face token, for gated or private models.
+        :param local_files_only: Only use a local path or the local Hugging Face cache.
+        :param model_kwargs: Extra keyword arguments for the model's `from_pretrained`.
+        """
+        self.model = model
+        self.device = device
+        self.token = token
+        self.local_files_only = local_files_only
+        self.model_kwargs = model_kwargs
+        self._encoder: LateInteractionEncoder | None = None
+
+    def warm_up(self) -> None:
+        """
+        Load the model and processor (idempotent).
+
+        :raises ModelLoadError: When the model cannot be loaded.
+        """
+        if self._encoder is None:
+            self._encoder = LateInteractionEncoder.get(
+                self.model,
+                component=type(self).__name__,
+                device=resolve_device(self.device),
+                token=self.token,
+                local_files_only=self.local_files_only,
+                model_kwargs=self.model_kwargs,
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """
+        Serialize this component to a dictionary.
+
+        :returns: The dictionary.
+        """
+        return default_to_dict(
+            self,
+            model=self.model,
+            device=self.device.to_dict() if self.device else None,
+            token=self.token.to_dict() if self.token else None,
+            local_files_only=self.local_files_only,
+            model_kwargs=serialize_model_kwargs(self.model_kwargs),
+        )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ColPaliTextEmbedder:
+        """
+        Deserialize a component from a dictionary.
+
+        :param data: The dictionary from `to_dict`.
+        :returns: The component.
+        """
+        return default_from_dict(cls, data)
+
+    @component.output_types(multivector_embedding=list[list[float]])
+    def run(self, text: str) -> dict[str, list[list[float]]]:
+        """
+        Encode one query.
+
+        :param text: The query.
+        :returns: `{"multivector_embedding": list[list[float]]}`, one vector per query token.
+        :raises TypeError: If `text` is not a string.
+        :raises ValueError: If `text` is empty or only whitespace.
+        """
+        check_query(type(self).__name__, text)
+        self.warm_up()
+        assert self._encoder is not None
+        return {"multivector_embedding": self._encoder.embed_queries([text])[0].tolist()}
+
+    @component.output_types(multivector_embedding=list[list[float]])
+    async def run_async(self, text: str) -> dict[str, list[list[float]]]:
+        """
+        Asynchronous version of `run`: the model runs in a worker thread.
+
+        :param text: See `run`.
+        :returns: See `run`.
+        """
+        return await run_in_thread(self.run, text)
