@@ -1,0 +1,352 @@
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import threading
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from haystack import default_from_dict, default_to_dict
+
+from haystack_integrations.common.multimodal_rag.multivector import (
+    MultiVectorStoreError,
+    as_multivector,
+    check_dtype,
+    check_ids,
+    check_model_binding,
+)
+
+_FORMAT = "multimodal-rag-haystack/multivectors"
+_VERSION = "1"
+# Large pages keep a ~260 KB blob in few overflow pages; must be set before the file's first table.
+_PAGE_SIZE = 65536
+_MMAP_SIZE = 1 << 30
+_MAX_VARS = 900  # stay under SQLite's bound-parameter limit in IN (...) lists
+
+
+class SQLiteMultiVectorStore:
+    """
+    A persistent, embedded multi-vector store in one SQLite file: each page's vectors are one blob.
+
+    Made for the embedded set-up: it survives restarts, and fetching 100 pages of 1030x128 float16 vectors
+    takes milliseconds (Qdrant's local mode takes seconds for the same fetch), so `ColPaliRanker` can
+    score them with its fast kernel. SQLite is in Python's standard library: no server, no extra install.
+
+    - Write-ahead log: readers never block each other or the writer; many threads and processes may use
+      the file at once (one connection per thread, opened on demand). There is no folder lock.
+    - Each `write` call is one transaction: all of it lands or none of it. A process killed in the middle
+      of a write leaves the file readable with every earlier write intact.
+    - The file records `dim`, `dtype` and (once known) the embedding `model`. Opening it with another dim
+      or dtype, writing vectors of another width, or using it from a component with another model is an
+      error, so an index never mixes embeddings of two models.
+    - A file that is not such a store (or is corrupt) is an error that names the file.
+
+    ### Usage example
+    ```python
+    from haystack_integrations.document_stores.multivector import SQLiteMultiVectorStore
+
+    store = SQLiteMultiVectorStore("index/multivectors.sqlite")
+    store.write({"doc-1": page_vectors})      # (n_vectors, 128) array
+    vectors = store.get(["doc-1"])["doc-1"]   # float16 array, read straight from the blob
+    ```
+    """
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        dim: int = 128,
+        dtype: str = "float16",
+        model: str | None = None,
+        read_only: bool = False,
+    ) -> None:
+        """
+        Open (or create) the store.
+
+        :param path: The SQLite file; its folder is created if needed.
+        :param dim: Width of the vectors.
+        :param dtype: Storage type: `"float16"` or `"float32"`.
+        :param model: Embedding model id; recorded at creation, checked against an existing file.
+        :param read_only: Open without write access (the file must exist).
+        :raises ValueError: On invalid parameters.
+        :raises MultiVectorStoreError: When the file is not a store of ours, is corrupt, or was created with
+            another dim, dtype or model.
+        """
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            msg = f"dim must be a positive integer, got {dim!r}"
+            raise ValueError(msg)
+        self._np_dtype = check_dtype(dtype)
+        self.path = str(path)
+        self.dim = dim
+        self.dtype = dtype
+        self.model = model
+        self.read_only = read_only
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._connections_lock = threading.Lock()
+        self._stored_model: str | None = None
+        self._initialise()
+
+    # --- connections -------------------------------------------------------------------------------
+
+    def _describe(self) -> str:
+        return f"SQLiteMultiVectorStore file '{self.path}'"
+
+    def _open(self) -> sqlite3.Connection:
+        try:
+            if self.read_only:
+                uri = Path(self.path).resolve().as_uri() + "?mode=ro"
+                conn = sqlite3.connect(uri, uri=True, timeout=30.0, isolation_level=None, check_same_thread=True)
+            else:
+                conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=True)
+            conn.execute(f"PRAGMA mmap_size={_MMAP_SIZE}")
+            conn.execute("PRAGMA busy_timeout=30000")
+        except sqlite3.Error as e:
+            msg = f"{self._describe()} cannot be opened: {e}"
+            raise MultiVectorStoreError(msg) from e
+        with self._connections_lock:
+            self._connections.append(conn)
+        return conn
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._open()
+            self._local.conn = conn
+        return conn
+
+    def close(self) -> None:
+        """Close every connection this instance opened (they reopen on the next use)."""
+        with self._connections_lock:
+            connections, self._connections = self._connections, []
+        for conn in connections:
+            # A connection created in another thread cannot be closed here; it closes when that thread ends.
+            with contextlib.suppress(sqlite3.ProgrammingError):
+                conn.close()
+        self._local = threading.local()
+
+    # --- creation and validation ------------------------------------------------------------------
+
+    def _initialise(self) -> None:
+        file = Path(self.path)
+        exists = file.exists() and file.stat().st_size > 0
+        if not exists:
+            if self.read_only:
+                msg = f"{self._describe()} does not exist (read_only=True cannot create it)"
+                raise MultiVectorStoreError(msg)
+            file.parent.mkdir(parents=True, exist_ok=True)
+        conn = self._conn()
+        try:
+            if not exists:
+                self._create(conn)
+            self._validate(conn)
+        except sqlite3.DatabaseError as e:
+            self.close()
+            msg = f"{self._describe()} is not a multi-vector store of this package, or it is corrupt: {e}"
+            raise MultiVectorStoreError(msg) from e
+        except MultiVectorStoreError:
+            self.close()
+            raise
+
+    def _create(self, conn: sqlite3.Connection) -> None:
+        conn.execute(f"PRAGMA page_size={_PAGE_SIZE}")
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("CREATE TABLE IF NOT EXISTS mv_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS mv_vectors (id TEXT PRIMARY KEY, n INTEGER NOT NULL, data BLOB NOT NULL)"
+            )
+            meta = {"format": _FORMAT, "version": _VERSION, "dim": str(self.dim), "dtype": self.dtype}
+            if self.model is not None:
+                meta["model"] = self.model
+            conn.executemany("INSERT OR IGNORE INTO mv_meta (key, value) VALUES (?, ?)", list(meta.items()))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def _validate(self, conn: sqlite3.Connection) -> None:
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if "mv_meta" not in tables or "mv_vectors" not in tables:
+            msg = f"{self._describe()} is an SQLite database but not a multi-vector store of this package"
+            raise MultiVectorStoreError(msg)
+        meta = dict(conn.execute("SELECT key, value FROM mv_meta").fetchall())
+        if meta.get("format") != _FORMAT:
+            msg = f"{self._describe()} is an SQLite database but not a multi-vector store of this package"
+            raise MultiVectorStoreError(msg)
+        if meta.get("version") != _VERSION:
+            msg = f"{self._describe()} has format version {meta.get('version')}, this package reads {_VERSION}"
+            raise MultiVectorStoreError(msg)
+        if int(meta["dim"]) != self.dim:
+            msg = f"{self._describe()} was created with dim {meta['dim']}, but was opened with dim={self.dim}"
+            raise MultiVectorStoreError(msg)
+        if meta["dtype"] != self.dtype:
+            msg = f"{self._describe()} was created with dtype {meta['dtype']}, but was opened with dtype={self.dtype!r}"
+            raise MultiVectorStoreError(msg)
+        self._stored_model = meta.get("model")
+        check_model_binding(self._describe(), self._stored_model, self.model)
+        if self.model is not None and self._stored_model is None and not self.read_only:
+            self._record_model(conn, self.model)
+
+    def _record_model(self, conn: sqlite3.Connection, model: str) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            row = conn.execute("SELECT value FROM mv_meta WHERE key='model'").fetchone()
+            if row is not None:
+                conn.execute("COMMIT")
+                check_model_binding(self._describe(), row[0], model)
+                self._stored_model = row[0]
+                return
+            conn.execute("INSERT INTO mv_meta (key, value) VALUES ('model', ?)", (model,))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        self._stored_model = model
+
+    def bind_model(self, model: str) -> None:
+        """
+        Record the embedding model in the file, or refuse a different one.
+
+        :param model: Model id of the component writing or reading.
+        :raises MultiVectorStoreError: When the file holds vectors of another model.
+        """
+        check_model_binding(self._describe(), self._stored_model, model)
+        if self._stored_model is None and not self.read_only:
+            self._record_model(self._conn(), model)
+
+    @property
+    def stored_model(self) -> str | None:
+        """The model id recorded in the file, if any."""
+        return self._stored_model
+
+    # --- serialization ------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """
+        Serialize the store's settings (the data stays in the file).
+
+        :returns: The dictionary.
+        """
+        return default_to_dict(
+            self, path=self.path, dim=self.dim, dtype=self.dtype, model=self.model, read_only=self.read_only
+        )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SQLiteMultiVectorStore:
+        """
+        Deserialize (and open) a store.
+
+        :param data: The dictionary from `to_dict`.
+        :returns: The store.
+        """
+        return default_from_dict(cls, data)
+
+    # --- data -----------------------------------------------------------------------------------------
+
+    def write(self, vectors_by_id: Mapping[str, Any]) -> int:
+        """
+        Upsert one multi-vector per document id, in one transaction (writing an id again replaces it).
+
+        :param vectors_by_id: `{document_id: (n_vectors, dim) array | tensor | list of lists}`.
+        :returns: Number of multi-vectors written.
+        :raises MultiVectorStoreError: On a bad shape, the wrong width, NaN/inf, or a read-only store.
+        """
+        if self.read_only:
+            msg = f"{self._describe()} was opened read_only; it cannot be written"
+            raise MultiVectorStoreError(msg)
+        ids = check_ids(vectors_by_id.keys())
+        rows = []
+        for doc_id in ids:
+            array = as_multivector(vectors_by_id[doc_id], dtype=self._np_dtype, dim=self.dim, doc_id=doc_id)
+            rows.append((doc_id, int(array.shape[0]), array.tobytes()))
+        if not rows:
+            return 0
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany("INSERT OR REPLACE INTO mv_vectors (id, n, data) VALUES (?, ?, ?)", rows)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        # Move the committed pages into the main file now, so readers get them through mmap rather than
+        # from the write-ahead log; PASSIVE never waits for readers.
+        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        return len(rows)
+
+    def get(self, ids: Iterable[str]) -> dict[str, np.ndarray]:
+        """
+        Fetch multi-vectors. Each array is a read-only view of the fetched blob (no extra copy).
+
+        :param ids: Document ids.
+        :returns: `{document_id: (n_vectors, dim) array}` for the ids that have vectors, in the order asked.
+        :raises MultiVectorStoreError: When a stored blob does not match its recorded shape (corruption).
+        """
+        ids = check_ids(ids)
+        found: dict[str, np.ndarray] = {}
+        conn = self._conn()
+        unique = list(dict.fromkeys(ids))
+        # One prepared point query per id is faster here than a large IN (...) list.
+        for doc_id in unique:
+            row = conn.execute("SELECT n, data FROM mv_vectors WHERE id = ?", (doc_id,)).fetchone()
+            if row is None:
+                continue
+            n, data = row
+            array = np.frombuffer(data, dtype=self._np_dtype)
+            if array.size != n * self.dim:
+                msg = (
+                    f"{self._describe()}: the blob of document '{doc_id}' has {array.size} values, "
+                    f"expected {n} x {self.dim} (the file is corrupt)"
+                )
+                raise MultiVectorStoreError(msg)
+            found[doc_id] = array.reshape(n, self.dim)
+        return {doc_id: found[doc_id] for doc_id in unique if doc_id in found}
+
+    def delete(self, ids: Iterable[str]) -> None:
+        """
+        Remove multi-vectors (unknown ids are ignored), in one transaction.
+
+        :param ids: Document ids.
+        :raises MultiVectorStoreError: On a read-only store.
+        """
+        if self.read_only:
+            msg = f"{self._describe()} was opened read_only; it cannot be written"
+            raise MultiVectorStoreError(msg)
+        ids = check_ids(ids)
+        if not ids:
+            return
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for start in range(0, len(ids), _MAX_VARS):
+                chunk = ids[start : start + _MAX_VARS]
+                conn.execute(
+                    f"DELETE FROM mv_vectors WHERE id IN ({','.join('?' * len(chunk))})",
+                    chunk,
+                )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def count(self) -> int:
+        """Number of stored multi-vectors."""
+        return int(self._conn().execute("SELECT COUNT(*) FROM mv_vectors").fetchone()[0])
+
+    def info(self) -> dict[str, Any]:
+        """
+        What the file records: format, version, dim, dtype, model, and the vector count.
+
+        :returns: The metadata.
+        """
+        meta = dict(self._conn().execute("SELECT key, value FROM mv_meta").fetchall())
+        return {**meta, "count": self.count(), "size_bytes": os.path.getsize(self.path)}
+
+    def __repr__(self) -> str:
+        return f"SQLiteMultiVectorStore({self.path!r}, dim={self.dim}, dtype={self.dtype!r})"

@@ -1,0 +1,259 @@
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from haystack import Document, Pipeline
+
+from haystack_integrations.components.embedders.colpali import ColPaliDocumentEmbedder
+from haystack_integrations.components.rankers.colpali import ColPaliRanker
+from haystack_integrations.document_stores.multivector import (
+    InMemoryMultiVectorStore,
+    MultiVectorStoreError,
+    SQLiteMultiVectorStore,
+)
+from tests.helpers import COLORS, make_image, make_pdf
+
+
+def test_values_round_trip_exactly_in_float16(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    store = SQLiteMultiVectorStore(str(tmp_path / "mv.sqlite"))
+    half = rng.standard_normal((37, 128)).astype(np.float16)
+    full = rng.standard_normal((5, 128)).astype(np.float32)
+    as_lists = rng.standard_normal((3, 128)).tolist()
+    assert store.write({"half": half, "full": full, "lists": as_lists}) == 3
+    got = store.get(["lists", "half", "missing", "full"])
+    assert list(got) == ["lists", "half", "full"]
+    np.testing.assert_array_equal(got["half"], half)
+    np.testing.assert_array_equal(got["full"], full.astype(np.float16))
+    np.testing.assert_array_equal(got["lists"], np.asarray(as_lists, dtype=np.float16))
+    assert got["half"].dtype == np.float16
+    assert not got["half"].flags.writeable  # a view of the fetched blob, not a copy
+
+
+def test_float32_store_keeps_float32(tmp_path: Path) -> None:
+    store = SQLiteMultiVectorStore(str(tmp_path / "mv.sqlite"), dim=4, dtype="float32")
+    value = np.array([[0.1, 0.2, 0.3, 1e-8]], dtype=np.float32)
+    store.write({"a": value})
+    np.testing.assert_array_equal(store.get(["a"])["a"], value)
+
+
+def test_persists_across_reopen_and_replaces_and_deletes(tmp_path: Path) -> None:
+    path = str(tmp_path / "sub" / "mv.sqlite")
+    store = SQLiteMultiVectorStore(path)
+    store.write({f"d{i}": np.full((i + 1, 128), i, dtype=np.float16) for i in range(10)})
+    store.write({"d3": np.ones((2, 128))})
+    store.delete(["d9", "never"])
+    store.close()
+    reopened = SQLiteMultiVectorStore(path)
+    assert reopened.count() == 9
+    assert reopened.get(["d3"])["d3"].shape == (2, 128)
+    assert float(reopened.get(["d5"])["d5"][0, 0]) == 5.0
+    info = reopened.info()
+    assert info["dim"] == "128"
+    assert info["dtype"] == "float16"
+    assert info["count"] == 9
+
+
+def test_dim_dtype_and_model_mismatches_are_clear_errors(tmp_path: Path) -> None:
+    path = str(tmp_path / "mv.sqlite")
+    store = SQLiteMultiVectorStore(path, model="org/model-a")
+    with pytest.raises(MultiVectorStoreError, match="width 64, but the store holds dim 128"):
+        store.write({"x": np.ones((3, 64))})
+    store.close()
+    with pytest.raises(MultiVectorStoreError, match="created with dim 128, but was opened with dim=64"):
+        SQLiteMultiVectorStore(path, dim=64)
+    with pytest.raises(MultiVectorStoreError, match="created with dtype float16"):
+        SQLiteMultiVectorStore(path, dtype="float32")
+    with pytest.raises(MultiVectorStoreError, match=r"'org/model-a'.*'org/model-b'"):
+        SQLiteMultiVectorStore(path, model="org/model-b")
+    unbound = SQLiteMultiVectorStore(path)
+    assert unbound.stored_model == "org/model-a"
+    with pytest.raises(MultiVectorStoreError, match=r"'org/model-a'.*'org/model-c'"):
+        unbound.bind_model("org/model-c")
+    unbound.bind_model("org/model-a")
+
+
+def test_model_is_recorded_on_first_bind(tmp_path: Path) -> None:
+    path = str(tmp_path / "mv.sqlite")
+    SQLiteMultiVectorStore(path).bind_model("org/first")
+    assert SQLiteMultiVectorStore(path).stored_model == "org/first"
+
+
+def test_a_file_that_is_not_a_store_names_the_file(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.sqlite"
+    garbage.write_bytes(os.urandom(8192))
+    with pytest.raises(MultiVectorStoreError, match=r"garbage\.sqlite.*not a multi-vector store"):
+        SQLiteMultiVectorStore(str(garbage))
+    import sqlite3
+
+    other = tmp_path / "other.sqlite"
+    with sqlite3.connect(other) as conn:
+        conn.execute("CREATE TABLE people (name TEXT)")
+    with pytest.raises(MultiVectorStoreError, match=r"other\.sqlite.*not a multi-vector store"):
+        SQLiteMultiVectorStore(str(other))
+
+
+def test_read_only_store(tmp_path: Path) -> None:
+    path = str(tmp_path / "mv.sqlite")
+    with pytest.raises(MultiVectorStoreError, match="does not exist"):
+        SQLiteMultiVectorStore(path, read_only=True)
+    SQLiteMultiVectorStore(path).write({"a": np.ones((2, 128))})
+    reader = SQLiteMultiVectorStore(path, read_only=True)
+    assert reader.count() == 1
+    with pytest.raises(MultiVectorStoreError, match="read_only"):
+        reader.write({"b": np.ones((2, 128))})
+
+
+def test_a_write_is_all_or_nothing(tmp_path: Path) -> None:
+    store = SQLiteMultiVectorStore(str(tmp_path / "mv.sqlite"), dim=8)
+    store.write({"keep": np.ones((2, 8))})
+    with pytest.raises(MultiVectorStoreError, match="'bad'"):
+        store.write({"new": np.ones((2, 8)), "bad": np.full((2, 8), np.nan)})
+    assert store.count() == 1
+
+
+_KILL_CHILD = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    from haystack_integrations.document_stores.multivector import SQLiteMultiVectorStore
+
+    store = SQLiteMultiVectorStore(sys.argv[1])
+    store.write({f"early-{i}": np.full((64, 128), i, dtype=np.float16) for i in range(20)})
+    big = {f"late-{i}": np.full((1030, 128), 1.0, dtype=np.float16) for i in range(3000)}
+    print("WRITING", flush=True)
+    store.write(big)
+    print("DONE", flush=True)
+    """
+)
+
+
+def test_a_process_killed_during_a_write_leaves_earlier_writes_intact(tmp_path: Path) -> None:
+    path = tmp_path / "mv.sqlite"
+    child = subprocess.Popen(
+        [sys.executable, "-c", _KILL_CHILD, str(path)], stdout=subprocess.PIPE, text=True, cwd=os.getcwd()
+    )
+    assert child.stdout is not None
+    assert child.stdout.readline().strip() == "WRITING"
+    wal = Path(str(path) + "-wal")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (not wal.exists() or wal.stat().st_size < 20_000_000):
+        time.sleep(0.01)
+    assert child.poll() is None, "the big write finished before it could be interrupted"
+    child.send_signal(signal.SIGKILL)
+    child.wait(timeout=30)
+
+    store = SQLiteMultiVectorStore(str(path))
+    assert store.count() == 20
+    got = store.get([f"early-{i}" for i in range(20)])
+    assert all(float(got[f"early-{i}"][0, 0]) == i for i in range(20))
+    assert store.get(["late-0"]) == {}
+    store.write({"after": np.ones((1, 128))})
+    assert store.count() == 21
+
+
+def test_readers_in_eight_threads_see_only_complete_vectors_while_one_writes(tmp_path: Path) -> None:
+    path = str(tmp_path / "mv.sqlite")
+    store = SQLiteMultiVectorStore(path, dim=16)
+    ids = [f"p{i}" for i in range(20)]
+    store.write({doc_id: np.zeros((10, 16)) for doc_id in ids})
+    stop = threading.Event()
+    errors: list[str] = []
+    reads = [0] * 8
+
+    def writer() -> None:
+        for version in range(1, 60):
+            n = 10 + version % 7
+            store.write({doc_id: np.full((n, 16), version, dtype=np.float16) for doc_id in ids})
+        stop.set()
+
+    def reader(slot: int) -> None:
+        while not stop.is_set():
+            for doc_id, array in store.get(ids).items():
+                values = np.unique(array)
+                if array.shape[1] != 16 or len(values) != 1:
+                    errors.append(f"{doc_id}: shape {array.shape}, values {values[:5]}")
+            reads[slot] += 1
+
+    threads = [threading.Thread(target=reader, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    writer()
+    for t in threads:
+        t.join(timeout=60)
+    assert errors == []
+    assert all(r > 0 for r in reads)
+    assert {float(a[0, 0]) for a in store.get(ids).values()} == {59.0}
+
+
+# --- with the ColPali components ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def page_docs(tmp_path: Path) -> list[Document]:
+    docs = []
+    for i, color in enumerate(COLORS[:4]):
+        make_image(tmp_path / f"p{i}.png", size=(56 + 14 * i, 56), color=color)
+        docs.append(Document(meta={"file_path": str(tmp_path / f"p{i}.png")}, score=0.1 * i))
+    make_pdf(tmp_path / "deck.pdf", pages=2, size=(80, 60))
+    docs += [Document(meta={"file_path": str(tmp_path / "deck.pdf"), "page_number": p}, score=0.2) for p in (1, 2)]
+    return docs
+
+
+def test_ranker_over_sqlite_ranks_like_in_memory(tiny_colqwen2: str, page_docs: list[Document], tmp_path: Path) -> None:
+    sqlite_store = SQLiteMultiVectorStore(str(tmp_path / "mv.sqlite"))
+    memory_store = InMemoryMultiVectorStore()
+    for store in (sqlite_store, memory_store):
+        ColPaliDocumentEmbedder(tiny_colqwen2, multivector_store=store, progress_bar=False).run(page_docs)
+    assert sqlite_store.stored_model == tiny_colqwen2
+    a = ColPaliRanker(tiny_colqwen2, multivector_store=sqlite_store, top_k=10).run(query="revenue", documents=page_docs)
+    b = ColPaliRanker(tiny_colqwen2, multivector_store=memory_store, top_k=10).run(query="revenue", documents=page_docs)
+    assert [d.id for d in a["documents"]] == [d.id for d in b["documents"]]
+    assert [d.score for d in a["documents"]] == [d.score for d in b["documents"]]
+
+
+def test_components_refuse_a_store_of_another_model_naming_both(
+    tiny_colqwen2: str, tiny_colqwen2_5: str, page_docs: list[Document], tmp_path: Path
+) -> None:
+    path = str(tmp_path / "mv.sqlite")
+    ColPaliDocumentEmbedder(tiny_colqwen2, multivector_store=SQLiteMultiVectorStore(path), progress_bar=False).run(
+        page_docs[:1]
+    )
+    for component in (
+        ColPaliDocumentEmbedder(tiny_colqwen2_5, multivector_store=SQLiteMultiVectorStore(path)),
+        ColPaliRanker(tiny_colqwen2_5, multivector_store=SQLiteMultiVectorStore(path)),
+    ):
+        with pytest.raises(MultiVectorStoreError) as info:
+            component.warm_up()
+        assert tiny_colqwen2 in str(info.value)
+        assert tiny_colqwen2_5 in str(info.value)
+
+
+def test_yaml_round_trip_of_a_pipeline_holding_the_sqlite_store(
+    tiny_colqwen2: str, page_docs: list[Document], tmp_path: Path
+) -> None:
+    path = str(tmp_path / "index" / "multivectors.sqlite")
+    store = SQLiteMultiVectorStore(path)
+    ColPaliDocumentEmbedder(tiny_colqwen2, multivector_store=store, progress_bar=False).run(page_docs)
+    pipe = Pipeline()
+    pipe.add_component("ranker", ColPaliRanker(tiny_colqwen2, multivector_store=store, top_k=3))
+    before = pipe.run({"ranker": {"query": "a chart", "documents": page_docs}})
+    yaml_text = pipe.dumps()
+    assert "SQLiteMultiVectorStore" in yaml_text
+    assert path in yaml_text
+    restored = Pipeline.loads(yaml_text)
+    restored_store = restored.get_component("ranker").multivector_store
+    assert isinstance(restored_store, SQLiteMultiVectorStore)
+    assert restored_store is not store
+    assert restored_store.count() == len(page_docs)
+    after = restored.run({"ranker": {"query": "a chart", "documents": page_docs}})
+    assert [d.id for d in after["ranker"]["documents"]] == [d.id for d in before["ranker"]["documents"]]
