@@ -1,0 +1,3 @@
+from haystack_integrations.components.monitors.alignment_drift.monitor import AlignmentDriftMonitor, DriftStateError
+
+__all__ = ["AlignmentDriftMonitor", "DriftStateError"]

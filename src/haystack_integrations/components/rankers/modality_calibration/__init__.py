@@ -1,0 +1,3 @@
+from haystack_integrations.components.rankers.modality_calibration.calibrator import ModalityScoreCalibrator
+
+__all__ = ["ModalityScoreCalibrator"]

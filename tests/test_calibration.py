@@ -1,0 +1,367 @@
+from __future__ import annotations
+
+import copy
+import logging
+
+import numpy as np
+import pytest
+from haystack import Document, Pipeline
+
+from haystack_integrations.common.multimodal_rag.stats import (
+    ecdf_transform,
+    fit_reference,
+    ks_two_sample,
+    minmax_transform,
+    psi,
+    rank_percentiles,
+    zscore_transform,
+)
+from haystack_integrations.components.monitors.alignment_drift import AlignmentDriftMonitor
+from haystack_integrations.components.rankers.modality_calibration import ModalityScoreCalibrator
+
+# --- numerics ---------------------------------------------------------------------------------------
+
+
+def test_fit_reference_is_compact_and_ecdf_maps_to_percentiles() -> None:
+    rng = np.random.default_rng(0)
+    scores = rng.normal(0.4, 0.1, 5000)
+    ref = fit_reference(scores, n_quantiles=101)
+    assert len(ref["quantiles"]) == 101
+    assert ref["count"] == 5000
+    assert ref["mean"] == pytest.approx(0.4, abs=0.01)
+    probe = np.array([0.4, 0.5, 0.3, -5.0, 5.0])
+    got = ecdf_transform(probe, ref["quantiles"])
+    np.testing.assert_allclose(got[:3], [0.5, 0.841, 0.159], atol=0.02)
+    assert got[3] == 0.0
+    assert got[4] == 1.0
+
+
+def test_ecdf_of_tied_quantiles_maps_to_the_middle() -> None:
+    assert ecdf_transform([1.0], [0.0, 1.0, 1.0, 1.0, 2.0])[0] == pytest.approx(0.5)
+
+
+def test_transforms_handle_empty_and_degenerate_input() -> None:
+    assert ecdf_transform([], [0.0, 1.0]).shape == (0,)
+    assert minmax_transform([]).shape == (0,)
+    np.testing.assert_array_equal(minmax_transform([0.2, 0.2]), [1.0, 1.0])
+    np.testing.assert_allclose(zscore_transform([1.0, 3.0], 2.0, 0.0), [-1.0, 1.0])
+    np.testing.assert_allclose(rank_percentiles([0.1, 0.3, 0.3, 0.2]), [0.25, 0.875, 0.875, 0.5])
+    assert ks_two_sample([], [1.0]) == (0.0, 1.0)
+    assert psi([], [1.0]) == 0.0
+    with pytest.raises(ValueError, match="zero scores"):
+        fit_reference([])
+    with pytest.raises(ValueError, match="NaN"):
+        fit_reference([0.1, float("nan")])
+
+
+def test_ks_and_psi_separate_same_and_shifted_distributions() -> None:
+    rng = np.random.default_rng(1)
+    a, b, shifted = rng.normal(0, 1, 800), rng.normal(0, 1, 800), rng.normal(0.5, 1, 800)
+    d_same, p_same = ks_two_sample(a, b)
+    d_shift, p_shift = ks_two_sample(a, shifted)
+    assert p_same > 0.05 > 1e-6 > p_shift
+    assert d_shift > d_same
+    assert psi(a, b) < 0.05 < psi(a, shifted)
+
+
+# --- calibrator -------------------------------------------------------------------------------------
+
+
+def _doc(doc_id: str, modality: str, dense: float | None, late: float | None = None, **meta) -> Document:
+    m = {"modality": modality, **meta}
+    if late is not None:
+        m["late_interaction_score"] = late
+    return Document(id=doc_id, content=doc_id if modality == "text" else None, meta={**m, "dense_score": dense})
+
+
+def _reference(rng: np.random.Generator) -> ModalityScoreCalibrator:
+    """Text dense ~ N(0.6, 0.1), image dense ~ N(0.3, 0.05), image MaxSim ~ N(12, 2)."""
+    batches = []
+    for _ in range(40):
+        batch = [_doc(f"t{i}", "text", float(rng.normal(0.6, 0.1))) for i in range(5)]
+        batch += [_doc(f"i{i}", "image", float(rng.normal(0.3, 0.05)), float(rng.normal(12, 2))) for i in range(5)]
+        batches.append(batch)
+    calibrator = ModalityScoreCalibrator(method="ecdf", alpha=0.5)
+    calibrator.fit(batches)
+    return calibrator
+
+
+def test_ecdf_lifts_a_typical_image_above_a_mediocre_text() -> None:
+    calibrator = _reference(np.random.default_rng(2))
+    docs = [_doc("mediocre-text", "text", 0.55), _doc("good-image", "image", 0.36, 14.0)]
+    # Raw dense scores put the text first; calibrated, the image is above its modality's median on both scores.
+    out = calibrator.run(documents=docs)["documents"]
+    assert [d.id for d in out] == ["good-image", "mediocre-text"]
+    image = out[0]
+    assert image.meta["calibrated_dense_score"] == pytest.approx(0.89, abs=0.06)
+    assert image.meta["calibrated_late_interaction_score"] == pytest.approx(0.84, abs=0.06)
+    assert image.meta["fused_score"] == image.score
+    assert "calibrated_late_interaction_score" not in out[1].meta
+
+
+def test_ecdf_does_not_make_the_best_of_a_bad_set_a_perfect_score_but_minmax_does() -> None:
+    calibrator = _reference(np.random.default_rng(3))
+    bad_images = [_doc(f"bad{i}", "image", 0.15 + i * 0.01, 6.0 + i) for i in range(3)]
+    ecdf_best = calibrator.run(documents=bad_images)["documents"][0]
+    assert ecdf_best.score < 0.1
+    minmax = ModalityScoreCalibrator(method="minmax", alpha=0.5)
+    assert minmax.run(documents=bad_images)["documents"][0].score == 1.0
+
+
+def test_zscore_uses_the_reference_mean_and_std() -> None:
+    calibrator = _reference(np.random.default_rng(4))
+    ref = calibrator.reference["distributions"]["text"]["dense"]
+    zs = ModalityScoreCalibrator(method="zscore", reference=calibrator.reference)
+    out = zs.run(documents=[_doc("t", "text", ref["mean"] + ref["std"])])["documents"][0]
+    assert out.score == pytest.approx(1.0, abs=1e-6)
+
+
+def test_fusion_uses_alpha_and_query_rules_first_match_wins() -> None:
+    calibrator = ModalityScoreCalibrator(
+        method="minmax",
+        alpha=0.5,
+        query_alpha_rules=[
+            {"pattern": r"\b(chart|diagram)\b", "alpha": 0.9},
+            {"pattern": r"chart", "alpha": 0.1},
+            {"pattern": r"^what is\b", "alpha": 0.2},
+        ],
+    )
+    assert calibrator.alpha_for("Show me the CHART of sales") == 0.9
+    assert calibrator.alpha_for("What is EBITDA?") == 0.2
+    assert calibrator.alpha_for("sales") == 0.5
+    assert calibrator.alpha_for(None) == 0.5
+    # One image high on dense, low on late; the other the opposite: alpha decides the order.
+    docs = [_doc("dense-strong", "image", 0.9, 1.0), _doc("late-strong", "image", 0.1, 9.0)]
+    assert calibrator.run(documents=docs, query="a chart")["documents"][0].id == "late-strong"
+    assert calibrator.run(documents=docs, query="what is it")["documents"][0].id == "dense-strong"
+    fused = calibrator.run(documents=docs, query="a chart")["documents"][0]
+    assert fused.score == pytest.approx(0.1 * 0.0 + 0.9 * 1.0)
+
+
+def test_cross_encoder_score_wins_over_late_interaction_score() -> None:
+    calibrator = ModalityScoreCalibrator(method="minmax", alpha=1.0)
+    docs = [
+        _doc("a", "image", 0.5, 10.0, cross_encoder_score=0.1),
+        _doc("b", "image", 0.5, 1.0, cross_encoder_score=0.9),
+    ]
+    assert [d.id for d in calibrator.run(documents=docs)["documents"]] == ["b", "a"]
+
+
+def test_missing_and_non_finite_scores_are_kept_and_named(caplog: pytest.LogCaptureFixture) -> None:
+    calibrator = ModalityScoreCalibrator(method="minmax")
+    docs = [
+        _doc("ok", "text", 0.5),
+        _doc("nan-dense", "text", float("nan")),
+        _doc("inf-late", "image", 0.4, float("inf")),
+        Document(id="no-score", content="x", meta={"modality": "text"}),
+    ]
+    with caplog.at_level(logging.WARNING):
+        out = calibrator.run(documents=docs)["documents"]
+    assert len(out) == 4
+    assert out[-1].score is None
+    assert {out[-1].id, out[-2].id} == {"nan-dense", "no-score"}
+    assert "'nan-dense'" in caplog.text
+    assert "'inf-late'" in caplog.text
+    inf_late = next(d for d in out if d.id == "inf-late")
+    assert "calibrated_late_interaction_score" not in inf_late.meta
+
+
+def test_unknown_modality_is_an_error_naming_the_document_and_missing_one_is_inferred() -> None:
+    calibrator = ModalityScoreCalibrator(method="minmax")
+    with pytest.raises(ValueError, match=r"'weird'.*'video'"):
+        calibrator.run(documents=[Document(id="weird", content="x", meta={"modality": "video", "dense_score": 1.0})])
+    out = calibrator.run(documents=[Document(id="plain", content="text only", score=0.3)])["documents"]
+    assert out[0].score == 1.0
+
+
+def test_fallback_without_reference_warns_once(caplog: pytest.LogCaptureFixture) -> None:
+    calibrator = ModalityScoreCalibrator(method="ecdf")
+    docs = [_doc("a", "text", 0.2), _doc("b", "text", 0.4)]
+    with caplog.at_level(logging.WARNING):
+        calibrator.run(documents=docs)
+        calibrator.run(documents=docs)
+    assert caplog.text.count("no fitted reference") == 1
+
+
+def test_top_k_override_and_input_not_mutated() -> None:
+    calibrator = ModalityScoreCalibrator(method="minmax", top_k=2)
+    docs = [_doc(f"d{i}", "text", i / 10) for i in range(5)]
+    before = copy.deepcopy(docs)
+    assert len(calibrator.run(documents=docs)["documents"]) == 2
+    assert len(calibrator.run(documents=docs, top_k=0)["documents"]) == 0
+    assert len(calibrator.run(documents=docs, top_k=10)["documents"]) == 5
+    assert docs == before
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"method": "softmax"}, "method must be one of"),
+        ({"alpha": 1.5}, "alpha must be a number in"),
+        ({"query_alpha_rules": [{"pattern": "("}]}, "must be a dict with 'pattern' and 'alpha'"),
+        ({"query_alpha_rules": [{"pattern": "(", "alpha": 0.3}]}, "not a valid regular expression"),
+        ({"reference": {"distributions": {"video": {}}}}, "unknown modality"),
+        ({"reference": {"distributions": {"text": {"dense": {"quantiles": [2, 1]}}}}}, "non-decreasing"),
+    ],
+)
+def test_invalid_parameters_are_clear_errors(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ModalityScoreCalibrator(**kwargs)
+
+
+# --- drift monitor ------------------------------------------------------------------------------------
+
+
+def _stream(rng: np.random.Generator, n_queries: int, gap: float, *, per_modality: int = 5) -> list[list[Document]]:
+    batches = []
+    for q in range(n_queries):
+        batch = [_doc(f"q{q}t{i}", "text", float(rng.normal(0.3 + gap, 0.08))) for i in range(per_modality)]
+        batch += [_doc(f"q{q}i{i}", "image", float(rng.normal(0.3, 0.08))) for i in range(per_modality)]
+        batches.append(batch)
+    return batches
+
+
+@pytest.mark.parametrize("method", ["mean_gap", "ks", "psi"])
+def test_stationary_stream_raises_no_alarm(method: str) -> None:
+    threshold = {"mean_gap": 0.05, "ks": 1e-4, "psi": 0.25}[method]
+    monitor = AlignmentDriftMonitor(window_size=500, min_samples=200, threshold=threshold, method=method)
+    reports = [monitor.run(documents=b)["drift_report"] for b in _stream(np.random.default_rng(5), 600, 0.2)]
+    assert reports[0]["status"] == "warming_up"
+    assert reports[-1]["status"] == "ok"
+    assert not any(r["drifted"] for r in reports)
+    assert reports[-1]["gap"] == pytest.approx(0.2, abs=0.03)
+
+
+@pytest.mark.parametrize("method", ["mean_gap", "ks", "psi"])
+def test_a_gap_shift_of_0_1_is_detected(method: str, caplog: pytest.LogCaptureFixture) -> None:
+    threshold = {"mean_gap": 0.05, "ks": 1e-4, "psi": 0.25}[method]
+    rng = np.random.default_rng(6)
+    monitor = AlignmentDriftMonitor(window_size=500, min_samples=200, threshold=threshold, method=method)
+    for batch in _stream(rng, 150, 0.2):
+        assert not monitor.run(documents=batch)["drift_report"]["drifted"]
+    with caplog.at_level(logging.WARNING):
+        reports = [monitor.run(documents=b)["drift_report"] for b in _stream(rng, 150, 0.3)]
+    assert reports[-1]["drifted"]
+    assert reports[-1]["drift_magnitude"] > 0
+    assert caplog.text.count("drift detected") == 1
+    if method == "mean_gap":
+        assert reports[-1]["drift_magnitude"] == pytest.approx(0.1, abs=0.03)
+    # Back to normal: the end of the drift is reported once too.
+    with caplog.at_level(logging.WARNING):
+        for batch in _stream(rng, 200, 0.2):
+            monitor.run(documents=batch)
+    assert caplog.text.count("drift ended") == 1
+
+
+def test_documents_pass_through_unchanged() -> None:
+    monitor = AlignmentDriftMonitor()
+    docs = _stream(np.random.default_rng(7), 1, 0.1)[0]
+    assert monitor.run(documents=docs)["documents"] is docs
+
+
+def test_explicit_baseline_and_reset_baseline() -> None:
+    rng = np.random.default_rng(8)
+    baseline = {"text": list(rng.normal(0.5, 0.08, 300)), "image": list(rng.normal(0.3, 0.08, 300))}
+    monitor = AlignmentDriftMonitor(window_size=300, min_samples=100, baseline=baseline)
+    reports = [monitor.run(documents=b)["drift_report"] for b in _stream(rng, 80, 0.0)]
+    assert reports[-1]["baseline_gap"] == pytest.approx(0.2, abs=0.03)
+    assert reports[-1]["drifted"]
+    monitor.reset_baseline()
+    after = monitor.run(documents=_stream(rng, 1, 0.0)[0])["drift_report"]
+    assert after["baseline_gap"] == pytest.approx(0.0, abs=0.03)
+    assert not after["drifted"]
+
+
+def test_state_persists_atomically_and_survives_a_crash_between_write_and_rename(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "state" / "drift.json"
+    rng = np.random.default_rng(9)
+    monitor = AlignmentDriftMonitor(window_size=300, min_samples=100, state_path=str(path))
+    for batch in _stream(rng, 50, 0.1):
+        monitor.run(documents=batch)
+    first = monitor.run(documents=_stream(rng, 1, 0.1)[0])["drift_report"]
+
+    restarted = AlignmentDriftMonitor(window_size=300, min_samples=100, state_path=str(path))
+    again = restarted.run(documents=[])["drift_report"]
+    assert again["samples"] == first["samples"]
+    assert again["baseline_gap"] == pytest.approx(first["baseline_gap"])
+    assert again["calls"] == first["calls"] + 1
+
+    import haystack_integrations.components.monitors.alignment_drift.monitor as monitor_module
+
+    def crash(src, dst):
+        raise KeyboardInterrupt("simulated crash between the temp write and the rename")
+
+    monkeypatch.setattr(monitor_module.os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        restarted.run(documents=_stream(rng, 1, 0.1)[0])
+    monkeypatch.undo()
+    assert not list(path.parent.glob("*.tmp"))
+    survivor = AlignmentDriftMonitor(window_size=300, min_samples=100, state_path=str(path))
+    assert survivor.run(documents=[])["drift_report"]["calls"] == again["calls"] + 1
+
+
+def test_corrupt_state_file_is_named_or_reset_on_request(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "drift.json"
+    path.write_text("{not json")
+    from haystack_integrations.components.monitors.alignment_drift import DriftStateError
+
+    with pytest.raises(DriftStateError, match=r"drift\.json"):
+        AlignmentDriftMonitor(state_path=str(path))
+    with caplog.at_level(logging.WARNING):
+        monitor = AlignmentDriftMonitor(state_path=str(path), reset_corrupt_state=True)
+    assert "started fresh" in caplog.text
+    assert (tmp_path / "drift.json.corrupt").read_text() == "{not json"
+    assert monitor.run(documents=[])["drift_report"]["calls"] == 1
+
+
+def test_concurrent_runs_lose_no_sample() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    monitor = AlignmentDriftMonitor(window_size=100_000, min_samples=10)
+    batch = _stream(np.random.default_rng(10), 1, 0.1, per_modality=3)[0]
+
+    def call(_: int) -> None:
+        monitor.run(documents=batch)
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(call, range(4000)))
+    report = monitor.run(documents=[])["drift_report"]
+    assert report["calls"] == 4001
+    assert report["samples"] == {"text": 4000 * 3, "visual": 4000 * 3}
+    assert report["samples_seen"]["image"] == 4000 * 3
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"method": "chi2"}, "method must be one of"),
+        ({"threshold": 0}, "threshold must be a positive number"),
+        ({"min_samples": 50, "window_size": 10}, "cannot exceed window_size"),
+        ({"baseline": {"audio": [1.0]}}, "baseline keys"),
+        ({"baseline": {"text": []}}, "non-empty list"),
+    ],
+)
+def test_invalid_monitor_parameters(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        AlignmentDriftMonitor(**kwargs)
+
+
+def test_yaml_round_trip_of_a_pipeline_with_fitted_calibrator_and_monitor(tmp_path) -> None:
+    calibrator = _reference(np.random.default_rng(11))
+    monitor = AlignmentDriftMonitor(window_size=300, min_samples=50, state_path=str(tmp_path / "drift.json"))
+    pipe = Pipeline()
+    pipe.add_component("calibrator", calibrator)
+    pipe.add_component("monitor", monitor)
+    pipe.connect("calibrator.documents", "monitor.documents")
+    docs = [_doc("t", "text", 0.55), _doc("i", "image", 0.36, 14.0)]
+    before = pipe.run({"calibrator": {"documents": docs, "query": "a chart"}})
+    yaml_text = pipe.dumps()
+    assert "quantiles" in yaml_text
+    restored = Pipeline.loads(yaml_text)
+    assert restored.get_component("calibrator").reference == calibrator.reference
+    after = restored.run({"calibrator": {"documents": docs, "query": "a chart"}})
+    assert [d.id for d in after["monitor"]["documents"]] == [d.id for d in before["monitor"]["documents"]]
+    assert [d.score for d in after["monitor"]["documents"]] == [d.score for d in before["monitor"]["documents"]]
+    assert after["monitor"]["drift_report"]["calls"] == 2  # continued from the state file
