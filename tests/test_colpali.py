@@ -83,6 +83,19 @@ def test_peft_adapter_checkpoint_is_followed_to_its_base(tmp_path: Path) -> None
     assert family.model_class == "ColQwen2_5"
 
 
+def test_a_peft_adapter_checkpoint_loads_through_the_components_and_applies(
+    tiny_colqwen2_5: str, tmp_path: Path
+) -> None:
+    from haystack_integrations.common.multimodal_rag.tiny_models import build_tiny_colpali_adapter
+
+    adapter = build_tiny_colpali_adapter(tmp_path / "adapter", tiny_colqwen2_5)
+    assert not (adapter / "config.json").exists()
+    with_adapter = ColPaliTextEmbedder(str(adapter)).run(text="hello")["multivector_embedding"]
+    base = ColPaliTextEmbedder(tiny_colqwen2_5).run(text="hello")["multivector_embedding"]
+    assert np.asarray(with_adapter).shape == np.asarray(base).shape
+    assert not np.allclose(with_adapter, base)
+
+
 def test_a_dual_encoder_is_refused_as_colpali_model(tiny_siglip: str) -> None:
     with pytest.raises(ModelLoadError, match="not a ColPali-family checkpoint"):
         ColPaliTextEmbedder(tiny_siglip).warm_up()

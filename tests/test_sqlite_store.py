@@ -68,6 +68,7 @@ def test_dim_dtype_and_model_mismatches_are_clear_errors(tmp_path: Path) -> None
     store = SQLiteMultiVectorStore(path, model="org/model-a")
     with pytest.raises(MultiVectorStoreError, match="width 64, but the store holds dim 128"):
         store.write({"x": np.ones((3, 64))})
+    store.write({"ok": np.ones((1, 128))})
     store.close()
     with pytest.raises(MultiVectorStoreError, match="created with dim 128, but was opened with dim=64"):
         SQLiteMultiVectorStore(path, dim=64)
@@ -86,6 +87,14 @@ def test_model_is_recorded_on_first_bind(tmp_path: Path) -> None:
     path = str(tmp_path / "mv.sqlite")
     SQLiteMultiVectorStore(path).bind_model("org/first")
     assert SQLiteMultiVectorStore(path).stored_model == "org/first"
+
+
+def test_no_file_is_created_until_the_store_is_used(tmp_path: Path) -> None:
+    path = tmp_path / "later" / "mv.sqlite"
+    store = SQLiteMultiVectorStore(str(path))
+    assert not path.exists()
+    assert store.count() == 0
+    assert path.exists()
 
 
 def test_a_file_that_is_not_a_store_names_the_file(tmp_path: Path) -> None:

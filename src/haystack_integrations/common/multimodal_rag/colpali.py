@@ -9,8 +9,6 @@ Loaded encoders are shared between components asking for the same model on the s
 from __future__ import annotations
 
 import json
-import threading
-import weakref
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -20,6 +18,7 @@ from haystack.utils import Secret
 from PIL import Image
 
 from haystack_integrations.common.multimodal_rag.hf import (
+    ModelCache,
     ModelLoadError,
     describe_fix,
     load_pretrained,
@@ -137,8 +136,7 @@ def detect_family(model: str, *, token: Secret | None, local_files_only: bool, c
 class LateInteractionEncoder:
     """A loaded ColPali-family model: queries and page images into multi-vectors (one vector per token)."""
 
-    _cache: ClassVar[weakref.WeakValueDictionary[str, LateInteractionEncoder]] = weakref.WeakValueDictionary()
-    _cache_lock: ClassVar[threading.Lock] = threading.Lock()
+    _cache: ClassVar[ModelCache[LateInteractionEncoder]] = ModelCache()
 
     def __init__(self, model: Any, processor: Any, *, device: str, model_id: str, family: ColPaliFamily) -> None:
         """
@@ -180,17 +178,14 @@ class LateInteractionEncoder:
         :returns: The encoder.
         :raises ModelLoadError: When loading fails or the checkpoint is not ColPali-family.
         """
-        key = json.dumps([model, device, local_files_only, model_kwargs], sort_keys=True, default=str)
-        with cls._cache_lock:
-            cached = cls._cache.get(key)
-            if cached is not None:
-                return cached
+
+        def load() -> LateInteractionEncoder:
             import colpali_engine.models as col_models
 
             family = detect_family(model, token=token, local_files_only=local_files_only, component=component)
             model_cls = getattr(col_models, family.model_class)
             processor_cls = getattr(col_models, family.processor_class)
-            hf_model = load_pretrained(
+            hf_model: Any = load_pretrained(
                 model_cls.from_pretrained,
                 model,
                 component=component,
@@ -208,9 +203,9 @@ class LateInteractionEncoder:
             )
             hf_model.to(device)
             hf_model.eval()
-            encoder = cls(hf_model, processor, device=device, model_id=model, family=family)
-            cls._cache[key] = encoder
-            return encoder
+            return cls(hf_model, processor, device=device, model_id=model, family=family)
+
+        return cls._cache.get_or_load([model, device, local_files_only, model_kwargs], load)
 
     def _forward(self, batch: Any) -> list[np.ndarray]:
         inputs = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}

@@ -8,9 +8,6 @@ document embedder in one process hold one copy of the weights.
 
 from __future__ import annotations
 
-import json
-import threading
-import weakref
 from typing import Any, ClassVar
 
 import numpy as np
@@ -19,6 +16,7 @@ from haystack.utils import Secret
 from PIL import Image
 
 from haystack_integrations.common.multimodal_rag.hf import (
+    ModelCache,
     ModelLoadError,
     load_pretrained,
     model_dtype,
@@ -48,8 +46,7 @@ class DenseEncoder:
     Use `DenseEncoder.get(...)` to load (or reuse) one.
     """
 
-    _cache: ClassVar[weakref.WeakValueDictionary[str, DenseEncoder]] = weakref.WeakValueDictionary()
-    _cache_lock: ClassVar[threading.Lock] = threading.Lock()
+    _cache: ClassVar[ModelCache[DenseEncoder]] = ModelCache()
 
     def __init__(self, model: Any, processor: Any, device: str, model_id: str) -> None:
         """
@@ -95,14 +92,11 @@ class DenseEncoder:
         :returns: The encoder.
         :raises ModelLoadError: When the model cannot be loaded or is not a dual encoder.
         """
-        key = json.dumps([model, device, local_files_only, model_kwargs], sort_keys=True, default=str)
-        with cls._cache_lock:
-            cached = cls._cache.get(key)
-            if cached is not None:
-                return cached
+
+        def load() -> DenseEncoder:
             from transformers import AutoModel, AutoProcessor
 
-            hf_model = load_pretrained(
+            hf_model: Any = load_pretrained(
                 AutoModel.from_pretrained,
                 model,
                 component=component,
@@ -126,9 +120,9 @@ class DenseEncoder:
             )
             hf_model.to(device)
             hf_model.eval()
-            encoder = cls(hf_model, processor, device, model)
-            cls._cache[key] = encoder
-            return encoder
+            return cls(hf_model, processor, device, model)
+
+        return cls._cache.get_or_load([model, device, local_files_only, model_kwargs], load)
 
     def _text_max_length(self) -> int:
         candidates = []

@@ -10,9 +10,11 @@ from __future__ import annotations
 import copy
 import json
 import os
-from collections.abc import Callable
+import threading
+import weakref
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import torch
 from haystack.utils import ComponentDevice, Secret
@@ -180,3 +182,66 @@ def model_dtype(module: torch.nn.Module) -> torch.dtype:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else repr(e)
+
+
+class ModelCache(Generic[T]):
+    """
+    Process-wide cache of loaded models, keyed by their loading settings.
+
+    Components asking for the same model on the same device share one copy of the weights; a model is freed
+    when no component holds it any more (weak references).
+    """
+
+    def __init__(self) -> None:
+        """Create an empty cache."""
+        self._items: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
+        self._lock = threading.Lock()
+
+    def get_or_load(self, key_parts: Sequence[Any], load: Callable[[], T]) -> T:
+        """
+        Return the cached object for `key_parts`, or call `load()` once and cache its result.
+
+        :param key_parts: JSON-serialisable settings that identify the object (model id, device, kwargs...).
+        :param load: Builds the object.
+        :returns: The object.
+        """
+        key = json.dumps(list(key_parts), sort_keys=True, default=str)
+        with self._lock:
+            cached = self._items.get(key)
+            if cached is not None:
+                return cached
+            loaded = load()
+            self._items[key] = loaded
+            return loaded
+
+
+def loading_kwargs(component: Any) -> dict[str, Any]:
+    """
+    The keyword arguments of a backend's `get(model, ...)` for a component with the standard loading parameters.
+
+    :param component: A component with `device`, `token`, `local_files_only` and `model_kwargs` attributes.
+    :returns: `component`, `device` (resolved), `token`, `local_files_only`, `model_kwargs`.
+    """
+    return {
+        "component": type(component).__name__,
+        "device": resolve_device(component.device),
+        "token": component.token,
+        "local_files_only": component.local_files_only,
+        "model_kwargs": component.model_kwargs,
+    }
+
+
+def serialize_loading_params(component: Any) -> dict[str, Any]:
+    """
+    The serialized standard loading parameters of a component, for its `to_dict`.
+
+    :param component: A component with `model`, `device`, `token`, `local_files_only` and `model_kwargs`.
+    :returns: `model`, `device`, `token`, `local_files_only`, `model_kwargs`, ready for `default_to_dict`.
+    """
+    return {
+        "model": component.model,
+        "device": component.device.to_dict() if component.device else None,
+        "token": component.token.to_dict() if component.token else None,
+        "local_files_only": component.local_files_only,
+        "model_kwargs": serialize_model_kwargs(component.model_kwargs),
+    }

@@ -170,3 +170,15 @@ def store_from_dict(data: dict[str, Any] | None) -> Any:
 
     cls: Any = import_class_by_name(data["type"])
     return cls.from_dict(data)
+
+
+def with_store_from_dict(data: dict[str, Any]) -> dict[str, Any]:
+    """
+    A copy of a component's serialized form with its `multivector_store` deserialized (input not modified).
+
+    :param data: The component's `to_dict` output.
+    :returns: The data, ready for `default_from_dict`.
+    """
+    params = dict(data.get("init_parameters", {}))
+    params["multivector_store"] = store_from_dict(params.get("multivector_store"))
+    return {**data, "init_parameters": params}

@@ -403,3 +403,40 @@ def build_tiny_qwen2_vl(
     if kind == "vlm":
         _finish_generation_config(out, tokenizer)
     return out
+
+
+def build_tiny_colpali_adapter(path: str | Path, base: str | Path, *, seed: int = 0) -> Path:
+    """
+    Write a PEFT LoRA adapter checkpoint on top of a tiny ColQwen base, laid out like `vidore/colqwen2.5-v0.2`.
+
+    The folder holds `adapter_config.json` (naming `base` as `base_model_name_or_path`), the adapter weights
+    and the processor files, but no `config.json`: loading it exercises the adapter-following path.
+
+    :param path: Output directory.
+    :param base: A checkpoint written by `build_tiny_qwen2_vl(..., kind="colpali")`.
+    :param seed: Random seed of the adapter weights (non-zero, so the adapter changes the outputs).
+    :returns: The directory.
+    """
+    import shutil
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig
+
+    out = Path(path)
+    base = Path(base)
+    import colpali_engine.models as col_models
+
+    architecture = AutoConfig.from_pretrained(base).architectures[0]
+    model = getattr(col_models, architecture).from_pretrained(str(base))
+    torch.manual_seed(seed)
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=r"(.*(language_model).*(q_proj|v_proj).*$|.*(custom_text_proj).*$)",
+        init_lora_weights=False,
+    )
+    get_peft_model(model, config).save_pretrained(out)
+    for item in base.iterdir():
+        if item.name not in ("config.json", "model.safetensors") and item.is_file():
+            shutil.copy(item, out / item.name)
+    return out

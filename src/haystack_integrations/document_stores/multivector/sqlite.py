@@ -88,7 +88,12 @@ class SQLiteMultiVectorStore:
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
         self._stored_model: str | None = None
-        self._initialise()
+        self._initialised = False
+        self._init_lock = threading.Lock()
+        # An existing file is checked now (clear errors early); a new one is created on first use, so loading a
+        # pipeline from YAML creates no files.
+        if Path(self.path).exists() or read_only:
+            self._ensure_initialised()
 
     # --- connections -------------------------------------------------------------------------------
 
@@ -111,12 +116,23 @@ class SQLiteMultiVectorStore:
             self._connections.append(conn)
         return conn
 
-    def _conn(self) -> sqlite3.Connection:
+    def _raw_conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = self._open()
             self._local.conn = conn
         return conn
+
+    def _conn(self) -> sqlite3.Connection:
+        if not self._initialised:
+            self._ensure_initialised()
+        return self._raw_conn()
+
+    def _ensure_initialised(self) -> None:
+        with self._init_lock:
+            if not self._initialised:
+                self._initialise()
+                self._initialised = True
 
     def close(self) -> None:
         """Close every connection this instance opened (they reopen on the next use)."""
@@ -127,6 +143,7 @@ class SQLiteMultiVectorStore:
             with contextlib.suppress(sqlite3.ProgrammingError):
                 conn.close()
         self._local = threading.local()
+        self._initialised = False
 
     # --- creation and validation ------------------------------------------------------------------
 
@@ -138,7 +155,7 @@ class SQLiteMultiVectorStore:
                 msg = f"{self._describe()} does not exist (read_only=True cannot create it)"
                 raise MultiVectorStoreError(msg)
             file.parent.mkdir(parents=True, exist_ok=True)
-        conn = self._conn()
+        conn = self._raw_conn()
         try:
             if not exists:
                 self._create(conn)
@@ -216,6 +233,7 @@ class SQLiteMultiVectorStore:
         :param model: Model id of the component writing or reading.
         :raises MultiVectorStoreError: When the file holds vectors of another model.
         """
+        self._ensure_initialised()
         check_model_binding(self._describe(), self._stored_model, model)
         if self._stored_model is None and not self.read_only:
             self._record_model(self._conn(), model)
@@ -223,6 +241,7 @@ class SQLiteMultiVectorStore:
     @property
     def stored_model(self) -> str | None:
         """The model id recorded in the file, if any."""
+        self._ensure_initialised()
         return self._stored_model
 
     # --- serialization ------------------------------------------------------------------------------

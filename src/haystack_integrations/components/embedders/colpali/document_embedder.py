@@ -9,11 +9,11 @@ from tqdm import tqdm
 
 from haystack_integrations.common.multimodal_rag.colpali import LateInteractionEncoder
 from haystack_integrations.common.multimodal_rag.failures import check_documents_input, validate_on_error
-from haystack_integrations.common.multimodal_rag.hf import resolve_device, serialize_model_kwargs
+from haystack_integrations.common.multimodal_rag.hf import loading_kwargs, serialize_loading_params
 from haystack_integrations.common.multimodal_rag.multivector import (
     MultiVectorStore,
     check_store_compatible,
-    store_from_dict,
+    with_store_from_dict,
 )
 from haystack_integrations.common.multimodal_rag.planning import (
     iter_image_batches,
@@ -120,14 +120,7 @@ class ColPaliDocumentEmbedder:
         :raises MultiVectorStoreError: When the store holds another width or another model's vectors.
         """
         if self._encoder is None:
-            encoder = LateInteractionEncoder.get(
-                self.model,
-                component=type(self).__name__,
-                device=resolve_device(self.device),
-                token=self.token,
-                local_files_only=self.local_files_only,
-                model_kwargs=self.model_kwargs,
-            )
+            encoder = LateInteractionEncoder.get(self.model, **loading_kwargs(self))
             check_store_compatible(
                 self.multivector_store, dim=encoder.dim, model=self.model, component=type(self).__name__
             )
@@ -141,17 +134,13 @@ class ColPaliDocumentEmbedder:
         """
         return default_to_dict(
             self,
-            model=self.model,
+            **serialize_loading_params(self),
             multivector_store=self.multivector_store.to_dict(),
             file_path_meta_field=self.file_path_meta_field,
             root_path=self.root_path,
-            device=self.device.to_dict() if self.device else None,
-            token=self.token.to_dict() if self.token else None,
             batch_size=self.batch_size,
             pool_factor=self.pool_factor,
             progress_bar=self.progress_bar,
-            local_files_only=self.local_files_only,
-            model_kwargs=serialize_model_kwargs(self.model_kwargs),
             on_error=self.on_error,
         )
 
@@ -163,9 +152,7 @@ class ColPaliDocumentEmbedder:
         :param data: The dictionary from `to_dict`.
         :returns: The component.
         """
-        params = data.setdefault("init_parameters", {})
-        params["multivector_store"] = store_from_dict(params.get("multivector_store"))
-        return default_from_dict(cls, data)
+        return default_from_dict(cls, with_store_from_dict(data))
 
     @component.output_types(documents=list[Document], failed_documents=list[Document])
     def run(self, documents: list[Document]) -> dict[str, list[Document]]:

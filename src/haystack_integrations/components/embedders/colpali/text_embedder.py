@@ -6,7 +6,7 @@ from haystack import component, default_from_dict, default_to_dict
 from haystack.utils import ComponentDevice, Secret
 
 from haystack_integrations.common.multimodal_rag.colpali import LateInteractionEncoder
-from haystack_integrations.common.multimodal_rag.hf import resolve_device, serialize_model_kwargs
+from haystack_integrations.common.multimodal_rag.hf import loading_kwargs, serialize_loading_params
 from haystack_integrations.common.multimodal_rag.runtime import check_query, run_in_thread
 
 
@@ -61,14 +61,7 @@ class ColPaliTextEmbedder:
         :raises ModelLoadError: When the model cannot be loaded.
         """
         if self._encoder is None:
-            self._encoder = LateInteractionEncoder.get(
-                self.model,
-                component=type(self).__name__,
-                device=resolve_device(self.device),
-                token=self.token,
-                local_files_only=self.local_files_only,
-                model_kwargs=self.model_kwargs,
-            )
+            self._encoder = LateInteractionEncoder.get(self.model, **loading_kwargs(self))
 
     def to_dict(self) -> dict[str, Any]:
         """
@@ -78,11 +71,7 @@ class ColPaliTextEmbedder:
         """
         return default_to_dict(
             self,
-            model=self.model,
-            device=self.device.to_dict() if self.device else None,
-            token=self.token.to_dict() if self.token else None,
-            local_files_only=self.local_files_only,
-            model_kwargs=serialize_model_kwargs(self.model_kwargs),
+            **serialize_loading_params(self),
         )
 
     @classmethod

@@ -13,7 +13,7 @@ from haystack_integrations.common.multimodal_rag.failures import (
     check_documents_input,
     validate_on_error,
 )
-from haystack_integrations.common.multimodal_rag.hf import resolve_device, serialize_model_kwargs
+from haystack_integrations.common.multimodal_rag.hf import loading_kwargs, serialize_loading_params
 from haystack_integrations.common.multimodal_rag.planning import (
     iter_image_batches,
     plan_documents,
@@ -117,14 +117,7 @@ class MultimodalDocumentEmbedder:
         :raises ModelLoadError: When the model cannot be loaded; the message says how to fix it.
         """
         if self._encoder is None:
-            self._encoder = DenseEncoder.get(
-                self.model,
-                component=type(self).__name__,
-                device=resolve_device(self.device),
-                token=self.token,
-                local_files_only=self.local_files_only,
-                model_kwargs=self.model_kwargs,
-            )
+            self._encoder = DenseEncoder.get(self.model, **loading_kwargs(self))
 
     def to_dict(self) -> dict[str, Any]:
         """
@@ -134,16 +127,12 @@ class MultimodalDocumentEmbedder:
         """
         return default_to_dict(
             self,
-            model=self.model,
+            **serialize_loading_params(self),
             file_path_meta_field=self.file_path_meta_field,
             root_path=self.root_path,
-            device=self.device.to_dict() if self.device else None,
-            token=self.token.to_dict() if self.token else None,
             batch_size=self.batch_size,
             progress_bar=self.progress_bar,
             normalize_embeddings=self.normalize_embeddings,
-            local_files_only=self.local_files_only,
-            model_kwargs=serialize_model_kwargs(self.model_kwargs),
             on_error=self.on_error,
         )
 

@@ -9,7 +9,7 @@ from haystack.dataclasses import ByteStream, ImageContent
 from haystack.utils import ComponentDevice, Secret
 
 from haystack_integrations.common.multimodal_rag.dense import DenseEncoder
-from haystack_integrations.common.multimodal_rag.hf import resolve_device, serialize_model_kwargs
+from haystack_integrations.common.multimodal_rag.hf import loading_kwargs, serialize_loading_params
 from haystack_integrations.common.multimodal_rag.runtime import run_in_thread
 from haystack_integrations.common.multimodal_rag.sources import (
     VISUAL_MODALITIES,
@@ -75,14 +75,7 @@ class MultimodalImageEmbedder:
         :raises ModelLoadError: When the model cannot be loaded; the message says how to fix it.
         """
         if self._encoder is None:
-            self._encoder = DenseEncoder.get(
-                self.model,
-                component=type(self).__name__,
-                device=resolve_device(self.device),
-                token=self.token,
-                local_files_only=self.local_files_only,
-                model_kwargs=self.model_kwargs,
-            )
+            self._encoder = DenseEncoder.get(self.model, **loading_kwargs(self))
 
     def to_dict(self) -> dict[str, Any]:
         """
@@ -92,13 +85,9 @@ class MultimodalImageEmbedder:
         """
         return default_to_dict(
             self,
-            model=self.model,
+            **serialize_loading_params(self),
             root_path=self.root_path,
-            device=self.device.to_dict() if self.device else None,
-            token=self.token.to_dict() if self.token else None,
             normalize_embeddings=self.normalize_embeddings,
-            local_files_only=self.local_files_only,
-            model_kwargs=serialize_model_kwargs(self.model_kwargs),
         )
 
     @classmethod

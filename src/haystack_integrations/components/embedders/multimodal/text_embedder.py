@@ -6,7 +6,7 @@ from haystack import component, default_from_dict, default_to_dict
 from haystack.utils import ComponentDevice, Secret
 
 from haystack_integrations.common.multimodal_rag.dense import DenseEncoder
-from haystack_integrations.common.multimodal_rag.hf import resolve_device, serialize_model_kwargs
+from haystack_integrations.common.multimodal_rag.hf import loading_kwargs, serialize_loading_params
 from haystack_integrations.common.multimodal_rag.runtime import check_query, run_in_thread
 
 
@@ -62,14 +62,7 @@ class MultimodalTextEmbedder:
         :raises ModelLoadError: When the model cannot be loaded; the message says how to fix it.
         """
         if self._encoder is None:
-            self._encoder = DenseEncoder.get(
-                self.model,
-                component=type(self).__name__,
-                device=resolve_device(self.device),
-                token=self.token,
-                local_files_only=self.local_files_only,
-                model_kwargs=self.model_kwargs,
-            )
+            self._encoder = DenseEncoder.get(self.model, **loading_kwargs(self))
 
     def to_dict(self) -> dict[str, Any]:
         """
@@ -79,12 +72,8 @@ class MultimodalTextEmbedder:
         """
         return default_to_dict(
             self,
-            model=self.model,
-            device=self.device.to_dict() if self.device else None,
-            token=self.token.to_dict() if self.token else None,
+            **serialize_loading_params(self),
             normalize_embeddings=self.normalize_embeddings,
-            local_files_only=self.local_files_only,
-            model_kwargs=serialize_model_kwargs(self.model_kwargs),
         )
 
     @classmethod

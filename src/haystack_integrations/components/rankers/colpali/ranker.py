@@ -10,13 +10,13 @@ from haystack import Document, component, default_from_dict, default_to_dict, lo
 from haystack.utils import ComponentDevice, Secret
 
 from haystack_integrations.common.multimodal_rag.colpali import LateInteractionEncoder
-from haystack_integrations.common.multimodal_rag.hf import resolve_device, serialize_model_kwargs
+from haystack_integrations.common.multimodal_rag.hf import loading_kwargs, serialize_loading_params
 from haystack_integrations.common.multimodal_rag.maxsim import maxsim
 from haystack_integrations.common.multimodal_rag.multivector import (
     MultiVectorStore,
     MultiVectorStoreError,
     check_store_compatible,
-    store_from_dict,
+    with_store_from_dict,
 )
 from haystack_integrations.common.multimodal_rag.runtime import (
     batched,
@@ -166,14 +166,7 @@ class ColPaliRanker:
         """
         with self._warm_lock:
             if self._encoder is None:
-                encoder = LateInteractionEncoder.get(
-                    self.model,
-                    component=type(self).__name__,
-                    device=resolve_device(self.device),
-                    token=self.token,
-                    local_files_only=self.local_files_only,
-                    model_kwargs=self.model_kwargs,
-                )
+                encoder = LateInteractionEncoder.get(self.model, **loading_kwargs(self))
                 if self.multivector_store is not None:
                     check_store_compatible(
                         self.multivector_store, dim=encoder.dim, model=self.model, component=type(self).__name__
@@ -188,17 +181,13 @@ class ColPaliRanker:
         """
         return default_to_dict(
             self,
-            model=self.model,
+            **serialize_loading_params(self),
             multivector_store=self.multivector_store.to_dict() if self.multivector_store is not None else None,
             top_k=self.top_k,
             score_threshold=self.score_threshold,
             normalize_scores=self.normalize_scores,
-            device=self.device.to_dict() if self.device else None,
-            token=self.token.to_dict() if self.token else None,
             batch_size=self.batch_size,
             cache_size=self.cache_size,
-            local_files_only=self.local_files_only,
-            model_kwargs=serialize_model_kwargs(self.model_kwargs),
             file_path_meta_field=self.file_path_meta_field,
             root_path=self.root_path,
         )
@@ -211,9 +200,7 @@ class ColPaliRanker:
         :param data: The dictionary from `to_dict`.
         :returns: The component.
         """
-        params = data.setdefault("init_parameters", {})
-        params["multivector_store"] = store_from_dict(params.get("multivector_store"))
-        return default_from_dict(cls, data)
+        return default_from_dict(cls, with_store_from_dict(data))
 
     def _stored_scores(self, query: np.ndarray, documents: list[Document]) -> dict[str, float]:
         store = self.multivector_store

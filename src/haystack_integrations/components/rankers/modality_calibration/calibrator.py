@@ -311,25 +311,22 @@ class ModalityScoreCalibrator:
             return None
         return self.reference["distributions"].get(modality, {}).get(score_type)
 
-    def _warn_fallback_once(self, modality: str, score_type: str) -> None:
-        key = (modality, score_type)
+    def _warn_fallback_once(self, pairs: list[tuple[str, str]]) -> None:
         with self._warn_lock:
-            if key in self._warned:
-                return
-            self._warned.add(key)
-        logger.warning(
-            "ModalityScoreCalibrator: no fitted reference for {score_type} scores of modality {modality}; "
-            "using per-query statistics (call fit() or pass `reference` to calibrate against past results)",
-            score_type=score_type,
-            modality=modality,
-        )
+            new = [pair for pair in pairs if pair not in self._warned]
+            self._warned.update(new)
+        if new:
+            logger.warning(
+                "ModalityScoreCalibrator: no fitted reference for {pairs}; using per-query statistics for them "
+                "(call fit() or pass `reference` to calibrate against past results)",
+                pairs=", ".join(f"{score_type} scores of {modality}" for modality, score_type in new),
+            )
 
     def _calibrate(self, values: np.ndarray, modality: str, score_type: str) -> np.ndarray:
         if self.method == "minmax":
             return minmax_transform(values)
         dist = self._reference_for(modality, score_type)
         if dist is None:
-            self._warn_fallback_once(modality, score_type)
             if self.method == "ecdf":
                 return rank_percentiles(values)
             return zscore_transform(values, float(values.mean()), float(values.std()))
@@ -398,6 +395,8 @@ class ModalityScoreCalibrator:
             late_type = late_types[i]
             if late_type is not None:
                 groups.setdefault((modality, late_type), []).append(i)
+        if self.method != "minmax":
+            self._warn_fallback_once([pair for pair in groups if self._reference_for(*pair) is None])
         for (modality, score_type), idx in groups.items():
             index = np.asarray(idx)
             if score_type == "dense":

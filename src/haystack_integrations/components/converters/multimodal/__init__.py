@@ -1,0 +1,6 @@
+from haystack_integrations.components.converters.multimodal.file_to_document import (
+    MultimodalFileToDocument,
+    SourceConversionError,
+)
+
+__all__ = ["MultimodalFileToDocument", "SourceConversionError"]

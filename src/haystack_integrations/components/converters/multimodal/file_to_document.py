@@ -1,0 +1,201 @@
+from __future__ import annotations
+
+import mimetypes
+from pathlib import Path
+from typing import Any
+
+from haystack import Document, component, default_from_dict, default_to_dict, logging
+
+from haystack_integrations.common.multimodal_rag.failures import validate_on_error
+from haystack_integrations.common.multimodal_rag.runtime import run_in_thread
+from haystack_integrations.common.multimodal_rag.sources import (
+    MODALITY_META_KEY,
+    PAGE_NUMBER_META_KEY,
+    SourceError,
+    is_image_path,
+    is_pdf_path,
+    pdf_page_count,
+    resolve_path,
+)
+
+logger = logging.getLogger(__name__)
+
+TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".rst", ".csv", ".json", ".html", ".htm")
+
+
+class SourceConversionError(ValueError):
+    """Raised with `on_error="raise"` when files cannot be converted; names every file and reason."""
+
+
+@component
+class MultimodalFileToDocument:
+    """
+    Turns files into the Documents the multimodal embedders expect: one per image, one per PDF page, one per
+    text file.
+
+    - images (any type Pillow reads): `Document(meta={"file_path": ..., "modality": "image"})`;
+    - PDFs: one `Document` per page with `meta["page_number"]` (1-based) and `meta["modality"] = "document"`;
+      the page is rendered later, by the embedders, one batch at a time;
+    - text files (`.txt`, `.md`, ...): `Document(content=..., meta={"file_path": ..., "modality": "text"})`.
+
+    Directories are expanded recursively (files of other types inside them are ignored). Document ids are
+    derived from the file path, page and meta, so converting the same files again gives the same ids and a
+    re-run of an indexing pipeline overwrites instead of duplicating. With `root_path`, paths are stored
+    relative to it (and must stay inside it). Pixels are not read here: a corrupt image is reported by the
+    embedder; a PDF that cannot be opened, an unreadable text file or an unsupported type is reported here.
+
+    ### Usage example
+    ```python
+    from haystack_integrations.components.converters.multimodal import MultimodalFileToDocument
+
+    converter = MultimodalFileToDocument(root_path="data")
+    docs = converter.run(sources=["charts/revenue.png", "reports/annual.pdf", "notes"])["documents"]
+    ```
+    """
+
+    def __init__(
+        self,
+        *,
+        root_path: str | None = None,
+        file_path_meta_field: str = "file_path",
+        encoding: str = "utf-8",
+        on_error: str = "raise",
+    ) -> None:
+        """
+        Create the converter.
+
+        :param root_path: Directory that relative sources are resolved in; stored paths are relative to it.
+        :param file_path_meta_field: Meta key the file path is written to.
+        :param encoding: Encoding of text files.
+        :param on_error: `"raise"` (one error naming every bad file) or `"skip"` (report them in `failed_sources`).
+        """
+        validate_on_error(on_error)
+        self.root_path = root_path
+        self.file_path_meta_field = file_path_meta_field
+        self.encoding = encoding
+        self.on_error = on_error
+
+    def to_dict(self) -> dict[str, Any]:
+        """
+        Serialize this component to a dictionary.
+
+        :returns: The dictionary.
+        """
+        return default_to_dict(
+            self,
+            root_path=self.root_path,
+            file_path_meta_field=self.file_path_meta_field,
+            encoding=self.encoding,
+            on_error=self.on_error,
+        )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MultimodalFileToDocument:
+        """
+        Deserialize a component from a dictionary.
+
+        :param data: The dictionary from `to_dict`.
+        :returns: The component.
+        """
+        return default_from_dict(cls, data)
+
+    def _stored_path(self, path: Path) -> str:
+        if self.root_path is not None:
+            return str(path.relative_to(Path(self.root_path).expanduser().resolve()))
+        return str(path)
+
+    def _expand(self, source: str | Path) -> list[Path]:
+        path = resolve_path(source, self.root_path)
+        if path.is_dir():
+            return [
+                child
+                for child in sorted(p for p in path.rglob("*") if p.is_file())
+                if is_image_path(child) or is_pdf_path(child) or child.suffix.lower() in TEXT_SUFFIXES
+            ]
+        return [path]
+
+    def _convert(self, path: Path, meta: dict[str, Any]) -> list[Document]:
+        if not path.exists():
+            msg = f"file '{path}' does not exist"
+            raise SourceError(msg)
+        stored = self._stored_path(path)
+        base = {**meta, self.file_path_meta_field: stored}
+        if is_pdf_path(path):
+            pages = pdf_page_count(path)
+            return [
+                Document(meta={**base, PAGE_NUMBER_META_KEY: page, MODALITY_META_KEY: "document"})
+                for page in range(1, pages + 1)
+            ]
+        if is_image_path(path):
+            return [Document(meta={**base, MODALITY_META_KEY: "image"})]
+        if path.suffix.lower() in TEXT_SUFFIXES:
+            try:
+                text = path.read_text(encoding=self.encoding)
+            except (OSError, UnicodeDecodeError) as e:
+                msg = f"cannot read text file '{path}': {e}"
+                raise SourceError(msg) from e
+            if not text.strip():
+                msg = f"text file '{path}' is empty"
+                raise SourceError(msg)
+            return [Document(content=text, meta={**base, MODALITY_META_KEY: "text"})]
+        mime_type, _ = mimetypes.guess_type(str(path))
+        msg = f"unsupported file type for '{path}' (MIME type {mime_type}); expected an image, a PDF or a text file"
+        raise SourceError(msg)
+
+    @component.output_types(documents=list[Document], failed_sources=list[dict[str, str]])
+    def run(
+        self, sources: list[str | Path], meta: dict[str, Any] | list[dict[str, Any]] | None = None
+    ) -> dict[str, Any]:
+        """
+        Convert files (and directories of files) into Documents.
+
+        :param sources: File or directory paths.
+        :param meta: Meta added to every document (a dict), or one dict per source (a list of the same length).
+        :returns: A dictionary with:
+            - `documents`: the Documents, in source order (pages in page order);
+            - `failed_sources`: with `on_error="skip"`, `{"source": ..., "reason": ...}` per file that failed.
+        :raises SourceConversionError: With `on_error="raise"`, naming every file that failed and why.
+        :raises ValueError: When `meta` is a list of another length than `sources`.
+        """
+        if isinstance(meta, list):
+            if len(meta) != len(sources):
+                msg = f"meta has {len(meta)} entries but there are {len(sources)} sources"
+                raise ValueError(msg)
+            metas = meta
+        else:
+            metas = [meta or {}] * len(sources)
+        documents: list[Document] = []
+        failed: list[dict[str, str]] = []
+        for source, source_meta in zip(sources, metas, strict=True):
+            try:
+                expanded = self._expand(source)
+            except SourceError as e:
+                failed.append({"source": str(source), "reason": str(e)})
+                continue
+            for path in expanded:
+                try:
+                    documents.extend(self._convert(path, dict(source_meta)))
+                except SourceError as e:
+                    failed.append({"source": str(path), "reason": str(e)})
+        if failed and self.on_error == "raise":
+            lines = "\n".join(f"  - {f['source']}: {f['reason']}" for f in failed)
+            msg = f"MultimodalFileToDocument: {len(failed)} source(s) could not be converted:\n{lines}"
+            raise SourceConversionError(msg)
+        if failed:
+            logger.warning(
+                "MultimodalFileToDocument skipped {count} source(s); see 'failed_sources'", count=len(failed)
+            )
+        return {"documents": documents, "failed_sources": failed}
+
+    @component.output_types(documents=list[Document], failed_sources=list[dict[str, str]])
+    async def run_async(
+        self, sources: list[str | Path], meta: dict[str, Any] | list[dict[str, Any]] | None = None
+    ) -> dict[str, Any]:
+        """
+        Asynchronous version of `run`.
+
+        :param sources: See `run`.
+        :param meta: See `run`.
+        :returns: See `run`.
+        """
+        return await run_in_thread(self.run, sources, meta)
