@@ -28,6 +28,11 @@ SENTENCES: tuple[str, ...] = (
     "Describe the image.",
     "Query: which slide shows the sales forecast",
     "yes no maybe relevant irrelevant answer question context",
+    "Answer yes or no.",
+    "yes",
+    "no",
+    "no, not relevant.",
+    "yes, relevant.",
     "The blue and gold Byzantine mosaic shows a devotional scene.",
     "Answer the question using the numbered sources and cite them like [1].",
     "0 1 2 3 4 5 6 7 8 9 % $ , . : ; ! ? ( ) [ ] - / ' \"",
@@ -419,12 +424,12 @@ def build_tiny_colpali_adapter(path: str | Path, base: str | Path, *, seed: int 
     """
     import shutil
 
+    import colpali_engine.models as col_models
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig
 
     out = Path(path)
     base = Path(base)
-    import colpali_engine.models as col_models
 
     architecture = AutoConfig.from_pretrained(base).architectures[0]
     model = getattr(col_models, architecture).from_pretrained(str(base))
@@ -435,7 +440,7 @@ def build_tiny_colpali_adapter(path: str | Path, base: str | Path, *, seed: int 
         target_modules=r"(.*(language_model).*(q_proj|v_proj).*$|.*(custom_text_proj).*$)",
         init_lora_weights=False,
     )
-    get_peft_model(model, config).save_pretrained(out)
+    get_peft_model(model, config).save_pretrained(str(out))
     for item in base.iterdir():
         if item.name not in ("config.json", "model.safetensors") and item.is_file():
             shutil.copy(item, out / item.name)

@@ -113,16 +113,19 @@ class VisionLanguageModel:
             self.processor.apply_chat_template(hf_messages, add_generation_prompt=add_generation_prompt, tokenize=False)
         )
 
-    def encode(self, texts: list[str], images: list[list[Image.Image]]) -> Any:
+    def encode(self, texts: list[str], images: list[list[Image.Image]], *, padding_side: str | None = None) -> Any:
         """
         Tokenize prompts and preprocess their images into model inputs on the model's device.
 
         :param texts: One rendered prompt per sample.
         :param images: The images of each sample, in the order their placeholders appear.
-        :returns: A `BatchFeature` with `input_ids`, `attention_mask` and (when there are images) pixel inputs.
+        :param padding_side: `"left"` aligns every sample's last token at the end (for scoring the next token).
+        :returns: A dict with `input_ids`, `attention_mask` and (when there are images) pixel inputs.
         """
         flat = [img for sample in images for img in sample]
         kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True}
+        if padding_side is not None:
+            kwargs["padding_side"] = padding_side
         if flat:
             kwargs["images"] = flat
         inputs = self.processor(**kwargs)
