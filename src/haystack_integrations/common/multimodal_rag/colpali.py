@@ -21,8 +21,7 @@ from haystack_integrations.common.multimodal_rag.hf import (
     ModelCache,
     ModelLoadError,
     describe_fix,
-    load_pretrained,
-    pretrained_kwargs,
+    load_model_and_processor,
     read_checkpoint_json,
 )
 
@@ -185,24 +184,18 @@ class LateInteractionEncoder:
             family = detect_family(model, token=token, local_files_only=local_files_only, component=component)
             model_cls = getattr(col_models, family.model_class)
             processor_cls = getattr(col_models, family.processor_class)
-            hf_model: Any = load_pretrained(
+            hf_model, processor = load_model_and_processor(
                 model_cls.from_pretrained,
-                model,
-                component=component,
-                what=f"{family.model_class} model",
-                local_files_only=local_files_only,
-                **pretrained_kwargs(token=token, model_kwargs=model_kwargs, for_model=True),
-            )
-            processor = load_pretrained(
                 processor_cls.from_pretrained,
                 model,
                 component=component,
-                what=f"{family.processor_class} processor",
+                model_what=f"{family.model_class} model",
+                processor_what=f"{family.processor_class} processor",
+                device=device,
+                token=token,
                 local_files_only=local_files_only,
-                **pretrained_kwargs(token=token, model_kwargs=model_kwargs, for_model=False),
+                model_kwargs=model_kwargs,
             )
-            hf_model.to(device)
-            hf_model.eval()
             return cls(hf_model, processor, device=device, model_id=model, family=family)
 
         return cls._cache.get_or_load([model, device, local_files_only, model_kwargs], load)

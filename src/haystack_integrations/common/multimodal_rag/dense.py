@@ -18,9 +18,8 @@ from PIL import Image
 from haystack_integrations.common.multimodal_rag.hf import (
     ModelCache,
     ModelLoadError,
-    load_pretrained,
+    load_model_and_processor,
     model_dtype,
-    pretrained_kwargs,
 )
 
 _TEXT_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids")
@@ -96,13 +95,17 @@ class DenseEncoder:
         def load() -> DenseEncoder:
             from transformers import AutoModel, AutoProcessor
 
-            hf_model: Any = load_pretrained(
+            hf_model, processor = load_model_and_processor(
                 AutoModel.from_pretrained,
+                AutoProcessor.from_pretrained,
                 model,
                 component=component,
-                what="model",
+                model_what="model",
+                processor_what="processor",
+                device=device,
+                token=token,
                 local_files_only=local_files_only,
-                **pretrained_kwargs(token=token, model_kwargs=model_kwargs, for_model=True),
+                model_kwargs=model_kwargs,
             )
             if not (hasattr(hf_model, "get_text_features") and hasattr(hf_model, "get_image_features")):
                 msg = (
@@ -110,16 +113,6 @@ class DenseEncoder:
                     "get_text_features/get_image_features: use a CLIP-family dual encoder (CLIP, SigLIP, SigLIP 2)."
                 )
                 raise ModelLoadError(msg)
-            processor = load_pretrained(
-                AutoProcessor.from_pretrained,
-                model,
-                component=component,
-                what="processor",
-                local_files_only=local_files_only,
-                **pretrained_kwargs(token=token, model_kwargs=model_kwargs, for_model=False),
-            )
-            hf_model.to(device)
-            hf_model.eval()
             return cls(hf_model, processor, device, model)
 
         return cls._cache.get_or_load([model, device, local_files_only, model_kwargs], load)

@@ -134,6 +134,56 @@ def load_pretrained(
         raise ModelLoadError(msg) from e
 
 
+def load_model_and_processor(
+    model_loader: Callable[..., Any],
+    processor_loader: Callable[..., Any],
+    model: str,
+    *,
+    component: str,
+    model_what: str,
+    processor_what: str,
+    device: str,
+    token: Secret | None,
+    local_files_only: bool,
+    model_kwargs: dict[str, Any] | None,
+) -> tuple[Any, Any]:
+    """
+    Load a model and its processor the package's way, and put the model on `device` in eval mode.
+
+    :param model_loader: E.g. `AutoModel.from_pretrained`.
+    :param processor_loader: E.g. `AutoProcessor.from_pretrained`.
+    :param model: Model id or local path.
+    :param component: Component name, for messages.
+    :param model_what: What the model is, for messages (e.g. `"ColQwen2_5 model"`).
+    :param processor_what: What the processor is, for messages.
+    :param device: Torch device string.
+    :param token: Hugging Face token.
+    :param local_files_only: Only use local files / the cache.
+    :param model_kwargs: Extra `from_pretrained` keyword arguments.
+    :returns: `(model, processor)`.
+    :raises ModelLoadError: When either cannot be loaded.
+    """
+    hf_model = load_pretrained(
+        model_loader,
+        model,
+        component=component,
+        what=model_what,
+        local_files_only=local_files_only,
+        **pretrained_kwargs(token=token, model_kwargs=model_kwargs, for_model=True),
+    )
+    processor = load_pretrained(
+        processor_loader,
+        model,
+        component=component,
+        what=processor_what,
+        local_files_only=local_files_only,
+        **pretrained_kwargs(token=token, model_kwargs=model_kwargs, for_model=False),
+    )
+    hf_model.to(device)
+    hf_model.eval()
+    return hf_model, processor
+
+
 def read_checkpoint_json(model: str, filename: str, *, token: Secret | None, local_files_only: bool) -> dict | None:
     """
     Read a JSON file (e.g. `config.json`, `adapter_config.json`) of a checkpoint, local or on the Hub.

@@ -20,9 +20,8 @@ from PIL import Image
 from haystack_integrations.common.multimodal_rag.hf import (
     ModelCache,
     ModelLoadError,
-    load_pretrained,
+    load_model_and_processor,
     model_dtype,
-    pretrained_kwargs,
 )
 
 
@@ -74,29 +73,23 @@ class VisionLanguageModel:
         def load() -> VisionLanguageModel:
             from transformers import AutoModelForImageTextToText, AutoProcessor
 
-            hf_model: Any = load_pretrained(
+            hf_model, processor = load_model_and_processor(
                 AutoModelForImageTextToText.from_pretrained,
-                model,
-                component=component,
-                what="vision-language model",
-                local_files_only=local_files_only,
-                **pretrained_kwargs(token=token, model_kwargs=model_kwargs, for_model=True),
-            )
-            processor = load_pretrained(
                 AutoProcessor.from_pretrained,
                 model,
                 component=component,
-                what="processor",
+                model_what="vision-language model",
+                processor_what="processor",
+                device=device,
+                token=token,
                 local_files_only=local_files_only,
-                **pretrained_kwargs(token=token, model_kwargs=model_kwargs, for_model=False),
+                model_kwargs=model_kwargs,
             )
             if not getattr(processor, "chat_template", None) and not getattr(
                 getattr(processor, "tokenizer", None), "chat_template", None
             ):
                 msg = f"{component}: '{model}' has no chat template; use an instruction-tuned (chat) checkpoint"
                 raise ModelLoadError(msg)
-            hf_model.to(device)
-            hf_model.eval()
             return cls(hf_model, processor, device=device, model_id=model)
 
         return cls._cache.get_or_load([model, device, local_files_only, model_kwargs], load)
