@@ -173,7 +173,7 @@ def load_pipeline(
 def _looks_like_path(source: str | Path) -> bool:
     if isinstance(source, Path):
         return True
-    return "\n" not in source and source.endswith((".yaml", ".yml")) and Path(source).exists()
+    return "\n" not in source and (source.endswith((".yaml", ".yml")) or Path(source).exists())
 
 
 __all__ = ["load_pipeline", "rewrite_pipeline_dict"]
