@@ -163,6 +163,22 @@ def _open(kind: str, location: str) -> object:
     return QdrantMultiVectorStore(path=location)
 
 
+def time_fetch_and_score(
+    store: object, ids: list[str], query: np.ndarray, queries: int, rng: np.random.Generator
+) -> tuple[float, float]:
+    """Median ms of `get` for 100 random ids, and of `get` + MaxSim, over `queries` queries."""
+    fetch, total = [], []
+    for _ in range(queries):
+        pick = list(rng.choice(ids, 100, replace=False))
+        t0 = time.perf_counter()
+        vectors = store.get(pick)
+        t1 = time.perf_counter()
+        maxsim(query, list(vectors.values()))
+        fetch.append(t1 - t0)
+        total.append(time.perf_counter() - t0)
+    return statistics.median(fetch) * 1000, statistics.median(total) * 1000
+
+
 def store_child(kind: str, location: str, n_pages: int, queries: int) -> None:
     """Runs in a fresh process: open a store, time the first query (cold) and then warm ones."""
     rng = np.random.default_rng(3)
@@ -175,23 +191,14 @@ def store_child(kind: str, location: str, n_pages: int, queries: int) -> None:
     vectors = store.get(pick)
     maxsim(query, list(vectors.values()))
     result["cold_open_fetch_score_ms"] = (time.perf_counter() - start) * 1000
-    fetch, total, server = [], [], []
-    for _ in range(queries):
-        pick = list(rng.choice(ids, 100, replace=False))
-        t0 = time.perf_counter()
-        vectors = store.get(pick)
-        t1 = time.perf_counter()
-        maxsim(query, list(vectors.values()))
-        t2 = time.perf_counter()
-        fetch.append(t1 - t0)
-        total.append(t2 - t0)
-        if kind == "qdrant":
-            t3 = time.perf_counter()
+    result["warm_fetch_ms"], result["warm_fetch_score_ms"] = time_fetch_and_score(store, ids, query, queries, rng)
+    if kind == "qdrant":
+        server = []
+        for _ in range(queries):
+            pick = list(rng.choice(ids, 100, replace=False))
+            t0 = time.perf_counter()
             store.score(query, pick)
-            server.append(time.perf_counter() - t3)
-    result["warm_fetch_ms"] = statistics.median(fetch) * 1000
-    result["warm_fetch_score_ms"] = statistics.median(total) * 1000
-    if server:
+            server.append(time.perf_counter() - t0)
         result["warm_in_qdrant_maxsim_ms"] = statistics.median(server) * 1000
     print("RESULT " + json.dumps(result))
 
@@ -216,18 +223,10 @@ def section_stores(tmp: Path, n_pages: int, qdrant_pages: int, queries: int) -> 
 
     memory = InMemoryMultiVectorStore()
     ids = _fill(memory, n_pages)
-    fetch, total = [], []
-    for _ in range(queries):
-        pick = list(rng.choice(ids, 100, replace=False))
-        t0 = time.perf_counter()
-        vectors = memory.get(pick)
-        t1 = time.perf_counter()
-        maxsim(query, list(vectors.values()))
-        fetch.append(t1 - t0)
-        total.append(time.perf_counter() - t0)
+    fetch_ms, total_ms = time_fetch_and_score(memory, ids, query, queries, rng)
     print(
-        f"in-memory  N={n_pages}: warm fetch {statistics.median(fetch) * 1000:8.2f} ms, "
-        f"fetch + MaxSim {statistics.median(total) * 1000:8.2f} ms (cold: nothing to open)"
+        f"in-memory  N={n_pages}: warm fetch {fetch_ms:8.2f} ms, "
+        f"fetch + MaxSim {total_ms:8.2f} ms (cold: nothing to open)"
     )
     memory.clear()
 
@@ -236,19 +235,11 @@ def section_stores(tmp: Path, n_pages: int, qdrant_pages: int, queries: int) -> 
     sqlite = SQLiteMultiVectorStore(sqlite_path)
     _fill(sqlite, n_pages)
     write_s = time.perf_counter() - start
-    fetch, total = [], []
-    for _ in range(queries):
-        pick = list(rng.choice(ids, 100, replace=False))
-        t0 = time.perf_counter()
-        vectors = sqlite.get(pick)
-        t1 = time.perf_counter()
-        maxsim(query, list(vectors.values()))
-        fetch.append(t1 - t0)
-        total.append(time.perf_counter() - t0)
+    fetch_ms, total_ms = time_fetch_and_score(sqlite, ids, query, queries, rng)
     sqlite.close()
     print(
-        f"SQLite     N={n_pages}: in the process that wrote it: fetch {statistics.median(fetch) * 1000:8.2f} ms, "
-        f"fetch + MaxSim {statistics.median(total) * 1000:8.2f} ms; writing {n_pages} pages took {write_s:.1f} s"
+        f"SQLite     N={n_pages}: in the process that wrote it: fetch {fetch_ms:8.2f} ms, "
+        f"fetch + MaxSim {total_ms:8.2f} ms; writing {n_pages} pages took {write_s:.1f} s"
     )
     r = _run_child("sqlite", sqlite_path, n_pages, queries)
     print(

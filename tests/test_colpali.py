@@ -19,7 +19,7 @@ from haystack_integrations.common.multimodal_rag.colpali import (
     family_from_config,
 )
 from haystack_integrations.common.multimodal_rag.failures import DocumentProcessingError
-from haystack_integrations.common.multimodal_rag.hf import ModelLoadError
+from haystack_integrations.common.multimodal_rag.hf import LoadSpec, ModelLoadError
 from haystack_integrations.components.embedders.colpali import ColPaliDocumentEmbedder, ColPaliTextEmbedder
 from haystack_integrations.components.embedders.multimodal import MultimodalDocumentEmbedder, MultimodalTextEmbedder
 from haystack_integrations.components.rankers.colpali import ColPaliRanker
@@ -196,7 +196,7 @@ def test_text_embedder_uses_query_processing_with_augmentation_tokens(tiny_colqw
     assert isinstance(vectors, list)
     assert all(isinstance(v, list) and len(v) == 128 for v in vectors)
     encoder = LateInteractionEncoder.get(
-        tiny_colqwen2, component="t", device="cpu", token=None, local_files_only=True, model_kwargs=None
+        LoadSpec(model=tiny_colqwen2, component="t", device="cpu", token=None, local_files_only=True, model_kwargs=None)
     )
     batch = encoder.processor.process_queries(texts=["which slide shows the forecast"])
     plain = encoder.processor.process_texts(texts=["which slide shows the forecast"])
@@ -218,7 +218,7 @@ def test_empty_query_is_a_clear_error(tiny_colqwen2: str, bad: str) -> None:
 def _reference_scores(model: str, query: str, store: InMemoryMultiVectorStore, ids: list[str]) -> np.ndarray:
     """MaxSim computed independently with colpali-engine's own scorer, one page at a time."""
     encoder = LateInteractionEncoder.get(
-        model, component="t", device="cpu", token=None, local_files_only=True, model_kwargs=None
+        LoadSpec(model=model, component="t", device="cpu", token=None, local_files_only=True, model_kwargs=None)
     )
     with torch.inference_mode():
         batch = encoder.processor.process_queries(texts=[query])

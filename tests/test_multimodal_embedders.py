@@ -374,3 +374,36 @@ def test_empty_input_returns_empty_outputs_without_loading(tmp_path: Path) -> No
     embedder = MultimodalDocumentEmbedder(str(tmp_path / "never-loaded"))
     assert embedder.run([]) == {"documents": [], "failed_documents": []}
     assert embedder._encoder is None
+
+
+def test_an_image_that_only_fails_when_decoded_joins_the_single_error(
+    tiny_siglip: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A JPEG cut near its end passes Pillow's header and integrity check and fails only when decoded.
+    data = image_bytes(size=(64, 64), color="green", fmt="JPEG")
+    (tmp_path / "late.jpg").write_bytes(data[: int(len(data) * 0.9)])
+    make_corrupt_image(tmp_path / "early.png")
+    make_image(tmp_path / "fine.png")
+    docs = [
+        Document(id="fine", meta={"file_path": str(tmp_path / "fine.png")}),
+        Document(id="late", meta={"file_path": str(tmp_path / "late.jpg")}),
+        Document(id="early", meta={"file_path": str(tmp_path / "early.png")}),
+    ]
+    decodes: list[int] = []
+    real_load = planning.load_images
+
+    def spy(sources, **kwargs):
+        decodes.append(len(sources))
+        return real_load(sources, **kwargs)
+
+    monkeypatch.setattr(planning, "load_images", spy)
+    with pytest.raises(DocumentProcessingError) as info:
+        _embedder(tiny_siglip, batch_size=1).run(docs)
+    assert [doc_id for doc_id, _ in info.value.failures] == ["late", "early"]
+    assert "truncated" in str(info.value)
+
+    decodes.clear()
+    out = _embedder(tiny_siglip, on_error="skip", batch_size=1).run(docs)
+    assert [d.id for d in out["documents"]] == ["fine"]
+    assert {d.id for d in out["failed_documents"]} == {"late", "early"}
+    assert decodes == [1, 1]  # each readable-looking image decoded once, in its batch

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,7 +18,8 @@ from haystack.utils import Secret
 from PIL import Image
 
 from haystack_integrations.common.multimodal_rag.hf import (
-    ModelCache,
+    CachedModel,
+    LoadSpec,
     ModelLoadError,
     describe_fix,
     load_model_and_processor,
@@ -66,15 +67,6 @@ def _families_by_model_type() -> dict[str, ColPaliFamily]:
         if model_type:
             families[model_type] = ColPaliFamily(class_name, processor_name, model_type)
     return families
-
-
-def supported_families() -> dict[str, ColPaliFamily]:
-    """
-    The families the installed colpali-engine provides, keyed by transformers `model_type`.
-
-    :returns: `{model_type: ColPaliFamily}`.
-    """
-    return _families_by_model_type()
 
 
 def family_from_config(config: dict[str, Any], *, model: str) -> ColPaliFamily:
@@ -132,10 +124,12 @@ def detect_family(model: str, *, token: Secret | None, local_files_only: bool, c
     return family_from_config(config, model=model)
 
 
-class LateInteractionEncoder:
-    """A loaded ColPali-family model: queries and page images into multi-vectors (one vector per token)."""
+class LateInteractionEncoder(CachedModel):
+    """
+    A loaded ColPali-family model: queries and page images into multi-vectors (one vector per token).
 
-    _cache: ClassVar[ModelCache[LateInteractionEncoder]] = ModelCache()
+    Use `LateInteractionEncoder.get(LoadSpec(...))` to load (or reuse) one.
+    """
 
     def __init__(self, model: Any, processor: Any, *, device: str, model_id: str, family: ColPaliFamily) -> None:
         """
@@ -155,50 +149,20 @@ class LateInteractionEncoder:
         self.dim = int(getattr(model, "dim", 128))
 
     @classmethod
-    def get(
-        cls,
-        model: str,
-        *,
-        component: str,
-        device: str,
-        token: Secret | None,
-        local_files_only: bool,
-        model_kwargs: dict[str, Any] | None,
-    ) -> LateInteractionEncoder:
-        """
-        Load a ColPali-family model, or return the one already loaded with the same settings.
+    def _load(cls, spec: LoadSpec) -> LateInteractionEncoder:
+        import colpali_engine.models as col_models
 
-        :param model: Model id or local path.
-        :param component: Component name, for messages.
-        :param device: Torch device string.
-        :param token: Hugging Face token.
-        :param local_files_only: Only use local files / the cache.
-        :param model_kwargs: Extra `from_pretrained` keyword arguments.
-        :returns: The encoder.
-        :raises ModelLoadError: When loading fails or the checkpoint is not ColPali-family.
-        """
-
-        def load() -> LateInteractionEncoder:
-            import colpali_engine.models as col_models
-
-            family = detect_family(model, token=token, local_files_only=local_files_only, component=component)
-            model_cls = getattr(col_models, family.model_class)
-            processor_cls = getattr(col_models, family.processor_class)
-            hf_model, processor = load_model_and_processor(
-                model_cls.from_pretrained,
-                processor_cls.from_pretrained,
-                model,
-                component=component,
-                model_what=f"{family.model_class} model",
-                processor_what=f"{family.processor_class} processor",
-                device=device,
-                token=token,
-                local_files_only=local_files_only,
-                model_kwargs=model_kwargs,
-            )
-            return cls(hf_model, processor, device=device, model_id=model, family=family)
-
-        return cls._cache.get_or_load([model, device, local_files_only, model_kwargs], load)
+        family = detect_family(
+            spec.model, token=spec.token, local_files_only=spec.local_files_only, component=spec.component
+        )
+        hf_model, processor = load_model_and_processor(
+            getattr(col_models, family.model_class).from_pretrained,
+            getattr(col_models, family.processor_class).from_pretrained,
+            spec,
+            model_what=f"{family.model_class} model",
+            processor_what=f"{family.processor_class} processor",
+        )
+        return cls(hf_model, processor, device=spec.device, model_id=spec.model, family=family)
 
     def _forward(self, batch: Any) -> list[np.ndarray]:
         inputs = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}

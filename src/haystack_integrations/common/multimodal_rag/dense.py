@@ -8,15 +8,15 @@ document embedder in one process hold one copy of the weights.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
-from haystack.utils import Secret
 from PIL import Image
 
 from haystack_integrations.common.multimodal_rag.hf import (
-    ModelCache,
+    CachedModel,
+    LoadSpec,
     ModelLoadError,
     load_model_and_processor,
     model_dtype,
@@ -38,14 +38,12 @@ def _pooled(output: Any) -> torch.Tensor:
     return pooled
 
 
-class DenseEncoder:
+class DenseEncoder(CachedModel):
     """
     A loaded dual encoder: text tower and vision tower into one vector space.
 
-    Use `DenseEncoder.get(...)` to load (or reuse) one.
+    Use `DenseEncoder.get(LoadSpec(...))` to load (or reuse) one.
     """
-
-    _cache: ClassVar[ModelCache[DenseEncoder]] = ModelCache()
 
     def __init__(self, model: Any, processor: Any, device: str, model_id: str) -> None:
         """
@@ -69,53 +67,23 @@ class DenseEncoder:
         self.max_length = self._text_max_length()
 
     @classmethod
-    def get(
-        cls,
-        model: str,
-        *,
-        component: str,
-        device: str,
-        token: Secret | None,
-        local_files_only: bool,
-        model_kwargs: dict[str, Any] | None,
-    ) -> DenseEncoder:
-        """
-        Load a dual encoder, or return the one already loaded with the same settings.
+    def _load(cls, spec: LoadSpec) -> DenseEncoder:
+        from transformers import AutoModel, AutoProcessor
 
-        :param model: Model id or local path.
-        :param component: Name of the component asking (for error messages).
-        :param device: Torch device string.
-        :param token: Hugging Face token.
-        :param local_files_only: Only use local files / the cache.
-        :param model_kwargs: Extra `from_pretrained` keyword arguments.
-        :returns: The encoder.
-        :raises ModelLoadError: When the model cannot be loaded or is not a dual encoder.
-        """
-
-        def load() -> DenseEncoder:
-            from transformers import AutoModel, AutoProcessor
-
-            hf_model, processor = load_model_and_processor(
-                AutoModel.from_pretrained,
-                AutoProcessor.from_pretrained,
-                model,
-                component=component,
-                model_what="model",
-                processor_what="processor",
-                device=device,
-                token=token,
-                local_files_only=local_files_only,
-                model_kwargs=model_kwargs,
+        hf_model, processor = load_model_and_processor(
+            AutoModel.from_pretrained,
+            AutoProcessor.from_pretrained,
+            spec,
+            model_what="model",
+            processor_what="processor",
+        )
+        if not (hasattr(hf_model, "get_text_features") and hasattr(hf_model, "get_image_features")):
+            msg = (
+                f"{spec.component}: '{spec.model}' loads as {type(hf_model).__name__}, which has no "
+                "get_text_features/get_image_features: use a CLIP-family dual encoder (CLIP, SigLIP, SigLIP 2)."
             )
-            if not (hasattr(hf_model, "get_text_features") and hasattr(hf_model, "get_image_features")):
-                msg = (
-                    f"{component}: '{model}' loads as {type(hf_model).__name__}, which has no "
-                    "get_text_features/get_image_features: use a CLIP-family dual encoder (CLIP, SigLIP, SigLIP 2)."
-                )
-                raise ModelLoadError(msg)
-            return cls(hf_model, processor, device, model)
-
-        return cls._cache.get_or_load([model, device, local_files_only, model_kwargs], load)
+            raise ModelLoadError(msg)
+        return cls(hf_model, processor, spec.device, spec.model)
 
     def _text_max_length(self) -> int:
         candidates = []

@@ -12,9 +12,10 @@ import json
 import os
 import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, ClassVar, Self, TypeVar, cast
 
 import torch
 from haystack.utils import ComponentDevice, Secret
@@ -137,49 +138,39 @@ def load_pretrained(
 def load_model_and_processor(
     model_loader: Callable[..., Any],
     processor_loader: Callable[..., Any],
-    model: str,
+    spec: LoadSpec,
     *,
-    component: str,
     model_what: str,
     processor_what: str,
-    device: str,
-    token: Secret | None,
-    local_files_only: bool,
-    model_kwargs: dict[str, Any] | None,
 ) -> tuple[Any, Any]:
     """
-    Load a model and its processor the package's way, and put the model on `device` in eval mode.
+    Load a model and its processor the package's way, and put the model on the spec's device in eval mode.
 
     :param model_loader: E.g. `AutoModel.from_pretrained`.
     :param processor_loader: E.g. `AutoProcessor.from_pretrained`.
-    :param model: Model id or local path.
-    :param component: Component name, for messages.
+    :param spec: What to load and how.
     :param model_what: What the model is, for messages (e.g. `"ColQwen2_5 model"`).
     :param processor_what: What the processor is, for messages.
-    :param device: Torch device string.
-    :param token: Hugging Face token.
-    :param local_files_only: Only use local files / the cache.
-    :param model_kwargs: Extra `from_pretrained` keyword arguments.
     :returns: `(model, processor)`.
     :raises ModelLoadError: When either cannot be loaded.
     """
     hf_model = load_pretrained(
         model_loader,
-        model,
-        component=component,
+        spec.model,
+        component=spec.component,
         what=model_what,
-        local_files_only=local_files_only,
-        **pretrained_kwargs(token=token, model_kwargs=model_kwargs, for_model=True),
+        local_files_only=spec.local_files_only,
+        **pretrained_kwargs(token=spec.token, model_kwargs=spec.model_kwargs, for_model=True),
     )
     processor = load_pretrained(
         processor_loader,
-        model,
-        component=component,
+        spec.model,
+        component=spec.component,
         what=processor_what,
-        local_files_only=local_files_only,
-        **pretrained_kwargs(token=token, model_kwargs=model_kwargs, for_model=False),
+        local_files_only=spec.local_files_only,
+        **pretrained_kwargs(token=spec.token, model_kwargs=spec.model_kwargs, for_model=False),
     )
-    hf_model.to(device)
+    hf_model.to(spec.device)
     hf_model.eval()
     return hf_model, processor
 
@@ -234,51 +225,87 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else repr(e)
 
 
-class ModelCache(Generic[T]):
+@dataclass(frozen=True)
+class LoadSpec:
     """
-    Process-wide cache of loaded models, keyed by their loading settings.
+    What to load and how: the standard loading parameters every model component has.
 
-    Components asking for the same model on the same device share one copy of the weights; a model is freed
-    when no component holds it any more (weak references).
+    :param model: Model id or local path.
+    :param component: Name of the component asking (for error messages).
+    :param device: Torch device string.
+    :param token: Hugging Face token (resolved only when loading).
+    :param local_files_only: Only use local files / the cache.
+    :param model_kwargs: Extra `from_pretrained` keyword arguments.
     """
 
-    def __init__(self) -> None:
-        """Create an empty cache."""
-        self._items: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
-        self._lock = threading.Lock()
+    model: str
+    component: str
+    device: str
+    token: Secret | None
+    local_files_only: bool
+    model_kwargs: dict[str, Any] | None
 
-    def get_or_load(self, key_parts: Sequence[Any], load: Callable[[], T]) -> T:
+    @classmethod
+    def of(cls, component: Any) -> LoadSpec:
         """
-        Return the cached object for `key_parts`, or call `load()` once and cache its result.
+        The spec of a component with `model`, `device`, `token`, `local_files_only` and `model_kwargs` attributes.
 
-        :param key_parts: JSON-serialisable settings that identify the object (model id, device, kwargs...).
-        :param load: Builds the object.
-        :returns: The object.
+        :param component: The component.
+        :returns: The spec (the device resolved).
         """
-        key = json.dumps(list(key_parts), sort_keys=True, default=str)
-        with self._lock:
-            cached = self._items.get(key)
+        return cls(
+            model=component.model,
+            component=type(component).__name__,
+            device=resolve_device(component.device),
+            token=component.token,
+            local_files_only=component.local_files_only,
+            model_kwargs=component.model_kwargs,
+        )
+
+    def cache_key(self) -> str:
+        """The settings that identify a loaded model (the token and the asking component do not)."""
+        return json.dumps(
+            [self.model, self.device, self.local_files_only, self.model_kwargs], sort_keys=True, default=str
+        )
+
+
+class CachedModel:
+    """
+    Base of the loaded-model wrappers: `get(spec)` loads a model once per process for the same settings.
+
+    Components asking for the same model on the same device share one copy of the weights; it is freed when no
+    component holds it any more (weak references). Subclasses implement `_load(spec)`.
+    """
+
+    _loaded: ClassVar[weakref.WeakValueDictionary[str, Any]]
+    _loaded_lock: ClassVar[threading.Lock]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._loaded = weakref.WeakValueDictionary()
+        cls._loaded_lock = threading.Lock()
+
+    @classmethod
+    def get(cls, spec: LoadSpec) -> Self:
+        """
+        Load the model described by `spec`, or return the one already loaded with the same settings.
+
+        :param spec: What to load and how.
+        :returns: The loaded model wrapper.
+        :raises ModelLoadError: When loading fails; the message names the model and says how to fix it.
+        """
+        key = spec.cache_key()
+        with cls._loaded_lock:
+            cached = cls._loaded.get(key)
             if cached is not None:
-                return cached
-            loaded = load()
-            self._items[key] = loaded
+                return cast(Self, cached)
+            loaded = cls._load(spec)
+            cls._loaded[key] = loaded
             return loaded
 
-
-def loading_kwargs(component: Any) -> dict[str, Any]:
-    """
-    The keyword arguments of a backend's `get(model, ...)` for a component with the standard loading parameters.
-
-    :param component: A component with `device`, `token`, `local_files_only` and `model_kwargs` attributes.
-    :returns: `component`, `device` (resolved), `token`, `local_files_only`, `model_kwargs`.
-    """
-    return {
-        "component": type(component).__name__,
-        "device": resolve_device(component.device),
-        "token": component.token,
-        "local_files_only": component.local_files_only,
-        "model_kwargs": component.model_kwargs,
-    }
+    @classmethod
+    def _load(cls, spec: LoadSpec) -> Self:
+        raise NotImplementedError
 
 
 def serialize_loading_params(component: Any) -> dict[str, Any]:

@@ -65,7 +65,9 @@ def plan_documents(
     :param documents: The input documents.
     :param file_path_meta_field: Meta key holding image/PDF paths.
     :param root_path: Directory file paths are resolved in (and confined to).
-    :param probe_pixels: Decode each image (one at a time) / open each PDF page to catch corrupt files now.
+    :param probe_pixels: Decode each image fully (one at a time) to catch every corrupt file now; `False` only
+        parses headers and runs Pillow's integrity check, so an image is decoded once, when its batch is loaded
+        (see `sources.probe`). PDFs are opened and their page looked up either way.
     :returns: The plan.
     """
     plan = DocumentPlan(modalities=[None] * len(documents))
@@ -74,8 +76,7 @@ def plan_documents(
             modality = classify(doc, file_path_meta_field=file_path_meta_field)
             if modality in VISUAL_MODALITIES:
                 source = locate(doc, modality, file_path_meta_field=file_path_meta_field, root_path=root_path)
-                if probe_pixels:
-                    probe(source)
+                probe(source, decode=probe_pixels)
                 modality = source.modality
                 plan.sources[i] = source
             plan.modalities[i] = modality

@@ -81,16 +81,6 @@ def release_local_client(path: str | os.PathLike[str]) -> None:
     client.close()
 
 
-def open_folders() -> dict[str, int]:
-    """
-    The folders with an open shared client and their reference counts (for tests and diagnostics).
-
-    :returns: `{folder: references}`.
-    """
-    with _LOCK:
-        return {key: refs for key, (_, refs) in _CLIENTS.items()}
-
-
 def _is_embedded_folder(store: Any) -> bool:
     return bool(getattr(store, "path", None)) and not any(
         getattr(store, name, None) for name in ("url", "host", "location")

@@ -65,3 +65,41 @@ def check_query(component_name: str, text: object) -> str:
         msg = f"{component_name} received an empty query (or only whitespace); pass the question to answer or rank for"
         raise ValueError(msg)
     return text
+
+
+def check_image_size(image_size: Sequence[int] | None) -> tuple[int, int] | None:
+    """
+    Validate an `image_size` parameter: a `(width, height)` box of positive integers, or `None`.
+
+    :param image_size: The value (a list from YAML is accepted).
+    :returns: The box as a tuple, or `None`.
+    :raises ValueError: When it is not two positive integers.
+    """
+    if image_size is None:
+        return None
+    if len(image_size) != 2:
+        msg = f"image_size must be (width, height), got {image_size!r}"
+        raise ValueError(msg)
+    for side in image_size:
+        check_positive_int("image_size", side)
+    return int(image_size[0]), int(image_size[1])
+
+
+def compile_template(template: str | None, default: str, *, parameter: str) -> Any:
+    """
+    Compile a user-provided Jinja2 template in a sandbox (the default when `template` is `None`).
+
+    :param template: The template text, or `None`.
+    :param default: The default template text.
+    :param parameter: The parameter name, for the error message.
+    :returns: A compiled `jinja2.Template`.
+    :raises ValueError: On a syntax error.
+    """
+    from jinja2 import TemplateSyntaxError
+    from jinja2.sandbox import SandboxedEnvironment
+
+    try:
+        return SandboxedEnvironment().from_string(template if template is not None else default)
+    except TemplateSyntaxError as e:
+        msg = f"{parameter} is not valid Jinja2: {e}"
+        raise ValueError(msg) from e

@@ -39,6 +39,16 @@ def check_top_k_and_threshold(top_k: int | None, score_threshold: float | None) 
         raise ValueError(msg)
 
 
+def score_sort_key(document: Document) -> tuple[bool, float]:
+    """
+    Sort key that puts the best `score` first and documents without a score last.
+
+    :param document: A document.
+    :returns: The key.
+    """
+    return document.score is None, -(document.score or 0.0)
+
+
 def select_top(documents: Sequence[Document], *, top_k: int | None, score_threshold: float | None) -> list[Document]:
     """
     Sort by `score` (best first, stable, documents without a score last), apply the threshold, cut at `top_k`.
@@ -48,7 +58,7 @@ def select_top(documents: Sequence[Document], *, top_k: int | None, score_thresh
     :param score_threshold: Drop documents whose score is below it (and those without a score); `None` keeps all.
     :returns: The selected documents.
     """
-    ranked = sorted(documents, key=lambda d: (d.score is None, -(d.score or 0.0)))
+    ranked = sorted(documents, key=score_sort_key)
     if score_threshold is not None:
         ranked = [d for d in ranked if d.score is not None and d.score >= score_threshold]
     return ranked if top_k is None else ranked[:top_k]

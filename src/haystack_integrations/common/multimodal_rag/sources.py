@@ -19,7 +19,7 @@ from __future__ import annotations
 import io
 import mimetypes
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -167,6 +167,30 @@ def classify(document: Document, *, file_path_meta_field: str = "file_path") -> 
         raise SourceError(msg)
     msg = f"document has neither text content nor an image (no blob and no meta['{file_path_meta_field}'])"
     raise SourceError(msg)
+
+
+def modality_of(
+    document: Document, *, modality_meta_field: str = MODALITY_META_KEY, file_path_meta_field: str = "file_path"
+) -> str:
+    """
+    A document's modality as later components see it: the recorded one, else what `classify` infers.
+
+    Unlike `classify`, a valid recorded modality is taken as it is, without checking that the document still
+    has a source (rankers and monitors read scores, not pixels).
+
+    :param document: The document.
+    :param modality_meta_field: Meta key the modality is recorded under.
+    :param file_path_meta_field: Meta key holding the file path (for inference).
+    :returns: `"text"`, `"image"` or `"document"`.
+    :raises SourceError: On an unknown recorded value, or when none is recorded and none can be inferred.
+    """
+    value = document.meta.get(modality_meta_field)
+    if value is None:
+        return classify(document, file_path_meta_field=file_path_meta_field)
+    if value not in MODALITIES:
+        msg = f"unknown modality {value!r} in meta['{modality_meta_field}'] (expected one of {MODALITIES})"
+        raise SourceError(msg)
+    return str(value)
 
 
 def resolve_path(file_path: str | Path, root_path: str | Path | None) -> Path:
@@ -352,13 +376,16 @@ def locate(
     return VisualSource(document_id=document.id, modality=modality, path=path, page_number=page_number, label=label)
 
 
-def probe(source: VisualSource) -> None:
+def probe(source: VisualSource, *, decode: bool = True) -> None:
     """
-    Check that a source's pixels can be read: decode the image, or open the PDF and find the page.
+    Check that a source's pixels can be read: the image, or the PDF and its page.
 
     Holds at most one decoded image at a time, so it is safe to call over a whole corpus.
 
     :param source: The source to check.
+    :param decode: Decode the image fully (catches every corrupt file, at the cost of a second decode later).
+        `False` parses the header and runs Pillow's integrity check (`verify`): it catches unreadable files,
+        decompression bombs and truncated PNGs without decoding, but a truncated JPEG may only fail when loaded.
     :raises SourceError: Corrupt or truncated image or PDF, page out of range, decompression bomb.
     """
     if source.is_pdf:
@@ -375,7 +402,17 @@ def probe(source: VisualSource) -> None:
             with _PDFIUM_LOCK:
                 pdf.close()
         return
-    _read_image(source).close()
+    if decode:
+        _read_image(source).close()
+        return
+    img = _open_image(io.BytesIO(source.data) if source.data is not None else source.path, source.label)
+    try:
+        img.verify()
+    except (OSError, SyntaxError, ValueError) as e:
+        msg = f"image {source.label} is corrupt or truncated: {e}"
+        raise SourceError(msg) from e
+    finally:
+        img.close()
 
 
 def _read_image(source: VisualSource) -> Image.Image:
@@ -430,6 +467,33 @@ def load_image(source: VisualSource, *, max_side: int | None = None) -> Image.Im
     return result
 
 
+def load_document_image(
+    document: Document,
+    modality: str,
+    *,
+    file_path_meta_field: str = "file_path",
+    root_path: str | Path | None = None,
+    fit: tuple[int, int] | None = None,
+) -> Image.Image:
+    """
+    Locate and decode the image of an image or PDF-page document, shrunk to fit a `(width, height)` box.
+
+    :param document: The document.
+    :param modality: Its modality (`"image"` or `"document"`).
+    :param file_path_meta_field: Meta key holding the file path.
+    :param root_path: See `resolve_path`.
+    :param fit: Box the image is shrunk into (aspect ratio kept; PDF pages are rendered at that size); `None`
+        keeps the image's own size.
+    :returns: The RGB image.
+    :raises SourceError: When it cannot be located or read.
+    """
+    source = locate(document, modality, file_path_meta_field=file_path_meta_field, root_path=root_path)
+    image = load_image(source, max_side=max(fit) if fit is not None else None)
+    if fit is not None:
+        image.thumbnail(fit, reducing_gap=None)
+    return image
+
+
 def pdf_page_count(path: str | Path) -> int:
     """
     Count the pages of a PDF file.
@@ -455,16 +519,3 @@ def is_image_path(path: str | Path) -> bool:
 def is_pdf_path(path: str | Path) -> bool:
     """True when the file name's extension says PDF."""
     return _guess_path_kind(str(path)) == "pdf"
-
-
-def group_indices_by_modality(modalities: Iterable[str]) -> dict[str, list[int]]:
-    """
-    Group positions by modality, keeping input order inside each group.
-
-    :param modalities: One modality per input item.
-    :returns: `{modality: [positions]}`.
-    """
-    groups: dict[str, list[int]] = {}
-    for i, modality in enumerate(modalities):
-        groups.setdefault(modality, []).append(i)
-    return groups

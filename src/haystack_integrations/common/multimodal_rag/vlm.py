@@ -10,25 +10,23 @@ from __future__ import annotations
 
 import base64
 import io
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from haystack.dataclasses import ChatMessage, ChatRole, ImageContent
-from haystack.utils import Secret
 from PIL import Image
 
 from haystack_integrations.common.multimodal_rag.hf import (
-    ModelCache,
+    CachedModel,
+    LoadSpec,
     ModelLoadError,
     load_model_and_processor,
     model_dtype,
 )
 
 
-class VisionLanguageModel:
-    """A loaded image-text-to-text model with its processor. Use `VisionLanguageModel.get(...)`."""
-
-    _cache: ClassVar[ModelCache[VisionLanguageModel]] = ModelCache()
+class VisionLanguageModel(CachedModel):
+    """A loaded image-text-to-text model with its processor. Use `VisionLanguageModel.get(LoadSpec(...))`."""
 
     def __init__(self, model: Any, processor: Any, *, device: str, model_id: str) -> None:
         """
@@ -47,52 +45,22 @@ class VisionLanguageModel:
         self.dtype = model_dtype(model)
 
     @classmethod
-    def get(
-        cls,
-        model: str,
-        *,
-        component: str,
-        device: str,
-        token: Secret | None,
-        local_files_only: bool,
-        model_kwargs: dict[str, Any] | None,
-    ) -> VisionLanguageModel:
-        """
-        Load a vision-language model, or return the one already loaded with the same settings.
+    def _load(cls, spec: LoadSpec) -> VisionLanguageModel:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        :param model: Model id or local path.
-        :param component: Component name, for messages.
-        :param device: Torch device string.
-        :param token: Hugging Face token.
-        :param local_files_only: Only use local files / the cache.
-        :param model_kwargs: Extra `from_pretrained` keyword arguments.
-        :returns: The model.
-        :raises ModelLoadError: When loading fails or the processor has no chat template.
-        """
-
-        def load() -> VisionLanguageModel:
-            from transformers import AutoModelForImageTextToText, AutoProcessor
-
-            hf_model, processor = load_model_and_processor(
-                AutoModelForImageTextToText.from_pretrained,
-                AutoProcessor.from_pretrained,
-                model,
-                component=component,
-                model_what="vision-language model",
-                processor_what="processor",
-                device=device,
-                token=token,
-                local_files_only=local_files_only,
-                model_kwargs=model_kwargs,
-            )
-            if not getattr(processor, "chat_template", None) and not getattr(
-                getattr(processor, "tokenizer", None), "chat_template", None
-            ):
-                msg = f"{component}: '{model}' has no chat template; use an instruction-tuned (chat) checkpoint"
-                raise ModelLoadError(msg)
-            return cls(hf_model, processor, device=device, model_id=model)
-
-        return cls._cache.get_or_load([model, device, local_files_only, model_kwargs], load)
+        hf_model, processor = load_model_and_processor(
+            AutoModelForImageTextToText.from_pretrained,
+            AutoProcessor.from_pretrained,
+            spec,
+            model_what="vision-language model",
+            processor_what="processor",
+        )
+        if not getattr(processor, "chat_template", None) and not getattr(
+            getattr(processor, "tokenizer", None), "chat_template", None
+        ):
+            msg = f"{spec.component}: '{spec.model}' has no chat template; use an instruction-tuned (chat) checkpoint"
+            raise ModelLoadError(msg)
+        return cls(hf_model, processor, device=spec.device, model_id=spec.model)
 
     def prompt_text(self, hf_messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> str:
         """

@@ -6,19 +6,21 @@ from typing import Any
 
 from haystack import Document, component, default_from_dict, default_to_dict, logging
 from haystack.dataclasses import ChatMessage, ImageContent
-from jinja2 import TemplateSyntaxError
-from jinja2.sandbox import SandboxedEnvironment
 from PIL import Image
 
-from haystack_integrations.common.multimodal_rag.runtime import check_positive_int, check_query, run_in_thread
+from haystack_integrations.common.multimodal_rag.runtime import (
+    check_image_size,
+    check_query,
+    compile_template,
+    run_in_thread,
+)
+from haystack_integrations.common.multimodal_rag.scoring import score_sort_key
 from haystack_integrations.common.multimodal_rag.sources import (
-    MODALITY_META_KEY,
     PAGE_NUMBER_META_KEY,
     VISUAL_MODALITIES,
     SourceError,
-    classify,
-    load_image,
-    locate,
+    load_document_image,
+    modality_of,
 )
 
 logger = logging.getLogger(__name__)
@@ -96,23 +98,10 @@ class MultimodalChatPromptBuilder:
         if isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 0:
             msg = f"max_images must be a non-negative integer, got {max_images!r}"
             raise ValueError(msg)
-        if image_size is not None:
-            if len(image_size) != 2:
-                msg = f"image_size must be (width, height), got {image_size!r}"
-                raise ValueError(msg)
-            for side in image_size:
-                check_positive_int("image_size", side)
-        self._env = SandboxedEnvironment()
-        try:
-            self._template = self._env.from_string(template if template is not None else DEFAULT_TEMPLATE)
-        except TemplateSyntaxError as e:
-            msg = f"template is not valid Jinja2: {e}"
-            raise ValueError(msg) from e
+        self.image_size = check_image_size(image_size)
+        self._template = compile_template(template, DEFAULT_TEMPLATE, parameter="template")
         self.template = template
         self.max_images = max_images
-        self.image_size: tuple[int, int] | None = (
-            (int(image_size[0]), int(image_size[1])) if image_size is not None else None
-        )
         self.file_path_meta_field = file_path_meta_field
         self.root_path = root_path
         self.system_prompt = system_prompt
@@ -155,14 +144,6 @@ class MultimodalChatPromptBuilder:
             "skipped_reason": None,
         }
 
-    def _load_visual(self, doc: Document, modality: str) -> Image.Image:
-        source = locate(doc, modality, file_path_meta_field=self.file_path_meta_field, root_path=self.root_path)
-        max_side = max(self.image_size) if self.image_size is not None else None
-        image = load_image(source, max_side=max_side)
-        if self.image_size is not None:
-            image.thumbnail(self.image_size, reducing_gap=None)
-        return image
-
     @component.output_types(messages=list[ChatMessage], sources=list[dict[str, Any]])
     def run(self, query: str, documents: list[Document]) -> dict[str, Any]:
         """
@@ -181,22 +162,20 @@ class MultimodalChatPromptBuilder:
         entries: list[dict[str, Any]] = []
         modalities: list[str | None] = []
         for doc in documents:
-            modality = doc.meta.get(MODALITY_META_KEY)
-            if modality is None:
-                try:
-                    modality = classify(doc, file_path_meta_field=self.file_path_meta_field)
-                except SourceError as e:
-                    entry = self._source_entry(doc, None)
-                    entry["skipped_reason"] = str(e)
-                    entries.append(entry)
-                    modalities.append(None)
-                    continue
+            try:
+                modality: str | None = modality_of(doc, file_path_meta_field=self.file_path_meta_field)
+            except SourceError as e:
+                entry = self._source_entry(doc, None)
+                entry["skipped_reason"] = str(e)
+                entries.append(entry)
+                modalities.append(None)
+                continue
             entries.append(self._source_entry(doc, modality))
             modalities.append(modality)
 
         # Best-scored images first; a bad file gives its slot to the next one.
         visual = [i for i, m in enumerate(modalities) if m in VISUAL_MODALITIES]
-        visual.sort(key=lambda i: (documents[i].score is None, -(documents[i].score or 0.0)))
+        visual.sort(key=lambda i: score_sort_key(documents[i]))
         images: dict[int, Image.Image] = {}
         skipped: list[str] = []
         for i in visual:
@@ -204,7 +183,13 @@ class MultimodalChatPromptBuilder:
                 entries[i]["skipped_reason"] = f"over max_images={self.max_images}"
                 continue
             try:
-                images[i] = self._load_visual(documents[i], str(modalities[i]))
+                images[i] = load_document_image(
+                    documents[i],
+                    str(modalities[i]),
+                    file_path_meta_field=self.file_path_meta_field,
+                    root_path=self.root_path,
+                    fit=self.image_size,
+                )
             except SourceError as e:
                 entries[i]["skipped_reason"] = f"unreadable: {e}"
                 skipped.append(f"'{documents[i].id}': {e}")

@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from haystack_integrations.common.multimodal_rag.colpali import LateInteractionEncoder
 from haystack_integrations.common.multimodal_rag.failures import check_documents_input, validate_on_error
-from haystack_integrations.common.multimodal_rag.hf import loading_kwargs, serialize_loading_params
+from haystack_integrations.common.multimodal_rag.hf import LoadSpec, serialize_loading_params
 from haystack_integrations.common.multimodal_rag.multivector import (
     MultiVectorStore,
     check_store_compatible,
@@ -120,7 +120,7 @@ class ColPaliDocumentEmbedder:
         :raises MultiVectorStoreError: When the store holds another width or another model's vectors.
         """
         if self._encoder is None:
-            encoder = LateInteractionEncoder.get(self.model, **loading_kwargs(self))
+            encoder = LateInteractionEncoder.get(LoadSpec.of(self))
             check_store_compatible(
                 self.multivector_store, dim=encoder.dim, model=self.model, component=type(self).__name__
             )
@@ -176,7 +176,11 @@ class ColPaliDocumentEmbedder:
         assert self._encoder is not None
         encoder = self._encoder
 
-        plan = plan_documents(documents, file_path_meta_field=self.file_path_meta_field, root_path=self.root_path)
+        # Every image is decoded once up front (cheap next to the model) so that, with on_error="raise", no bad
+        # file is discovered after earlier batches were written to the store.
+        plan = plan_documents(
+            documents, file_path_meta_field=self.file_path_meta_field, root_path=self.root_path, probe_pixels=True
+        )
         failures = dict(plan.failures)
         if self.on_error == "raise":
             raise_if_failed(component_name, documents, failures)

@@ -13,7 +13,7 @@ from haystack_integrations.common.multimodal_rag.failures import (
     check_documents_input,
     validate_on_error,
 )
-from haystack_integrations.common.multimodal_rag.hf import loading_kwargs, serialize_loading_params
+from haystack_integrations.common.multimodal_rag.hf import LoadSpec, serialize_loading_params
 from haystack_integrations.common.multimodal_rag.planning import (
     iter_image_batches,
     plan_documents,
@@ -117,7 +117,7 @@ class MultimodalDocumentEmbedder:
         :raises ModelLoadError: When the model cannot be loaded; the message says how to fix it.
         """
         if self._encoder is None:
-            self._encoder = DenseEncoder.get(self.model, **loading_kwargs(self))
+            self._encoder = DenseEncoder.get(LoadSpec.of(self))
 
     def to_dict(self) -> dict[str, Any]:
         """
@@ -169,10 +169,16 @@ class MultimodalDocumentEmbedder:
         assert self._encoder is not None
         encoder = self._encoder
 
-        plan = plan_documents(documents, file_path_meta_field=self.file_path_meta_field, root_path=self.root_path)
+        # Headers and integrity are checked up front; pixels are decoded once, in their batch. A file that only
+        # fails when decoded (e.g. a truncated JPEG) joins the same single error: nothing is returned before it.
+        plan = plan_documents(
+            documents, file_path_meta_field=self.file_path_meta_field, root_path=self.root_path, probe_pixels=False
+        )
         failures = dict(plan.failures)
-        if self.on_error == "raise":
-            raise_if_failed(component_name, documents, failures)
+
+        def doomed() -> bool:
+            # With on_error="raise" and a failure known, the rest is only decoded, to name every bad file.
+            return bool(failures) and self.on_error == "raise"
 
         embeddings: dict[int, np.ndarray] = {}
         text_indices = plan.indices("text")
@@ -184,21 +190,23 @@ class MultimodalDocumentEmbedder:
             unit="doc",
         ) as bar:
             for chunk in batched(text_indices, self.batch_size):
+                if doomed():
+                    break
                 vectors = encoder.embed_texts(
                     [documents[i].content or "" for i in chunk], normalize=self.normalize_embeddings
                 )
                 embeddings.update(zip(chunk, vectors, strict=True))
                 bar.update(len(chunk))
             for positions, images, failed in iter_image_batches(plan, visual_indices, self.batch_size):
-                if failed and self.on_error == "raise":
-                    raise_if_failed(component_name, documents, failed)
                 failures.update(failed)
-                if images:
+                if images and not doomed():
                     vectors = encoder.embed_images(images, normalize=self.normalize_embeddings)
                     embeddings.update(zip(positions, vectors, strict=True))
                 for image in images:
                     image.close()
                 bar.update(len(positions) + len(failed))
+        if self.on_error == "raise":
+            raise_if_failed(component_name, documents, failures)
 
         def make_output(i: int, doc: Document) -> Document:
             modality = plan.modalities[i]

@@ -9,7 +9,7 @@ from haystack.dataclasses import ByteStream, ImageContent
 from haystack.utils import ComponentDevice, Secret
 
 from haystack_integrations.common.multimodal_rag.dense import DenseEncoder
-from haystack_integrations.common.multimodal_rag.hf import loading_kwargs, serialize_loading_params
+from haystack_integrations.common.multimodal_rag.hf import LoadSpec, serialize_loading_params
 from haystack_integrations.common.multimodal_rag.runtime import run_in_thread
 from haystack_integrations.common.multimodal_rag.sources import (
     VISUAL_MODALITIES,
@@ -75,7 +75,7 @@ class MultimodalImageEmbedder:
         :raises ModelLoadError: When the model cannot be loaded; the message says how to fix it.
         """
         if self._encoder is None:
-            self._encoder = DenseEncoder.get(self.model, **loading_kwargs(self))
+            self._encoder = DenseEncoder.get(LoadSpec.of(self))
 
     def to_dict(self) -> dict[str, Any]:
         """

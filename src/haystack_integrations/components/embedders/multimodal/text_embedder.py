@@ -6,7 +6,7 @@ from haystack import component, default_from_dict, default_to_dict
 from haystack.utils import ComponentDevice, Secret
 
 from haystack_integrations.common.multimodal_rag.dense import DenseEncoder
-from haystack_integrations.common.multimodal_rag.hf import loading_kwargs, serialize_loading_params
+from haystack_integrations.common.multimodal_rag.hf import LoadSpec, serialize_loading_params
 from haystack_integrations.common.multimodal_rag.runtime import check_query, run_in_thread
 
 
@@ -62,7 +62,7 @@ class MultimodalTextEmbedder:
         :raises ModelLoadError: When the model cannot be loaded; the message says how to fix it.
         """
         if self._encoder is None:
-            self._encoder = DenseEncoder.get(self.model, **loading_kwargs(self))
+            self._encoder = DenseEncoder.get(LoadSpec.of(self))
 
     def to_dict(self) -> dict[str, Any]:
         """

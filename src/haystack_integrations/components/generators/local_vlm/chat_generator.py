@@ -8,7 +8,7 @@ from haystack import component, default_from_dict, default_to_dict, logging
 from haystack.dataclasses import ChatMessage, ComponentInfo, StreamingCallbackT, StreamingChunk
 from haystack.utils import ComponentDevice, Secret, deserialize_callable, serialize_callable
 
-from haystack_integrations.common.multimodal_rag.hf import loading_kwargs, serialize_loading_params
+from haystack_integrations.common.multimodal_rag.hf import LoadSpec, serialize_loading_params
 from haystack_integrations.common.multimodal_rag.runtime import run_in_thread
 from haystack_integrations.common.multimodal_rag.vlm import VisionLanguageModel, to_hf_messages
 
@@ -81,7 +81,7 @@ class LocalVLMChatGenerator:
         """
         with self._warm_lock:
             if self._vlm is None:
-                self._vlm = VisionLanguageModel.get(self.model, **loading_kwargs(self))
+                self._vlm = VisionLanguageModel.get(LoadSpec.of(self))
 
     def to_dict(self) -> dict[str, Any]:
         """

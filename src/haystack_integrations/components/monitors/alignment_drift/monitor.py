@@ -12,7 +12,7 @@ import numpy as np
 from haystack import Document, component, default_from_dict, default_to_dict, logging
 
 from haystack_integrations.common.multimodal_rag.runtime import check_positive_int, run_in_thread
-from haystack_integrations.common.multimodal_rag.sources import MODALITIES, SourceError, classify
+from haystack_integrations.common.multimodal_rag.sources import MODALITIES, SourceError, modality_of
 from haystack_integrations.common.multimodal_rag.stats import ks_two_sample, psi
 
 logger = logging.getLogger(__name__)
@@ -348,15 +348,10 @@ class AlignmentDriftMonitor:
         return value if math.isfinite(value) else None
 
     def _modality(self, doc: Document) -> str | None:
-        value = doc.meta.get(self.modality_meta_field)
-        if value in MODALITIES:
-            return str(value)
-        if value is not None:
-            return None
         try:
-            return classify(doc)
+            return modality_of(doc, modality_meta_field=self.modality_meta_field)
         except SourceError:
-            return None
+            return None  # not counted: no modality group to put the score in
 
     def _evaluate_locked(self) -> dict[str, Any]:
         windows = {g: self._windows[g] for g in GROUPS}

@@ -10,7 +10,7 @@ from haystack import Document, component, default_from_dict, default_to_dict, lo
 from haystack.utils import ComponentDevice, Secret
 
 from haystack_integrations.common.multimodal_rag.colpali import LateInteractionEncoder
-from haystack_integrations.common.multimodal_rag.hf import loading_kwargs, serialize_loading_params
+from haystack_integrations.common.multimodal_rag.hf import LoadSpec, serialize_loading_params
 from haystack_integrations.common.multimodal_rag.maxsim import maxsim
 from haystack_integrations.common.multimodal_rag.multivector import (
     MultiVectorStore,
@@ -166,7 +166,7 @@ class ColPaliRanker:
         """
         with self._warm_lock:
             if self._encoder is None:
-                encoder = LateInteractionEncoder.get(self.model, **loading_kwargs(self))
+                encoder = LateInteractionEncoder.get(LoadSpec.of(self))
                 if self.multivector_store is not None:
                     check_store_compatible(
                         self.multivector_store, dim=encoder.dim, model=self.model, component=type(self).__name__

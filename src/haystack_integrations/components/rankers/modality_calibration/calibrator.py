@@ -21,7 +21,7 @@ from haystack_integrations.common.multimodal_rag.scoring import (
     check_top_k_and_threshold,
     select_top,
 )
-from haystack_integrations.common.multimodal_rag.sources import MODALITIES, SourceError, classify
+from haystack_integrations.common.multimodal_rag.sources import MODALITIES, SourceError, modality_of
 from haystack_integrations.common.multimodal_rag.stats import (
     DEFAULT_N_QUANTILES,
     ecdf_transform,
@@ -217,23 +217,11 @@ class ModalityScoreCalibrator:
     # --- reading documents ----------------------------------------------------------------------
 
     def _modality(self, doc: Document) -> str:
-        value = doc.meta.get(self.modality_meta_field)
-        if value is None:
-            try:
-                return classify(doc)
-            except SourceError as e:
-                msg = (
-                    f"ModalityScoreCalibrator: document '{doc.id}' has no meta['{self.modality_meta_field}'] "
-                    f"and its modality cannot be inferred: {e}"
-                )
-                raise ValueError(msg) from e
-        if value not in MODALITIES:
-            msg = (
-                f"ModalityScoreCalibrator: document '{doc.id}' has an unknown modality {value!r} in "
-                f"meta['{self.modality_meta_field}'] (expected one of {MODALITIES})"
-            )
-            raise ValueError(msg)
-        return str(value)
+        try:
+            return modality_of(doc, modality_meta_field=self.modality_meta_field)
+        except SourceError as e:
+            msg = f"ModalityScoreCalibrator: document '{doc.id}': {e}"
+            raise ValueError(msg) from e
 
     @staticmethod
     def _raw_scores(doc: Document) -> tuple[float | None, str | None, float | None, list[str]]:

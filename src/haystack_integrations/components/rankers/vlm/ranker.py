@@ -7,29 +7,28 @@ from typing import Any
 import torch
 from haystack import Document, component, default_from_dict, default_to_dict, logging
 from haystack.utils import ComponentDevice, Secret
-from jinja2 import TemplateSyntaxError
-from jinja2.sandbox import SandboxedEnvironment
 from PIL import Image
 
-from haystack_integrations.common.multimodal_rag.hf import ModelLoadError, loading_kwargs, serialize_loading_params
+from haystack_integrations.common.multimodal_rag.hf import LoadSpec, ModelLoadError, serialize_loading_params
 from haystack_integrations.common.multimodal_rag.runtime import (
     batched,
+    check_image_size,
     check_positive_int,
     check_query,
+    compile_template,
     run_in_thread,
 )
 from haystack_integrations.common.multimodal_rag.scoring import (
     CROSS_ENCODER_SCORE_META_KEY,
     DENSE_SCORE_META_KEY,
     check_top_k_and_threshold,
+    score_sort_key,
 )
 from haystack_integrations.common.multimodal_rag.sources import (
-    MODALITY_META_KEY,
     VISUAL_MODALITIES,
     SourceError,
-    classify,
-    load_image,
-    locate,
+    load_document_image,
+    modality_of,
 )
 from haystack_integrations.common.multimodal_rag.vlm import VisionLanguageModel
 
@@ -40,10 +39,6 @@ DEFAULT_PROMPT_TEMPLATE = (
     "{% if not is_image %}\nDocument: {{ content }}{% elif content %}\nText on the page: {{ content }}{% endif %}"
     "\nQuery: {{ query }}\nAnswer with yes or no only."
 )
-
-
-def _by_score(doc: Document) -> tuple[bool, float]:
-    return doc.score is None, -(doc.score or 0.0)
 
 
 @component
@@ -119,22 +114,11 @@ class VisionLanguageRanker:
         check_top_k_and_threshold(top_k, score_threshold)
         check_positive_int("max_candidates", max_candidates)
         check_positive_int("batch_size", batch_size)
-        if image_size is not None:
-            if len(image_size) != 2:
-                msg = f"image_size must be (width, height), got {image_size!r}"
-                raise ValueError(msg)
-            for side in image_size:
-                check_positive_int("image_size", side)
         if not positive_token or not negative_token or positive_token == negative_token:
             msg = "positive_token and negative_token must be two different, non-empty tokens"
             raise ValueError(msg)
-        try:
-            self._template = SandboxedEnvironment().from_string(
-                prompt_template if prompt_template is not None else DEFAULT_PROMPT_TEMPLATE
-            )
-        except TemplateSyntaxError as e:
-            msg = f"prompt_template is not valid Jinja2: {e}"
-            raise ValueError(msg) from e
+        self.image_size = check_image_size(image_size)
+        self._template = compile_template(prompt_template, DEFAULT_PROMPT_TEMPLATE, parameter="prompt_template")
         self.model = model
         self.prompt_template = prompt_template
         self.positive_token = positive_token
@@ -143,9 +127,6 @@ class VisionLanguageRanker:
         self.score_threshold = score_threshold
         self.max_candidates = max_candidates
         self.batch_size = batch_size
-        self.image_size: tuple[int, int] | None = (
-            (int(image_size[0]), int(image_size[1])) if image_size is not None else None
-        )
         self.file_path_meta_field = file_path_meta_field
         self.root_path = root_path
         self.device = device
@@ -179,7 +160,7 @@ class VisionLanguageRanker:
         """
         with self._warm_lock:
             if self._vlm is None:
-                vlm = VisionLanguageModel.get(self.model, **loading_kwargs(self))
+                vlm = VisionLanguageModel.get(LoadSpec.of(self))
                 self._token_ids = (
                     self._resolve_token(vlm, self.positive_token, "positive_token"),
                     self._resolve_token(vlm, self.negative_token, "negative_token"),
@@ -219,16 +200,20 @@ class VisionLanguageRanker:
 
     def _prepare(self, query: str, doc: Document) -> tuple[list[dict[str, Any]], list[Image.Image]]:
         """The chat messages and images of one candidate (raises SourceError for unreadable images)."""
-        modality = doc.meta.get(MODALITY_META_KEY) or classify(doc, file_path_meta_field=self.file_path_meta_field)
+        modality = modality_of(doc, file_path_meta_field=self.file_path_meta_field)
         images: list[Image.Image] = []
         parts: list[dict[str, Any]] = []
         is_image = modality in VISUAL_MODALITIES
         if is_image:
-            source = locate(doc, modality, file_path_meta_field=self.file_path_meta_field, root_path=self.root_path)
-            image = load_image(source, max_side=max(self.image_size) if self.image_size else None)
-            if self.image_size is not None:
-                image.thumbnail(self.image_size, reducing_gap=None)
-            images.append(image)
+            images.append(
+                load_document_image(
+                    doc,
+                    modality,
+                    file_path_meta_field=self.file_path_meta_field,
+                    root_path=self.root_path,
+                    fit=self.image_size,
+                )
+            )
             parts.append({"type": "image"})
         text = self._template.render(query=query, content=doc.content or "", is_image=is_image, meta=doc.meta)
         parts.append({"type": "text", "text": text})
@@ -271,7 +256,7 @@ class VisionLanguageRanker:
         self.warm_up()
         assert self._vlm is not None
 
-        ordered = sorted(documents, key=_by_score)
+        ordered = sorted(documents, key=score_sort_key)
         window, rest = ordered[: self.max_candidates], ordered[self.max_candidates :]
         prepared: list[tuple[Document, str, list[Image.Image]]] = []
         unreadable: list[Document] = []
@@ -302,11 +287,11 @@ class VisionLanguageRanker:
                 meta = {**doc.meta, CROSS_ENCODER_SCORE_META_KEY: probability}
                 meta.setdefault(DENSE_SCORE_META_KEY, doc.score)
                 judged.append(replace(doc, score=probability, meta=meta))
-        judged.sort(key=_by_score)
+        judged.sort(key=score_sort_key)
         if score_threshold is not None:
             ranked = [d for d in judged if d.score is not None and d.score >= score_threshold]
         else:
-            unjudged = sorted(unreadable + rest, key=_by_score)
+            unjudged = sorted(unreadable + rest, key=score_sort_key)
             ranked = judged + [replace(d, meta={DENSE_SCORE_META_KEY: d.score, **d.meta}) for d in unjudged]
         return {"documents": ranked[:top_k]}
 
