@@ -28,8 +28,8 @@ import torch
 from haystack import Document
 from PIL import Image
 
-from haystack_integrations.common.multimodal_rag.tiny_models import build_siglip_base_random
 from haystack_integrations.components.embedders.multimodal import MultimodalDocumentEmbedder
+from haystack_integrations.testing.multimodal_rag.tiny_models import build_siglip_base_random
 
 
 def make_images(folder: Path, count: int, size: tuple[int, int] = (320, 240)) -> list[Path]:

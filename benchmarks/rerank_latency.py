@@ -38,9 +38,8 @@ from colpali_engine.utils.processing_utils import BaseVisualRetrieverProcessor
 from haystack import Document
 from PIL import Image
 
-from haystack_integrations.common.multimodal_rag.colpali import pool_multivectors
-from haystack_integrations.common.multimodal_rag.maxsim import maxsim
-from haystack_integrations.common.multimodal_rag.tiny_models import build_tiny_qwen2_vl
+from haystack_integrations.common.multimodal_rag.backends.colpali import pool_multivectors
+from haystack_integrations.common.multimodal_rag.numerics.maxsim import maxsim
 from haystack_integrations.components.embedders.colpali import ColPaliDocumentEmbedder
 from haystack_integrations.components.rankers.colpali import ColPaliRanker
 from haystack_integrations.document_stores.multivector import (
@@ -48,6 +47,7 @@ from haystack_integrations.document_stores.multivector import (
     QdrantMultiVectorStore,
     SQLiteMultiVectorStore,
 )
+from haystack_integrations.testing.multimodal_rag.tiny_models import build_tiny_qwen2_vl
 
 PAGE_VECTORS = 1030
 DIM = 128

@@ -23,8 +23,8 @@ import numpy as np
 from haystack import Document
 from PIL import Image
 
-from haystack_integrations.common.multimodal_rag.tiny_models import build_tiny_qwen2_vl
 from haystack_integrations.components.rankers.vlm import VisionLanguageRanker
+from haystack_integrations.testing.multimodal_rag.tiny_models import build_tiny_qwen2_vl
 
 
 def make_candidates(folder: Path, n: int) -> list[Document]:

@@ -26,6 +26,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from haystack_integrations.common.multimodal_rag.errors import ModelLoadError
+
 HERE = Path(__file__).resolve().parent
 PIPELINES = HERE / "pipelines"
 
@@ -103,7 +105,7 @@ def build_corpus(data_dir: Path) -> list[Path]:
 
 def tiny_models(folder: Path) -> dict[str, str]:
     """Build (once) tiny random-weight models in `folder` and return their paths by role."""
-    from haystack_integrations.common.multimodal_rag import tiny_models as builders
+    from haystack_integrations.testing.multimodal_rag import tiny_models as builders
 
     paths = {"dense": folder / "siglip", "colpali": folder / "colqwen2_5", "vlm": folder / "qwen2_vl"}
     if not (paths["dense"] / "config.json").exists():
@@ -194,8 +196,6 @@ def main() -> int:
     try:
         return run(args)
     except Exception as error:
-        from haystack_integrations.common.multimodal_rag.hf import ModelLoadError
-
         cause = _root_cause(error)
         if isinstance(cause, ModelLoadError) or isinstance(error, ModelLoadError):
             message = str(cause if isinstance(cause, ModelLoadError) else error).splitlines()[0]

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from tests.helpers import COLORS, make_image, make_pdf
 
-from haystack_integrations.common.multimodal_rag.maxsim import maxsim
+from haystack_integrations.common.multimodal_rag.numerics.maxsim import maxsim
 from haystack_integrations.document_stores.multivector import QdrantMultiVectorStore
 from haystack_integrations.pipelines.multimodal_rag import load_pipeline
 

@@ -3,7 +3,7 @@
 Registered as a pytest plugin by `tests/conftest.py`, so every fixture here is available to every
 test file; test files import the plain helper functions from this module directly. No test touches
 the network: models are tiny random-weight checkpoints written by
-`haystack_integrations.common.multimodal_rag.tiny_models` and loaded by path.
+`haystack_integrations.testing.multimodal_rag.tiny_models` and loaded by path.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 from PIL import Image, ImageDraw
 
-from haystack_integrations.common.multimodal_rag import tiny_models
+from haystack_integrations.testing.multimodal_rag import tiny_models
 
 COLORS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
 

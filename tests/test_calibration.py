@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from haystack import Document, Pipeline
 
-from haystack_integrations.common.multimodal_rag.stats import (
+from haystack_integrations.common.multimodal_rag.errors import DriftStateError
+from haystack_integrations.common.multimodal_rag.numerics.statistics import (
     ecdf_transform,
     fit_reference,
     ks_two_sample,
@@ -305,7 +306,6 @@ def test_state_persists_atomically_and_survives_a_crash_between_write_and_rename
 def test_corrupt_state_file_is_named_or_reset_on_request(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "drift.json"
     path.write_text("{not json")
-    from haystack_integrations.components.monitors.alignment_drift import DriftStateError
 
     with pytest.raises(DriftStateError, match=r"drift\.json"):
         AlignmentDriftMonitor(state_path=str(path))

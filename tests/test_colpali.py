@@ -13,21 +13,21 @@ from haystack.components.retrievers.in_memory import InMemoryEmbeddingRetriever
 from haystack.document_stores.in_memory import InMemoryDocumentStore
 from haystack.utils import ComponentDevice, Secret
 
-from haystack_integrations.common.multimodal_rag.colpali import (
+from haystack_integrations.common.multimodal_rag.backends.colpali import (
     LateInteractionEncoder,
     detect_family,
     family_from_config,
 )
-from haystack_integrations.common.multimodal_rag.failures import DocumentProcessingError
-from haystack_integrations.common.multimodal_rag.hf import LoadSpec, ModelLoadError
+from haystack_integrations.common.multimodal_rag.backends.loading import LoadSpec
+from haystack_integrations.common.multimodal_rag.errors import (
+    DocumentProcessingError,
+    ModelLoadError,
+    MultiVectorStoreError,
+)
 from haystack_integrations.components.embedders.colpali import ColPaliDocumentEmbedder, ColPaliTextEmbedder
 from haystack_integrations.components.embedders.multimodal import MultimodalDocumentEmbedder, MultimodalTextEmbedder
 from haystack_integrations.components.rankers.colpali import ColPaliRanker
-from haystack_integrations.document_stores.multivector import (
-    InMemoryMultiVectorStore,
-    MultiVectorStoreError,
-    QdrantMultiVectorStore,
-)
+from haystack_integrations.document_stores.multivector import InMemoryMultiVectorStore, QdrantMultiVectorStore
 from tests.helpers import COLORS, make_corrupt_image, make_image, make_pdf
 
 
@@ -86,7 +86,7 @@ def test_peft_adapter_checkpoint_is_followed_to_its_base(tmp_path: Path) -> None
 def test_a_peft_adapter_checkpoint_loads_through_the_components_and_applies(
     tiny_colqwen2_5: str, tmp_path: Path
 ) -> None:
-    from haystack_integrations.common.multimodal_rag.tiny_models import build_tiny_colpali_adapter
+    from haystack_integrations.testing.multimodal_rag.tiny_models import build_tiny_colpali_adapter
 
     adapter = build_tiny_colpali_adapter(tmp_path / "adapter", tiny_colqwen2_5)
     assert not (adapter / "config.json").exists()
@@ -130,7 +130,7 @@ def test_document_embedder_writes_one_multivector_per_page(
         assert array.shape == (doc.meta["multivector_count"], 128)
         np.testing.assert_allclose(np.linalg.norm(array.astype(np.float32), axis=1), 1.0, atol=2e-3)
     assert out["documents"][1].meta["modality"] == "image"
-    assert out["documents"][-1].meta["modality"] == "document"
+    assert out["documents"][-1].meta["modality"] == "page"
 
 
 def test_document_embedder_bad_input_raises_before_writing_and_skip_returns_it(
@@ -356,7 +356,7 @@ def test_qdrant_local_store_round_trip_replace_persist_and_server_side_score(tmp
 
     query = rng.standard_normal((9, 128)).astype(np.float32)
     server = store.score(query, ["doc-0", "doc-1", "doc-2", "doc-3", "unknown"])
-    from haystack_integrations.common.multimodal_rag.maxsim import maxsim
+    from haystack_integrations.common.multimodal_rag.numerics.maxsim import maxsim
 
     stored = store.get(list(server))
     client = dict(zip(stored, maxsim(query, list(stored.values())), strict=True))

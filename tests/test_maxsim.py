@@ -5,7 +5,8 @@ import pytest
 import torch
 from colpali_engine.utils.processing_utils import BaseVisualRetrieverProcessor
 
-from haystack_integrations.common.multimodal_rag.maxsim import maxsim, maxsim_reference
+from haystack_integrations.common.multimodal_rag.numerics.maxsim import maxsim
+from haystack_integrations.testing.multimodal_rag.reference import maxsim_reference
 
 
 def _unit(rng: np.random.Generator, *shape: int) -> np.ndarray:

@@ -14,10 +14,8 @@ from haystack.document_stores.in_memory import InMemoryDocumentStore
 from haystack.utils import ComponentDevice, Secret
 from PIL import Image
 
-from haystack_integrations.common.multimodal_rag import planning
-from haystack_integrations.common.multimodal_rag.failures import DocumentProcessingError
-from haystack_integrations.common.multimodal_rag.hf import ModelLoadError
-from haystack_integrations.common.multimodal_rag.sources import SourceError
+from haystack_integrations.common.multimodal_rag.errors import DocumentProcessingError, MediaError, ModelLoadError
+from haystack_integrations.common.multimodal_rag.inputs import planning
 from haystack_integrations.components.embedders.multimodal import (
     MultimodalDocumentEmbedder,
     MultimodalImageEmbedder,
@@ -48,7 +46,7 @@ def test_each_modality_gets_its_tower_and_meta(dual_encoder: str, corpus_dir: Pa
     out = _embedder(dual_encoder).run(docs)
     assert out["failed_documents"] == []
     got = out["documents"]
-    assert [d.meta["modality"] for d in got] == ["text", "image", "image", "document"]
+    assert [d.meta["modality"] for d in got] == ["text", "image", "image", "page"]
     assert [d.meta["embedding_source"]["type"] for d in got] == ["text", "image", "image", "page"]
     assert got[1].meta["embedding_source"]["file_path_meta_field"] == "file_path"
     assert got[2].meta["embedding_source"]["file_path_meta_field"] is None
@@ -239,9 +237,9 @@ def test_image_embedder_accepts_path_bytes_and_image_content(tiny_siglip: str, c
 def test_image_embedder_reports_bad_images_clearly(tiny_siglip: str, tmp_path: Path) -> None:
     make_corrupt_image(tmp_path / "bad.png")
     embedder = MultimodalImageEmbedder(tiny_siglip, root_path=str(tmp_path))
-    with pytest.raises(SourceError, match="corrupt"):
+    with pytest.raises(MediaError, match="corrupt"):
         embedder.run(image="bad.png")
-    with pytest.raises(SourceError, match="outside root_path"):
+    with pytest.raises(MediaError, match="outside root_path"):
         embedder.run(image="../../etc/passwd")
     with pytest.raises(TypeError, match="file path, a ByteStream or an ImageContent"):
         embedder.run(image=42)  # type: ignore[arg-type]
@@ -351,16 +349,27 @@ def test_pipeline_with_embedders_survives_dumps_and_loads(tiny_siglip: str, corp
     assert [d.id for d in out["embedder"]["failed_documents"]] == ["x"]
 
 
-def test_run_async_matches_run(tiny_siglip: str, corpus_dir: Path) -> None:
+def test_pipeline_run_async_runs_the_embedders_like_run(tiny_siglip: str, corpus_dir: Path) -> None:
+    # No run_async of our own: Haystack's Pipeline.run_async runs sync components in a worker thread
+    # (asyncio.to_thread), which keeps the tracing context.
     docs = [Document(content="async text"), Document(meta={"file_path": str(corpus_dir / "red.png")})]
-    embedder = _embedder(tiny_siglip)
-    sync = embedder.run(docs)
-    result = asyncio.run(embedder.run_async(docs))
-    assert [d.embedding for d in result["documents"]] == [d.embedding for d in sync["documents"]]
-    text = asyncio.run(MultimodalTextEmbedder(tiny_siglip).run_async(text="hello"))
-    assert len(text["embedding"]) == len(sync["documents"][0].embedding)
-    image = asyncio.run(MultimodalImageEmbedder(tiny_siglip).run_async(image=str(corpus_dir / "red.png")))
-    np.testing.assert_allclose(image["embedding"], sync["documents"][1].embedding, rtol=1e-5, atol=1e-6)
+    sync = _embedder(tiny_siglip).run(docs)
+    pipe = Pipeline()
+    pipe.add_component("embedder", _embedder(tiny_siglip))
+    pipe.add_component("text", MultimodalTextEmbedder(tiny_siglip))
+    pipe.add_component("image", MultimodalImageEmbedder(tiny_siglip))
+    result = asyncio.run(
+        pipe.run_async(
+            {
+                "embedder": {"documents": docs},
+                "text": {"text": "hello"},
+                "image": {"image": str(corpus_dir / "red.png")},
+            }
+        )
+    )
+    assert [d.embedding for d in result["embedder"]["documents"]] == [d.embedding for d in sync["documents"]]
+    assert len(result["text"]["embedding"]) == len(sync["documents"][0].embedding)
+    np.testing.assert_allclose(result["image"]["embedding"], sync["documents"][1].embedding, rtol=1e-5, atol=1e-6)
 
 
 def test_progress_bar_can_be_silenced(tiny_siglip: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -17,7 +17,7 @@ import yaml
 from haystack import Pipeline
 from haystack.core.errors import PipelineRuntimeError
 
-from haystack_integrations.common.multimodal_rag.failures import DocumentProcessingError
+from haystack_integrations.common.multimodal_rag.errors import DocumentProcessingError
 from haystack_integrations.document_stores.multivector import QdrantMultiVectorStore, SQLiteMultiVectorStore
 from haystack_integrations.document_stores.qdrant import QdrantDocumentStore
 from haystack_integrations.pipelines.multimodal_rag import load_pipeline, rewrite_pipeline_dict
@@ -122,7 +122,7 @@ def test_index_then_answer_end_to_end_and_reload_in_the_same_process(
     assert reply.meta["images"] >= 1
     sources = [s for s in out["prompt_builder"]["sources"] if s["included"]]
     assert {s["modality"] for s in sources} >= {"text"}
-    assert any(s["modality"] in ("image", "document") for s in sources)
+    assert any(s["modality"] in ("image", "page") for s in sources)
     assert [s["number"] for s in sources] == list(range(1, len(sources) + 1))
     calibrated = out["calibrator"]["documents"]
     assert all("fused_score" in d.meta for d in calibrated)

@@ -12,9 +12,9 @@ from haystack.components.generators.utils import print_streaming_chunk
 from haystack.dataclasses import ChatMessage, ImageContent, StreamingChunk, ToolCall
 from PIL import Image
 
-from haystack_integrations.common.multimodal_rag.hf import ModelLoadError
+from haystack_integrations.common.multimodal_rag.errors import ConversionError, ModelLoadError
 from haystack_integrations.components.builders.multimodal import MultimodalChatPromptBuilder
-from haystack_integrations.components.converters.multimodal import MultimodalFileToDocument, SourceConversionError
+from haystack_integrations.components.converters.multimodal import MultimodalFileToDocument
 from haystack_integrations.components.generators.local_vlm import LocalVLMChatGenerator
 from tests.helpers import make_corrupt_image, make_image, make_pdf, make_truncated_pdf
 
@@ -33,7 +33,7 @@ def ranked(tmp_path: Path) -> list[Document]:
         Document(id="d-text-1", content="Revenue grew 18% in Q3.", meta={"modality": "text"}, score=0.9),
         Document(id="d-chart", meta={"modality": "image", "file_path": "chart.png"}, score=0.8),
         Document(id="d-broken", meta={"modality": "image", "file_path": "broken.png"}, score=0.7),
-        Document(id="d-page-2", meta={"modality": "document", "file_path": "report.pdf", "page_number": 2}, score=0.6),
+        Document(id="d-page-2", meta={"modality": "page", "file_path": "report.pdf", "page_number": 2}, score=0.6),
         Document(id="d-text-2", content="Hiring slows in 2026.", meta={"modality": "text"}, score=0.5),
         Document(id="d-photo", meta={"modality": "image", "file_path": "photo.png"}, score=0.4),
     ]
@@ -61,7 +61,7 @@ def test_builder_numbers_text_and_images_and_maps_sources(
     assert "[4] Hiring slows in 2026." in text
     assert "Question: What grew in Q3?" in text
     assert user.texts[0].startswith("[2] image chart.png")
-    assert user.texts[1].startswith("[3] document report.pdf, page 2")
+    assert user.texts[1].startswith("[3] page report.pdf, page 2")
 
     sources = {s["document_id"]: s for s in out["sources"]}
     assert [s["document_id"] for s in out["sources"]] == [d.id for d in ranked]
@@ -89,7 +89,7 @@ def test_builder_pdf_page_is_rendered_from_page_number(tmp_path: Path) -> None:
     builder = MultimodalChatPromptBuilder(root_path=str(tmp_path))
     colors = []
     for page in (1, 2):
-        doc = Document(meta={"file_path": "r.pdf", "page_number": page, "modality": "document"}, score=1.0)
+        doc = Document(meta={"file_path": "r.pdf", "page_number": page, "modality": "page"}, score=1.0)
         picture = _decode(builder.run(query="q", documents=[doc])["messages"][0].images[0]).convert("RGB")
         colors.append(picture.getpixel((picture.width // 2, picture.height // 2)))
     assert colors[0] != colors[1]  # red page vs green page
@@ -256,9 +256,9 @@ def test_converter_makes_one_document_per_image_page_and_text_file(tmp_path: Pat
     assert [(d.meta["modality"], d.meta["file_path"], d.meta.get("page_number")) for d in docs] == [
         ("image", "a.png", None),
         ("text", "sub/n.txt", None),
-        ("document", "sub/r.pdf", 1),
-        ("document", "sub/r.pdf", 2),
-        ("document", "sub/r.pdf", 3),
+        ("page", "sub/r.pdf", 1),
+        ("page", "sub/r.pdf", 2),
+        ("page", "sub/r.pdf", 3),
     ]
     assert docs[1].content == "some notes"
     assert all(d.meta["source"] == "test" for d in docs)
@@ -271,7 +271,7 @@ def test_converter_reports_bad_sources_in_both_modes(tmp_path: Path) -> None:
     (tmp_path / "x.docx").write_bytes(b"PK")
     make_image(tmp_path / "ok.png")
     sources = ["ok.png", "bad.pdf", "x.docx", "missing.png", "../outside.png"]
-    with pytest.raises(SourceConversionError) as info:
+    with pytest.raises(ConversionError) as info:
         MultimodalFileToDocument(root_path=str(tmp_path)).run(sources=sources)
     message = str(info.value)
     for fragment in ("bad.pdf", "x.docx", "missing.png", "outside root_path"):

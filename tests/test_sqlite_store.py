@@ -13,13 +13,10 @@ import numpy as np
 import pytest
 from haystack import Document, Pipeline
 
+from haystack_integrations.common.multimodal_rag.errors import MultiVectorStoreError
 from haystack_integrations.components.embedders.colpali import ColPaliDocumentEmbedder
 from haystack_integrations.components.rankers.colpali import ColPaliRanker
-from haystack_integrations.document_stores.multivector import (
-    InMemoryMultiVectorStore,
-    MultiVectorStoreError,
-    SQLiteMultiVectorStore,
-)
+from haystack_integrations.document_stores.multivector import InMemoryMultiVectorStore, SQLiteMultiVectorStore
 from tests.helpers import COLORS, make_image, make_pdf
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from haystack import Document, Pipeline
 
-from haystack_integrations.common.multimodal_rag.hf import ModelLoadError
+from haystack_integrations.common.multimodal_rag.errors import ModelLoadError
 from haystack_integrations.components.rankers.modality_calibration import ModalityScoreCalibrator
 from haystack_integrations.components.rankers.vlm import VisionLanguageRanker
 from tests.helpers import COLORS, make_image, make_pdf

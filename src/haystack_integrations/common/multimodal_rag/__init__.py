@@ -1,8 +1,29 @@
-"""Private internals of multimodal-rag-haystack, shared by its components. Not a public API."""
+"""Shared internals of multimodal-rag-haystack, sorted by kind.
 
-from haystack_integrations.common.multimodal_rag.qdrant_local import share_embedded_qdrant_document_stores
+Public: `errors` (re-exported here). Private (no stability promise): `backends/` (model loading, one module
+per model family), `inputs/` (the one pixel/PDF loader, document planning, failure bookkeeping),
+`numerics/` (MaxSim, statistics, ranking rules) and `validation` (parameter checks). Importing this package
+has no side effects.
+"""
 
-# Several QdrantDocumentStores (and our QdrantMultiVectorStores) on one embedded folder must share one
-# client: Qdrant's local mode locks the folder per client. See qdrant_local.py; opt out with
-# MULTIMODAL_RAG_SHARE_EMBEDDED_QDRANT=0.
-share_embedded_qdrant_document_stores()
+from haystack_integrations.common.multimodal_rag.errors import (
+    ConversionError,
+    DocumentProcessingError,
+    DriftStateError,
+    MediaError,
+    ModelLoadError,
+    MultimodalRAGError,
+    MultiVectorStoreError,
+    PipelineLoadError,
+)
+
+__all__ = [
+    "ConversionError",
+    "DocumentProcessingError",
+    "DriftStateError",
+    "MediaError",
+    "ModelLoadError",
+    "MultiVectorStoreError",
+    "MultimodalRAGError",
+    "PipelineLoadError",
+]

@@ -1,6 +1,8 @@
-from haystack_integrations.common.multimodal_rag.multivector import MultiVectorStore, MultiVectorStoreError
+from haystack_integrations.common.multimodal_rag.errors import MultiVectorStoreError
 from haystack_integrations.document_stores.multivector.in_memory import InMemoryMultiVectorStore
+from haystack_integrations.document_stores.multivector.protocol import MultiVectorStore
 from haystack_integrations.document_stores.multivector.qdrant import QdrantMultiVectorStore
+from haystack_integrations.document_stores.multivector.qdrant_sharing import share_embedded_qdrant_document_stores
 from haystack_integrations.document_stores.multivector.sqlite import SQLiteMultiVectorStore
 
 __all__ = [
@@ -9,4 +11,5 @@ __all__ = [
     "MultiVectorStoreError",
     "QdrantMultiVectorStore",
     "SQLiteMultiVectorStore",
+    "share_embedded_qdrant_document_stores",
 ]

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from haystack import default_from_dict, default_to_dict
 
-from haystack_integrations.common.multimodal_rag.multivector import (
+from haystack_integrations.document_stores.multivector.protocol import (
     as_multivector,
     check_dtype,
     check_ids,

@@ -9,14 +9,14 @@ import numpy as np
 from haystack import default_from_dict, default_to_dict, logging
 from haystack.utils import Secret
 
-from haystack_integrations.common.multimodal_rag.multivector import (
-    MultiVectorStoreError,
+from haystack_integrations.common.multimodal_rag.errors import MultiVectorStoreError
+from haystack_integrations.document_stores.multivector.protocol import (
     as_multivector,
     check_dtype,
     check_ids,
     check_model_binding,
 )
-from haystack_integrations.common.multimodal_rag.qdrant_local import acquire_local_client, release_local_client
+from haystack_integrations.document_stores.multivector.qdrant_sharing import acquire_local_client, release_local_client
 
 logger = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 from haystack import default_from_dict, default_to_dict
 
-from haystack_integrations.common.multimodal_rag.multivector import (
-    MultiVectorStoreError,
+from haystack_integrations.common.multimodal_rag.errors import MultiVectorStoreError
+from haystack_integrations.document_stores.multivector.protocol import (
     as_multivector,
     check_dtype,
     check_ids,

@@ -8,19 +8,18 @@ from haystack import Document, component, default_from_dict, default_to_dict, lo
 from haystack.dataclasses import ChatMessage, ImageContent
 from PIL import Image
 
-from haystack_integrations.common.multimodal_rag.runtime import (
+from haystack_integrations.common.multimodal_rag.errors import MediaError
+from haystack_integrations.common.multimodal_rag.inputs.media import (
+    PAGE_NUMBER_META_KEY,
+    VISUAL_MODALITIES,
+    load_document_image,
+    modality_of,
+)
+from haystack_integrations.common.multimodal_rag.numerics.ranking import score_sort_key
+from haystack_integrations.common.multimodal_rag.validation import (
     check_image_size,
     check_query,
     compile_template,
-    run_in_thread,
-)
-from haystack_integrations.common.multimodal_rag.scoring import score_sort_key
-from haystack_integrations.common.multimodal_rag.sources import (
-    PAGE_NUMBER_META_KEY,
-    VISUAL_MODALITIES,
-    SourceError,
-    load_document_image,
-    modality_of,
 )
 
 logger = logging.getLogger(__name__)
@@ -164,7 +163,7 @@ class MultimodalChatPromptBuilder:
         for doc in documents:
             try:
                 modality: str | None = modality_of(doc, file_path_meta_field=self.file_path_meta_field)
-            except SourceError as e:
+            except MediaError as e:
                 entry = self._source_entry(doc, None)
                 entry["skipped_reason"] = str(e)
                 entries.append(entry)
@@ -190,7 +189,7 @@ class MultimodalChatPromptBuilder:
                     root_path=self.root_path,
                     fit=self.image_size,
                 )
-            except SourceError as e:
+            except MediaError as e:
                 entries[i]["skipped_reason"] = f"unreadable: {e}"
                 skipped.append(f"'{documents[i].id}': {e}")
         if skipped:
@@ -228,7 +227,7 @@ class MultimodalChatPromptBuilder:
             label = f"[{source['number']}] {entry['modality']}"
             if entry["file_path"]:
                 label += f" {entry['file_path']}"
-            if entry["page_number"] is not None and entry["modality"] == "document":
+            if entry["page_number"] is not None and entry["modality"] == "page":
                 label += f", page {entry['page_number']}"
             parts.append(label)
             image = images[i]
@@ -247,14 +246,3 @@ class MultimodalChatPromptBuilder:
             messages.append(ChatMessage.from_system(self.system_prompt))
         messages.append(ChatMessage.from_user(content_parts=parts))
         return {"messages": messages, "sources": entries}
-
-    @component.output_types(messages=list[ChatMessage], sources=list[dict[str, Any]])
-    async def run_async(self, query: str, documents: list[Document]) -> dict[str, Any]:
-        """
-        Asynchronous version of `run` (image decoding runs in a worker thread).
-
-        :param query: See `run`.
-        :param documents: See `run`.
-        :returns: See `run`.
-        """
-        return await run_in_thread(self.run, query, documents)

@@ -1,6 +1,4 @@
-from haystack_integrations.components.converters.multimodal.file_to_document import (
-    MultimodalFileToDocument,
-    SourceConversionError,
-)
+from haystack_integrations.common.multimodal_rag.errors import ConversionError
+from haystack_integrations.components.converters.multimodal.file_to_document import MultimodalFileToDocument
 
-__all__ = ["MultimodalFileToDocument", "SourceConversionError"]
+__all__ = ["ConversionError", "MultimodalFileToDocument"]

@@ -6,12 +6,11 @@ from typing import Any
 
 from haystack import Document, component, default_from_dict, default_to_dict, logging
 
-from haystack_integrations.common.multimodal_rag.failures import validate_on_error
-from haystack_integrations.common.multimodal_rag.runtime import run_in_thread
-from haystack_integrations.common.multimodal_rag.sources import (
+from haystack_integrations.common.multimodal_rag.errors import ConversionError, MediaError
+from haystack_integrations.common.multimodal_rag.inputs.failures import validate_on_error
+from haystack_integrations.common.multimodal_rag.inputs.media import (
     MODALITY_META_KEY,
     PAGE_NUMBER_META_KEY,
-    SourceError,
     is_image_path,
     is_pdf_path,
     pdf_page_count,
@@ -23,10 +22,6 @@ logger = logging.getLogger(__name__)
 TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".rst", ".csv", ".json", ".html", ".htm")
 
 
-class SourceConversionError(ValueError):
-    """Raised with `on_error="raise"` when files cannot be converted; names every file and reason."""
-
-
 @component
 class MultimodalFileToDocument:
     """
@@ -34,7 +29,7 @@ class MultimodalFileToDocument:
     text file.
 
     - images (any type Pillow reads): `Document(meta={"file_path": ..., "modality": "image"})`;
-    - PDFs: one `Document` per page with `meta["page_number"]` (1-based) and `meta["modality"] = "document"`;
+    - PDFs: one `Document` per page with `meta["page_number"]` (1-based) and `meta["modality"] = "page"`;
       the page is rendered later, by the embedders, one batch at a time;
     - text files (`.txt`, `.md`, ...): `Document(content=..., meta={"file_path": ..., "modality": "text"})`.
 
@@ -117,13 +112,13 @@ class MultimodalFileToDocument:
     def _convert(self, path: Path, meta: dict[str, Any]) -> list[Document]:
         if not path.exists():
             msg = f"file '{path}' does not exist"
-            raise SourceError(msg)
+            raise MediaError(msg)
         stored = self._stored_path(path)
         base = {**meta, self.file_path_meta_field: stored}
         if is_pdf_path(path):
             pages = pdf_page_count(path)
             return [
-                Document(meta={**base, PAGE_NUMBER_META_KEY: page, MODALITY_META_KEY: "document"})
+                Document(meta={**base, PAGE_NUMBER_META_KEY: page, MODALITY_META_KEY: "page"})
                 for page in range(1, pages + 1)
             ]
         if is_image_path(path):
@@ -133,14 +128,14 @@ class MultimodalFileToDocument:
                 text = path.read_text(encoding=self.encoding)
             except (OSError, UnicodeDecodeError) as e:
                 msg = f"cannot read text file '{path}': {e}"
-                raise SourceError(msg) from e
+                raise MediaError(msg) from e
             if not text.strip():
                 msg = f"text file '{path}' is empty"
-                raise SourceError(msg)
+                raise MediaError(msg)
             return [Document(content=text, meta={**base, MODALITY_META_KEY: "text"})]
         mime_type, _ = mimetypes.guess_type(str(path))
         msg = f"unsupported file type for '{path}' (MIME type {mime_type}); expected an image, a PDF or a text file"
-        raise SourceError(msg)
+        raise MediaError(msg)
 
     @component.output_types(documents=list[Document], failed_sources=list[dict[str, str]])
     def run(
@@ -154,7 +149,7 @@ class MultimodalFileToDocument:
         :returns: A dictionary with:
             - `documents`: the Documents, in source order (pages in page order);
             - `failed_sources`: with `on_error="skip"`, `{"source": ..., "reason": ...}` per file that failed.
-        :raises SourceConversionError: With `on_error="raise"`, naming every file that failed and why.
+        :raises ConversionError: With `on_error="raise"`, naming every file that failed and why.
         :raises ValueError: When `meta` is a list of another length than `sources`.
         """
         if isinstance(meta, list):
@@ -169,33 +164,20 @@ class MultimodalFileToDocument:
         for source, source_meta in zip(sources, metas, strict=True):
             try:
                 expanded = self._expand(source)
-            except SourceError as e:
+            except MediaError as e:
                 failed.append({"source": str(source), "reason": str(e)})
                 continue
             for path in expanded:
                 try:
                     documents.extend(self._convert(path, dict(source_meta)))
-                except SourceError as e:
+                except MediaError as e:
                     failed.append({"source": str(path), "reason": str(e)})
         if failed and self.on_error == "raise":
             lines = "\n".join(f"  - {f['source']}: {f['reason']}" for f in failed)
             msg = f"MultimodalFileToDocument: {len(failed)} source(s) could not be converted:\n{lines}"
-            raise SourceConversionError(msg)
+            raise ConversionError(msg)
         if failed:
             logger.warning(
                 "MultimodalFileToDocument skipped {count} source(s); see 'failed_sources'", count=len(failed)
             )
         return {"documents": documents, "failed_sources": failed}
-
-    @component.output_types(documents=list[Document], failed_sources=list[dict[str, str]])
-    async def run_async(
-        self, sources: list[str | Path], meta: dict[str, Any] | list[dict[str, Any]] | None = None
-    ) -> dict[str, Any]:
-        """
-        Asynchronous version of `run`.
-
-        :param sources: See `run`.
-        :param meta: See `run`.
-        :returns: See `run`.
-        """
-        return await run_in_thread(self.run, sources, meta)

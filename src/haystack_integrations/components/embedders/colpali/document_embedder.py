@@ -7,22 +7,22 @@ from haystack import Document, component, default_from_dict, default_to_dict, lo
 from haystack.utils import ComponentDevice, Secret
 from tqdm import tqdm
 
-from haystack_integrations.common.multimodal_rag.colpali import LateInteractionEncoder
-from haystack_integrations.common.multimodal_rag.failures import check_documents_input, validate_on_error
-from haystack_integrations.common.multimodal_rag.hf import LoadSpec, serialize_loading_params
-from haystack_integrations.common.multimodal_rag.multivector import (
-    MultiVectorStore,
-    check_store_compatible,
-    with_store_from_dict,
-)
-from haystack_integrations.common.multimodal_rag.planning import (
+from haystack_integrations.common.multimodal_rag.backends.colpali import LateInteractionEncoder
+from haystack_integrations.common.multimodal_rag.backends.loading import LoadSpec, serialize_loading_params
+from haystack_integrations.common.multimodal_rag.inputs.failures import check_documents_input, validate_on_error
+from haystack_integrations.common.multimodal_rag.inputs.media import MODALITY_META_KEY
+from haystack_integrations.common.multimodal_rag.inputs.planning import (
     iter_image_batches,
     plan_documents,
     raise_if_failed,
     split_outputs,
 )
-from haystack_integrations.common.multimodal_rag.runtime import check_positive_int, run_in_thread
-from haystack_integrations.common.multimodal_rag.sources import MODALITY_META_KEY
+from haystack_integrations.common.multimodal_rag.validation import check_positive_int
+from haystack_integrations.document_stores.multivector.protocol import (
+    MultiVectorStore,
+    check_store_compatible,
+    with_store_from_dict,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -213,13 +213,3 @@ class ColPaliDocumentEmbedder:
             return replace(doc, meta=meta)
 
         return split_outputs(documents, failures, make_output)
-
-    @component.output_types(documents=list[Document], failed_documents=list[Document])
-    async def run_async(self, documents: list[Document]) -> dict[str, list[Document]]:
-        """
-        Asynchronous version of `run`: the model runs in a worker thread.
-
-        :param documents: See `run`.
-        :returns: See `run`.
-        """
-        return await run_in_thread(self.run, documents)

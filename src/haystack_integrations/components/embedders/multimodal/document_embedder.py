@@ -8,24 +8,21 @@ from haystack import Document, component, default_from_dict, default_to_dict, lo
 from haystack.utils import ComponentDevice, Secret
 from tqdm import tqdm
 
-from haystack_integrations.common.multimodal_rag.dense import DenseEncoder
-from haystack_integrations.common.multimodal_rag.failures import (
-    check_documents_input,
-    validate_on_error,
-)
-from haystack_integrations.common.multimodal_rag.hf import LoadSpec, serialize_loading_params
-from haystack_integrations.common.multimodal_rag.planning import (
+from haystack_integrations.common.multimodal_rag.backends.dense import DenseEncoder
+from haystack_integrations.common.multimodal_rag.backends.loading import LoadSpec, serialize_loading_params
+from haystack_integrations.common.multimodal_rag.inputs.failures import check_documents_input, validate_on_error
+from haystack_integrations.common.multimodal_rag.inputs.media import MODALITY_META_KEY
+from haystack_integrations.common.multimodal_rag.inputs.planning import (
     iter_image_batches,
     plan_documents,
     raise_if_failed,
     split_outputs,
 )
-from haystack_integrations.common.multimodal_rag.runtime import batched, check_positive_int, run_in_thread
-from haystack_integrations.common.multimodal_rag.sources import MODALITY_META_KEY
+from haystack_integrations.common.multimodal_rag.validation import batched, check_positive_int
 
 logger = logging.getLogger(__name__)
 
-_SOURCE_TYPE = {"text": "text", "image": "image", "document": "page"}
+_SOURCE_TYPE = {"text": "text", "image": "image", "page": "page"}
 
 
 @component
@@ -38,7 +35,7 @@ class MultimodalDocumentEmbedder:
     `meta["page_number"]`, 1-based) go through the vision tower. A text query embedded with
     `MultimodalTextEmbedder` and the same model can then retrieve images and pages.
 
-    Each output document gets `embedding`, `meta["modality"]` (`"text"`, `"image"` or `"document"`) and
+    Each output document gets `embedding`, `meta["modality"]` (`"text"`, `"image"` or `"page"`) and
     `meta["embedding_source"]`. Documents are batched per modality; images are decoded one batch at a
     time, so memory is bounded by `batch_size`, not by the corpus.
 
@@ -233,13 +230,3 @@ class MultimodalDocumentEmbedder:
                 count=len(result["failed_documents"]),
             )
         return result
-
-    @component.output_types(documents=list[Document], failed_documents=list[Document])
-    async def run_async(self, documents: list[Document]) -> dict[str, list[Document]]:
-        """
-        Asynchronous version of `run`: the model runs in a worker thread.
-
-        :param documents: See `run`.
-        :returns: See `run`.
-        """
-        return await run_in_thread(self.run, documents)

@@ -8,16 +8,10 @@ from haystack import Document, component, default_from_dict, default_to_dict
 from haystack.dataclasses import ByteStream, ImageContent
 from haystack.utils import ComponentDevice, Secret
 
-from haystack_integrations.common.multimodal_rag.dense import DenseEncoder
-from haystack_integrations.common.multimodal_rag.hf import LoadSpec, serialize_loading_params
-from haystack_integrations.common.multimodal_rag.runtime import run_in_thread
-from haystack_integrations.common.multimodal_rag.sources import (
-    VISUAL_MODALITIES,
-    SourceError,
-    classify,
-    load_image,
-    locate,
-)
+from haystack_integrations.common.multimodal_rag.backends.dense import DenseEncoder
+from haystack_integrations.common.multimodal_rag.backends.loading import LoadSpec, serialize_loading_params
+from haystack_integrations.common.multimodal_rag.errors import MediaError
+from haystack_integrations.common.multimodal_rag.inputs.media import VISUAL_MODALITIES, classify, load_image, locate
 
 
 @component
@@ -123,19 +117,19 @@ class MultimodalImageEmbedder:
         :param image: A file path, a `ByteStream` or an `ImageContent`.
         :returns: `{"embedding": list[float]}`.
         :raises TypeError: On an unsupported input type.
-        :raises SourceError: When the image cannot be read (missing, corrupt, outside `root_path`, too large).
+        :raises MediaError: When the image cannot be read (missing, corrupt, outside `root_path`, too large).
         """
         doc = self._as_document(image)
         try:
             modality = classify(doc)
             if modality not in VISUAL_MODALITIES:
                 msg = "the input is not an image"
-                raise SourceError(msg)
+                raise MediaError(msg)
             source = locate(doc, modality, root_path=self.root_path)
             picture = load_image(source)
-        except SourceError as e:
+        except MediaError as e:
             msg = f"{type(self).__name__}: cannot embed the query image: {e}"
-            raise SourceError(msg) from e
+            raise MediaError(msg) from e
         self.warm_up()
         assert self._encoder is not None
         try:
@@ -143,13 +137,3 @@ class MultimodalImageEmbedder:
         finally:
             picture.close()
         return {"embedding": vector.tolist()}
-
-    @component.output_types(embedding=list[float])
-    async def run_async(self, image: ImageContent | ByteStream | str) -> dict[str, list[float]]:
-        """
-        Asynchronous version of `run`: the model runs in a worker thread.
-
-        :param image: See `run`.
-        :returns: See `run`.
-        """
-        return await run_in_thread(self.run, image)

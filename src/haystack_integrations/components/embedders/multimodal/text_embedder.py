@@ -5,9 +5,9 @@ from typing import Any
 from haystack import component, default_from_dict, default_to_dict
 from haystack.utils import ComponentDevice, Secret
 
-from haystack_integrations.common.multimodal_rag.dense import DenseEncoder
-from haystack_integrations.common.multimodal_rag.hf import LoadSpec, serialize_loading_params
-from haystack_integrations.common.multimodal_rag.runtime import check_query, run_in_thread
+from haystack_integrations.common.multimodal_rag.backends.dense import DenseEncoder
+from haystack_integrations.common.multimodal_rag.backends.loading import LoadSpec, serialize_loading_params
+from haystack_integrations.common.multimodal_rag.validation import check_query
 
 
 @component
@@ -101,13 +101,3 @@ class MultimodalTextEmbedder:
         assert self._encoder is not None
         vector = self._encoder.embed_texts([text], normalize=self.normalize_embeddings)[0]
         return {"embedding": vector.tolist()}
-
-    @component.output_types(embedding=list[float])
-    async def run_async(self, text: str) -> dict[str, list[float]]:
-        """
-        Asynchronous version of `run`: the model runs in a worker thread.
-
-        :param text: See `run`.
-        :returns: See `run`.
-        """
-        return await run_in_thread(self.run, text)

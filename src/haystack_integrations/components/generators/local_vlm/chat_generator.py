@@ -8,9 +8,8 @@ from haystack import component, default_from_dict, default_to_dict, logging
 from haystack.dataclasses import ChatMessage, ComponentInfo, StreamingCallbackT, StreamingChunk
 from haystack.utils import ComponentDevice, Secret, deserialize_callable, serialize_callable
 
-from haystack_integrations.common.multimodal_rag.hf import LoadSpec, serialize_loading_params
-from haystack_integrations.common.multimodal_rag.runtime import run_in_thread
-from haystack_integrations.common.multimodal_rag.vlm import VisionLanguageModel, to_hf_messages
+from haystack_integrations.common.multimodal_rag.backends.loading import LoadSpec, serialize_loading_params
+from haystack_integrations.common.multimodal_rag.backends.vlm import VisionLanguageModel, to_hf_messages
 
 logger = logging.getLogger(__name__)
 
@@ -170,20 +169,3 @@ class LocalVLMChatGenerator:
             "images": len(images),
         }
         return {"replies": [ChatMessage.from_assistant(text, meta=meta)]}
-
-    @component.output_types(replies=list[ChatMessage])
-    async def run_async(
-        self,
-        messages: list[ChatMessage],
-        generation_kwargs: dict[str, Any] | None = None,
-        streaming_callback: StreamingCallbackT | None = None,
-    ) -> dict[str, list[ChatMessage]]:
-        """
-        Asynchronous version of `run`: generation runs in a worker thread (a sync callback is called from it).
-
-        :param messages: See `run`.
-        :param generation_kwargs: See `run`.
-        :param streaming_callback: See `run`.
-        :returns: See `run`.
-        """
-        return await run_in_thread(self.run, messages, generation_kwargs, streaming_callback)

@@ -1,3 +1,4 @@
-from haystack_integrations.components.monitors.alignment_drift.monitor import AlignmentDriftMonitor, DriftStateError
+from haystack_integrations.common.multimodal_rag.errors import DriftStateError
+from haystack_integrations.components.monitors.alignment_drift.monitor import AlignmentDriftMonitor
 
 __all__ = ["AlignmentDriftMonitor", "DriftStateError"]

@@ -11,19 +11,16 @@ from typing import Any
 import numpy as np
 from haystack import Document, component, default_from_dict, default_to_dict, logging
 
-from haystack_integrations.common.multimodal_rag.runtime import check_positive_int, run_in_thread
-from haystack_integrations.common.multimodal_rag.sources import MODALITIES, SourceError, modality_of
-from haystack_integrations.common.multimodal_rag.stats import ks_two_sample, psi
+from haystack_integrations.common.multimodal_rag.errors import DriftStateError, MediaError
+from haystack_integrations.common.multimodal_rag.inputs.media import MODALITIES, modality_of
+from haystack_integrations.common.multimodal_rag.numerics.statistics import ks_two_sample, psi
+from haystack_integrations.common.multimodal_rag.validation import check_positive_int
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("mean_gap", "ks", "psi")
 GROUPS = ("text", "visual")  # the gap is text minus image/page
 _STATE_VERSION = 1
-
-
-class DriftStateError(RuntimeError):
-    """The monitor's state file cannot be read; the message names the file."""
 
 
 def _group_of(modality: str) -> str:
@@ -103,7 +100,7 @@ class AlignmentDriftMonitor:
     Kolmogorov-Smirnov test per group, baseline vs window, drift when the smaller p-value is below
     `threshold`; `"psi"`: population stability index per group, drift when the larger PSI exceeds `threshold`.
     The baseline is given explicitly (`baseline={"text": [...], "visual": [...]}` scores, or per modality
-    `"image"`/`"document"`, which are pooled) or frozen from the first `min_samples` scores of each group;
+    `"image"`/`"page"`, which are pooled) or frozen from the first `min_samples` scores of each group;
     `reset_baseline()` re-freezes it from the most recent scores. A warning is logged once when drift starts
     and once when it ends.
 
@@ -350,7 +347,7 @@ class AlignmentDriftMonitor:
     def _modality(self, doc: Document) -> str | None:
         try:
             return modality_of(doc, modality_meta_field=self.modality_meta_field)
-        except SourceError:
+        except MediaError:
             return None  # not counted: no modality group to put the score in
 
     def _evaluate_locked(self) -> dict[str, Any]:
@@ -458,14 +455,3 @@ class AlignmentDriftMonitor:
             if self.state_path is not None and self._calls % self.persist_every == 0:
                 self._save_locked()
         return {"documents": documents, "drift_report": report}
-
-    @component.output_types(documents=list[Document], drift_report=dict)
-    async def run_async(self, documents: list[Document], query: str | None = None) -> dict[str, Any]:
-        """
-        Asynchronous version of `run`.
-
-        :param documents: See `run`.
-        :param query: See `run`.
-        :returns: See `run`.
-        """
-        return await run_in_thread(self.run, documents, query)

@@ -9,33 +9,26 @@ import numpy as np
 from haystack import Document, component, default_from_dict, default_to_dict, logging
 from haystack.utils import ComponentDevice, Secret
 
-from haystack_integrations.common.multimodal_rag.colpali import LateInteractionEncoder
-from haystack_integrations.common.multimodal_rag.hf import LoadSpec, serialize_loading_params
-from haystack_integrations.common.multimodal_rag.maxsim import maxsim
-from haystack_integrations.common.multimodal_rag.multivector import (
-    MultiVectorStore,
-    MultiVectorStoreError,
-    check_store_compatible,
-    with_store_from_dict,
-)
-from haystack_integrations.common.multimodal_rag.runtime import (
-    batched,
-    check_positive_int,
-    check_query,
-    run_in_thread,
-)
-from haystack_integrations.common.multimodal_rag.scoring import (
+from haystack_integrations.common.multimodal_rag.backends.colpali import LateInteractionEncoder
+from haystack_integrations.common.multimodal_rag.backends.loading import LoadSpec, serialize_loading_params
+from haystack_integrations.common.multimodal_rag.errors import MediaError, MultiVectorStoreError
+from haystack_integrations.common.multimodal_rag.inputs.media import VISUAL_MODALITIES, classify, load_images, locate
+from haystack_integrations.common.multimodal_rag.numerics.maxsim import maxsim
+from haystack_integrations.common.multimodal_rag.numerics.ranking import (
     DENSE_SCORE_META_KEY,
     LATE_INTERACTION_SCORE_META_KEY,
     check_top_k_and_threshold,
     select_top,
 )
-from haystack_integrations.common.multimodal_rag.sources import (
-    VISUAL_MODALITIES,
-    SourceError,
-    classify,
-    load_images,
-    locate,
+from haystack_integrations.common.multimodal_rag.validation import (
+    batched,
+    check_positive_int,
+    check_query,
+)
+from haystack_integrations.document_stores.multivector.protocol import (
+    MultiVectorStore,
+    check_store_compatible,
+    with_store_from_dict,
 )
 
 logger = logging.getLogger(__name__)
@@ -238,22 +231,22 @@ class ColPaliRanker:
                 continue
             try:
                 modality = classify(doc, file_path_meta_field=self.file_path_meta_field)
-            except SourceError as e:
+            except MediaError as e:
                 problems[doc.id] = str(e)
                 continue
             if modality not in VISUAL_MODALITIES:
                 continue  # text: keeps its score, no warning
             try:
                 source = locate(doc, modality, file_path_meta_field=self.file_path_meta_field, root_path=self.root_path)
-            except SourceError as e:
+            except MediaError as e:
                 problems[doc.id] = str(e)
                 continue
             to_encode.append((doc, source))
         for chunk in batched(to_encode, self.batch_size):
             loaded = load_images([source for _, source in chunk])
-            ok = [(doc, img) for (doc, _), img in zip(chunk, loaded, strict=True) if not isinstance(img, SourceError)]
+            ok = [(doc, img) for (doc, _), img in zip(chunk, loaded, strict=True) if not isinstance(img, MediaError)]
             for (doc, _), img in zip(chunk, loaded, strict=True):
-                if isinstance(img, SourceError):
+                if isinstance(img, MediaError):
                     problems[doc.id] = str(img)
             if not ok:
                 continue
@@ -324,22 +317,3 @@ class ColPaliRanker:
                 score = raw / n_query_tokens if self.normalize_scores else raw
             ranked.append(replace(doc, score=score, meta=meta))
         return {"documents": select_top(ranked, top_k=top_k, score_threshold=score_threshold)}
-
-    @component.output_types(documents=list[Document])
-    async def run_async(
-        self,
-        query: str,
-        documents: list[Document],
-        top_k: int | None = None,
-        score_threshold: float | None = None,
-    ) -> dict[str, list[Document]]:
-        """
-        Asynchronous version of `run`: the model runs in a worker thread.
-
-        :param query: See `run`.
-        :param documents: See `run`.
-        :param top_k: See `run`.
-        :param score_threshold: See `run`.
-        :returns: See `run`.
-        """
-        return await run_in_thread(self.run, query, documents, top_k, score_threshold)

@@ -10,8 +10,9 @@ from typing import Any
 import numpy as np
 from haystack import Document, component, default_from_dict, default_to_dict, logging
 
-from haystack_integrations.common.multimodal_rag.runtime import run_in_thread
-from haystack_integrations.common.multimodal_rag.scoring import (
+from haystack_integrations.common.multimodal_rag.errors import MediaError
+from haystack_integrations.common.multimodal_rag.inputs.media import MODALITIES, modality_of
+from haystack_integrations.common.multimodal_rag.numerics.ranking import (
     CALIBRATED_DENSE_SCORE_META_KEY,
     CALIBRATED_LATE_SCORE_META_KEY,
     CROSS_ENCODER_SCORE_META_KEY,
@@ -21,8 +22,7 @@ from haystack_integrations.common.multimodal_rag.scoring import (
     check_top_k_and_threshold,
     select_top,
 )
-from haystack_integrations.common.multimodal_rag.sources import MODALITIES, SourceError, modality_of
-from haystack_integrations.common.multimodal_rag.stats import (
+from haystack_integrations.common.multimodal_rag.numerics.statistics import (
     DEFAULT_N_QUANTILES,
     ecdf_transform,
     fit_reference,
@@ -219,7 +219,7 @@ class ModalityScoreCalibrator:
     def _modality(self, doc: Document) -> str:
         try:
             return modality_of(doc, modality_meta_field=self.modality_meta_field)
-        except SourceError as e:
+        except MediaError as e:
             msg = f"ModalityScoreCalibrator: document '{doc.id}': {e}"
             raise ValueError(msg) from e
 
@@ -411,17 +411,3 @@ class ModalityScoreCalibrator:
             meta.setdefault(DENSE_SCORE_META_KEY, doc.score)
             out.append(replace(doc, score=fused, meta=meta))
         return {"documents": select_top(out, top_k=top_k, score_threshold=None)}
-
-    @component.output_types(documents=list[Document])
-    async def run_async(
-        self, documents: list[Document], query: str | None = None, top_k: int | None = None
-    ) -> dict[str, list[Document]]:
-        """
-        Asynchronous version of `run` (the work is CPU-only and short; it runs in a worker thread).
-
-        :param documents: See `run`.
-        :param query: See `run`.
-        :param top_k: See `run`.
-        :returns: See `run`.
-        """
-        return await run_in_thread(self.run, documents, query, top_k)

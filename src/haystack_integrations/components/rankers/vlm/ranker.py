@@ -9,28 +9,23 @@ from haystack import Document, component, default_from_dict, default_to_dict, lo
 from haystack.utils import ComponentDevice, Secret
 from PIL import Image
 
-from haystack_integrations.common.multimodal_rag.hf import LoadSpec, ModelLoadError, serialize_loading_params
-from haystack_integrations.common.multimodal_rag.runtime import (
-    batched,
-    check_image_size,
-    check_positive_int,
-    check_query,
-    compile_template,
-    run_in_thread,
-)
-from haystack_integrations.common.multimodal_rag.scoring import (
+from haystack_integrations.common.multimodal_rag.backends.loading import LoadSpec, serialize_loading_params
+from haystack_integrations.common.multimodal_rag.backends.vlm import VisionLanguageModel
+from haystack_integrations.common.multimodal_rag.errors import MediaError, ModelLoadError
+from haystack_integrations.common.multimodal_rag.inputs.media import VISUAL_MODALITIES, load_document_image, modality_of
+from haystack_integrations.common.multimodal_rag.numerics.ranking import (
     CROSS_ENCODER_SCORE_META_KEY,
     DENSE_SCORE_META_KEY,
     check_top_k_and_threshold,
     score_sort_key,
 )
-from haystack_integrations.common.multimodal_rag.sources import (
-    VISUAL_MODALITIES,
-    SourceError,
-    load_document_image,
-    modality_of,
+from haystack_integrations.common.multimodal_rag.validation import (
+    batched,
+    check_image_size,
+    check_positive_int,
+    check_query,
+    compile_template,
 )
-from haystack_integrations.common.multimodal_rag.vlm import VisionLanguageModel
 
 logger = logging.getLogger(__name__)
 
@@ -199,7 +194,7 @@ class VisionLanguageRanker:
         return default_from_dict(cls, data)
 
     def _prepare(self, query: str, doc: Document) -> tuple[list[dict[str, Any]], list[Image.Image]]:
-        """The chat messages and images of one candidate (raises SourceError for unreadable images)."""
+        """The chat messages and images of one candidate (raises MediaError for unreadable images)."""
         modality = modality_of(doc, file_path_meta_field=self.file_path_meta_field)
         images: list[Image.Image] = []
         parts: list[dict[str, Any]] = []
@@ -264,7 +259,7 @@ class VisionLanguageRanker:
         for doc in window:
             try:
                 messages, images = self._prepare(query, doc)
-            except SourceError as e:
+            except MediaError as e:
                 unreadable.append(doc)
                 problems.append(f"'{doc.id}': {e}")
                 continue
@@ -294,22 +289,3 @@ class VisionLanguageRanker:
             unjudged = sorted(unreadable + rest, key=score_sort_key)
             ranked = judged + [replace(d, meta={DENSE_SCORE_META_KEY: d.score, **d.meta}) for d in unjudged]
         return {"documents": ranked[:top_k]}
-
-    @component.output_types(documents=list[Document])
-    async def run_async(
-        self,
-        query: str,
-        documents: list[Document],
-        top_k: int | None = None,
-        score_threshold: float | None = None,
-    ) -> dict[str, list[Document]]:
-        """
-        Asynchronous version of `run`: the model runs in a worker thread.
-
-        :param query: See `run`.
-        :param documents: See `run`.
-        :param top_k: See `run`.
-        :param score_threshold: See `run`.
-        :returns: See `run`.
-        """
-        return await run_in_thread(self.run, query, documents, top_k, score_threshold)

@@ -14,13 +14,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from haystack_integrations.common.multimodal_rag.hf import (
+from haystack_integrations.common.multimodal_rag.backends.loading import (
     CachedModel,
     LoadSpec,
-    ModelLoadError,
     load_model_and_processor,
     model_dtype,
 )
+from haystack_integrations.common.multimodal_rag.errors import ModelLoadError
 
 _TEXT_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids")
 

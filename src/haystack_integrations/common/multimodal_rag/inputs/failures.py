@@ -18,30 +18,6 @@ ON_ERROR_VALUES: tuple[str, ...] = ("raise", "skip")
 EMBEDDING_ERROR_META_KEY = "embedding_error"
 
 
-class DocumentProcessingError(ValueError):
-    """
-    Raised when one or more documents cannot be processed and `on_error="raise"`.
-
-    The message names every failing document id with its reason; `failures` holds the same pairs.
-    """
-
-    def __init__(self, component: str, failures: list[tuple[str, str]]) -> None:
-        """
-        Create the error.
-
-        :param component: Name of the component that failed (used in the message).
-        :param failures: `(document_id, reason)` pairs, in input order.
-        """
-        self.component = component
-        self.failures = list(failures)
-        lines = "\n".join(f"  - document '{doc_id}': {reason}" for doc_id, reason in self.failures)
-        noun = "document" if len(self.failures) == 1 else "documents"
-        super().__init__(
-            f"{component}: {len(self.failures)} {noun} could not be processed "
-            f"(nothing was returned; pass on_error='skip' to get them back in 'failed_documents'):\n{lines}"
-        )
-
-
 def validate_on_error(on_error: str) -> None:
     """
     Check an `on_error` parameter value.

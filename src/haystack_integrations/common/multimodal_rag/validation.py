@@ -2,25 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-import functools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar
 
 T = TypeVar("T")
-
-
-async def run_in_thread(func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
-    """
-    Run a blocking function in the default executor, so an async pipeline's event loop stays free.
-
-    :param func: The blocking function (typically a component's `run`).
-    :param args: Positional arguments.
-    :param kwargs: Keyword arguments.
-    :returns: What `func` returns.
-    """
-    loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(None, functools.partial(func, *args, **kwargs))
 
 
 def batched(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:

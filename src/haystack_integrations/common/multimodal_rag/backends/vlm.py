@@ -16,13 +16,13 @@ import torch
 from haystack.dataclasses import ChatMessage, ChatRole, ImageContent
 from PIL import Image
 
-from haystack_integrations.common.multimodal_rag.hf import (
+from haystack_integrations.common.multimodal_rag.backends.loading import (
     CachedModel,
     LoadSpec,
-    ModelLoadError,
     load_model_and_processor,
     model_dtype,
 )
+from haystack_integrations.common.multimodal_rag.errors import ModelLoadError
 
 
 class VisionLanguageModel(CachedModel):

@@ -7,8 +7,10 @@ retriever, ...), and our `QdrantMultiVectorStore` may point at the same folder, 
 would open it.
 
 This module keeps a reference-counted client per resolved folder. `QdrantMultiVectorStore` takes its
-client from here, and `share_embedded_qdrant_document_stores()` (run when this package is imported)
-makes every `QdrantDocumentStore` with a `path` do the same. Stores with a `url`, `host` or
+client from here, and `share_embedded_qdrant_document_stores()` makes every `QdrantDocumentStore` with a
+`path` do the same. Nothing happens on import: `load_pipeline` and the first connection of a
+`QdrantMultiVectorStore` turn the sharing on; a hand-built pipeline calls it once before building its
+stores. Stores with a `url`, `host` or
 `location` (server, cluster, ":memory:") are not affected. Set `MULTIMODAL_RAG_SHARE_EMBEDDED_QDRANT=0`
 to turn the document-store sharing off.
 """
@@ -49,6 +51,7 @@ def acquire_local_client(path: str | os.PathLike[str]) -> Any:
     """
     import qdrant_client
 
+    share_embedded_qdrant_document_stores()
     key = folder_key(path)
     with _LOCK:
         entry = _CLIENTS.get(key)

@@ -21,11 +21,9 @@ import torch
 from haystack.utils import ComponentDevice, Secret
 from haystack.utils.hf import deserialize_hf_model_kwargs, serialize_hf_model_kwargs
 
+from haystack_integrations.common.multimodal_rag.errors import ModelLoadError
+
 T = TypeVar("T")
-
-
-class ModelLoadError(RuntimeError):
-    """A model or processor could not be loaded; the message says which and how to fix it."""
 
 
 def default_token() -> Secret:

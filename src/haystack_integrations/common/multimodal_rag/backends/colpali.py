@@ -17,14 +17,14 @@ import torch
 from haystack.utils import Secret
 from PIL import Image
 
-from haystack_integrations.common.multimodal_rag.hf import (
+from haystack_integrations.common.multimodal_rag.backends.loading import (
     CachedModel,
     LoadSpec,
-    ModelLoadError,
     describe_fix,
     load_model_and_processor,
     read_checkpoint_json,
 )
+from haystack_integrations.common.multimodal_rag.errors import ModelLoadError
 
 # colpali-engine model class -> its processor class.
 _PROCESSORS: dict[str, str] = {

@@ -12,11 +12,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from haystack_integrations.common.multimodal_rag.errors import MultiVectorStoreError
+
 SUPPORTED_DTYPES: tuple[str, ...] = ("float16", "float32")
-
-
-class MultiVectorStoreError(ValueError):
-    """A multi-vector store was used with vectors or settings it cannot accept."""
 
 
 @runtime_checkable

@@ -14,17 +14,17 @@ from pathlib import Path
 from haystack import Document
 from PIL import Image
 
-from haystack_integrations.common.multimodal_rag.failures import DocumentProcessingError, mark_failed
-from haystack_integrations.common.multimodal_rag.runtime import batched
-from haystack_integrations.common.multimodal_rag.sources import (
+from haystack_integrations.common.multimodal_rag.errors import DocumentProcessingError, MediaError
+from haystack_integrations.common.multimodal_rag.inputs.failures import mark_failed
+from haystack_integrations.common.multimodal_rag.inputs.media import (
     VISUAL_MODALITIES,
-    SourceError,
-    VisualSource,
+    MediaLocation,
     classify,
     load_images,
     locate,
     probe,
 )
+from haystack_integrations.common.multimodal_rag.validation import batched
 
 
 @dataclass
@@ -38,7 +38,7 @@ class DocumentPlan:
     """
 
     modalities: list[str | None]
-    sources: dict[int, VisualSource] = field(default_factory=dict)
+    sources: dict[int, MediaLocation] = field(default_factory=dict)
     failures: dict[int, str] = field(default_factory=dict)
 
     def indices(self, *modalities: str) -> list[int]:
@@ -80,7 +80,7 @@ def plan_documents(
                 modality = source.modality
                 plan.sources[i] = source
             plan.modalities[i] = modality
-        except SourceError as e:
+        except MediaError as e:
             plan.failures[i] = str(e)
     return plan
 
@@ -117,7 +117,7 @@ def iter_image_batches(
         images: list[Image.Image] = []
         failed: dict[int, str] = {}
         for i, result in zip(chunk, loaded, strict=True):
-            if isinstance(result, SourceError):
+            if isinstance(result, MediaError):
                 failed[i] = str(result)
             else:
                 ok_positions.append(i)

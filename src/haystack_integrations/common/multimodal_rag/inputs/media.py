@@ -6,8 +6,13 @@ and the error messages are the same everywhere:
 
 - `meta["modality"]` set by the user (or an earlier component) wins when it is valid;
 - otherwise a `blob` or the file named by `meta[file_path_meta_field]` decides: an image MIME type
-  gives `"image"`, a PDF gives `"document"` (the page is `meta["page_number"]`, 1-based);
+  gives `"image"`, a PDF gives `"page"` (the page is `meta["page_number"]`, 1-based);
 - otherwise non-blank `content` gives `"text"`.
+
+A document that has non-blank `content` and no declared modality is text even when it also names a file:
+Haystack's own PDF converter + splitter produce chunks that carry the PDF's `file_path` and `page_number`,
+and those are text chunks, not page images. The old name `"document"` for a PDF page is accepted (with a
+`DeprecationWarning`) for one release and read as `"page"`.
 
 Paths are resolved against `root_path` when one is given, and a path that escapes it is refused.
 Pillow's decompression-bomb limit stays on: an image larger than `PIL.Image.MAX_IMAGE_PIXELS` is an
@@ -19,6 +24,7 @@ from __future__ import annotations
 import io
 import mimetypes
 import threading
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +34,13 @@ import pypdfium2 as pdfium
 from haystack import Document
 from PIL import Image, UnidentifiedImageError
 
-Modality = Literal["text", "image", "document"]
-MODALITIES: tuple[str, ...] = ("text", "image", "document")
-VISUAL_MODALITIES: tuple[str, ...] = ("image", "document")
+from haystack_integrations.common.multimodal_rag.errors import MediaError
+
+Modality = Literal["text", "image", "page"]
+MODALITIES: tuple[str, ...] = ("text", "image", "page")
+VISUAL_MODALITIES: tuple[str, ...] = ("image", "page")
+#: Deprecated spelling of `"page"` (until 0.3): read as `"page"` with a DeprecationWarning.
+DEPRECATED_PAGE_MODALITY = "document"
 
 MODALITY_META_KEY = "modality"
 PAGE_NUMBER_META_KEY = "page_number"
@@ -46,17 +56,13 @@ _PDF_MAGIC = b"%PDF-"
 _PDFIUM_LOCK = threading.RLock()
 
 
-class SourceError(ValueError):
-    """A document's text or image source is unusable; the message is the reason."""
-
-
 @dataclass(frozen=True)
-class VisualSource:
+class MediaLocation:
     """
     Where the pixels of an image or PDF-page document come from.
 
     :param document_id: Id of the document.
-    :param modality: `"image"` or `"document"` (a PDF page).
+    :param modality: `"image"` or `"page"` (a PDF page).
     :param path: Resolved file path, when the pixels come from a file.
     :param data: Raw bytes, when the pixels come from the document's blob.
     :param page_number: 1-based page, for PDFs.
@@ -73,7 +79,7 @@ class VisualSource:
     @property
     def is_pdf(self) -> bool:
         """True when the source is a PDF page."""
-        return self.modality == "document"
+        return self.modality == "page"
 
 
 def _kind_from_mime(mime_type: str | None) -> str | None:
@@ -109,64 +115,79 @@ def _has_text(document: Document) -> bool:
     return isinstance(document.content, str) and document.content.strip() != ""
 
 
+def declared_modality(value: Any, *, meta_field: str = MODALITY_META_KEY) -> str | None:
+    """
+    Validate a recorded modality, translating the deprecated `"document"` to `"page"`.
+
+    :param value: The value of `meta[meta_field]` (`None` when absent).
+    :param meta_field: The meta key, for messages.
+    :returns: `"text"`, `"image"`, `"page"` or `None`.
+    :raises MediaError: On any other value.
+    """
+    if value is None:
+        return None
+    if value == DEPRECATED_PAGE_MODALITY:
+        warnings.warn(
+            f"meta['{meta_field}'] = 'document' is deprecated and will be refused in 0.3: a PDF page's modality "
+            "is now 'page'",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        return "page"
+    if value not in MODALITIES:
+        msg = f"unknown modality {value!r} in meta['{meta_field}'] (expected one of {MODALITIES})"
+        raise MediaError(msg)
+    return str(value)
+
+
 def classify(document: Document, *, file_path_meta_field: str = "file_path") -> str:
     """
     Decide the modality of a document without reading pixels.
 
     :param document: The document.
     :param file_path_meta_field: Meta key holding the path of the image or PDF.
-    :returns: `"text"`, `"image"` or `"document"`.
-    :raises SourceError: When the document has nothing usable or declares an unknown modality.
+    :returns: `"text"`, `"image"` or `"page"`.
+    :raises MediaError: When the document has nothing usable or declares an unknown modality.
     """
-    declared = document.meta.get(MODALITY_META_KEY)
-    if declared is not None and declared not in MODALITIES:
-        msg = f"unknown modality {declared!r} in meta['{MODALITY_META_KEY}'] (expected one of {MODALITIES})"
-        raise SourceError(msg)
-    if declared == "text":
+    declared = declared_modality(document.meta.get(MODALITY_META_KEY))
+    if declared == "text" or (declared is None and _has_text(document)):
         if not _has_text(document):
             msg = "meta['modality'] is 'text' but the document has no text content"
-            raise SourceError(msg)
+            raise MediaError(msg)
         return "text"
-    # A declared "image"/"document" still needs a source; the source decides which of the two it is.
-    text_allowed = declared is None and _has_text(document)
+    # A declared "image"/"page" still needs a source; the source decides which of the two it is.
 
     if document.blob is not None:
         kind = _kind_from_mime(document.blob.mime_type)
         if kind is None:
             kind = _kind_from_bytes(document.blob.data[:4096])
         if kind == "pdf":
-            return "document"
+            return "page"
         if kind == "image":
             return "image"
-        if text_allowed:
-            return "text"
         mime = document.blob.mime_type or "unknown"
         msg = f"unsupported MIME type '{mime}' for the document's blob (expected an image or a PDF)"
-        raise SourceError(msg)
+        raise MediaError(msg)
 
     file_path = document.meta.get(file_path_meta_field)
     if file_path is not None:
         kind = _guess_path_kind(str(file_path))
         if kind == "pdf":
-            return "document"
+            return "page"
         if kind == "image":
             return "image"
-        if text_allowed:
-            return "text"
         if kind is None:
             # No telling extension: `locate` sniffs the file's first bytes.
             return "image"
         mime_type, _ = mimetypes.guess_type(str(file_path))
         msg = f"unsupported MIME type '{mime_type}' for file '{file_path}' (expected an image or a PDF)"
-        raise SourceError(msg)
+        raise MediaError(msg)
 
-    if text_allowed:
-        return "text"
     if declared is not None:
         msg = f"meta['modality'] is {declared!r} but the document has no blob and no meta['{file_path_meta_field}']"
-        raise SourceError(msg)
+        raise MediaError(msg)
     msg = f"document has neither text content nor an image (no blob and no meta['{file_path_meta_field}'])"
-    raise SourceError(msg)
+    raise MediaError(msg)
 
 
 def modality_of(
@@ -181,16 +202,13 @@ def modality_of(
     :param document: The document.
     :param modality_meta_field: Meta key the modality is recorded under.
     :param file_path_meta_field: Meta key holding the file path (for inference).
-    :returns: `"text"`, `"image"` or `"document"`.
-    :raises SourceError: On an unknown recorded value, or when none is recorded and none can be inferred.
+    :returns: `"text"`, `"image"` or `"page"`.
+    :raises MediaError: On an unknown recorded value, or when none is recorded and none can be inferred.
     """
-    value = document.meta.get(modality_meta_field)
+    value = declared_modality(document.meta.get(modality_meta_field), meta_field=modality_meta_field)
     if value is None:
         return classify(document, file_path_meta_field=file_path_meta_field)
-    if value not in MODALITIES:
-        msg = f"unknown modality {value!r} in meta['{modality_meta_field}'] (expected one of {MODALITIES})"
-        raise SourceError(msg)
-    return str(value)
+    return value
 
 
 def resolve_path(file_path: str | Path, root_path: str | Path | None) -> Path:
@@ -201,7 +219,7 @@ def resolve_path(file_path: str | Path, root_path: str | Path | None) -> Path:
     :param root_path: Directory that relative paths are resolved against and that every path must stay in.
         `None` resolves relative paths against the working directory and allows any path.
     :returns: The resolved absolute path.
-    :raises SourceError: On path traversal outside `root_path`.
+    :raises MediaError: On path traversal outside `root_path`.
     """
     path = Path(file_path).expanduser()
     if root_path is None:
@@ -210,7 +228,7 @@ def resolve_path(file_path: str | Path, root_path: str | Path | None) -> Path:
     candidate = (root / path).resolve()
     if not candidate.is_relative_to(root):
         msg = f"file '{file_path}' resolves outside root_path '{root_path}' (path traversal refused)"
-        raise SourceError(msg)
+        raise MediaError(msg)
     return candidate
 
 
@@ -221,7 +239,7 @@ def _check_pixel_limit(width: int, height: int, label: str) -> None:
             f"image {label} is {width}x{height} = {width * height} pixels, over Pillow's decompression-bomb "
             f"limit of {limit} pixels (PIL.Image.MAX_IMAGE_PIXELS)"
         )
-        raise SourceError(msg)
+        raise MediaError(msg)
 
 
 def _open_image(fp: Any, label: str) -> Image.Image:
@@ -229,13 +247,13 @@ def _open_image(fp: Any, label: str) -> Image.Image:
         img = Image.open(fp)
     except Image.DecompressionBombError as e:
         msg = f"image {label} exceeds Pillow's decompression-bomb limit: {e}"
-        raise SourceError(msg) from e
+        raise MediaError(msg) from e
     except UnidentifiedImageError as e:
         msg = f"cannot identify image {label}: the file is corrupt or not an image"
-        raise SourceError(msg) from e
+        raise MediaError(msg) from e
     except OSError as e:
         msg = f"cannot read image {label}: {e}"
-        raise SourceError(msg) from e
+        raise MediaError(msg) from e
     _check_pixel_limit(img.width, img.height, label)
     return img
 
@@ -247,15 +265,15 @@ def _decode_image(fp: Any, label: str) -> Image.Image:
         return img.convert("RGB")
     except Image.DecompressionBombError as e:
         msg = f"image {label} exceeds Pillow's decompression-bomb limit: {e}"
-        raise SourceError(msg) from e
+        raise MediaError(msg) from e
     except (OSError, SyntaxError, ValueError) as e:
         msg = f"image {label} is corrupt or truncated: {e}"
-        raise SourceError(msg) from e
+        raise MediaError(msg) from e
     finally:
         img.close()
 
 
-def _open_pdf(source: VisualSource) -> pdfium.PdfDocument:
+def _open_pdf(source: MediaLocation) -> pdfium.PdfDocument:
     with _PDFIUM_LOCK:
         try:
             if source.data is not None:
@@ -263,10 +281,10 @@ def _open_pdf(source: VisualSource) -> pdfium.PdfDocument:
             return pdfium.PdfDocument(str(source.path))
         except pdfium.PdfiumError as e:
             msg = f"cannot open PDF {source.label}: {e} (the file is corrupt or truncated)"
-            raise SourceError(msg) from e
+            raise MediaError(msg) from e
 
 
-def _page_index(source: VisualSource, n_pages: int) -> int:
+def _page_index(source: MediaLocation, n_pages: int) -> int:
     page_number = source.page_number
     if page_number is None:
         if n_pages == 1:
@@ -275,14 +293,14 @@ def _page_index(source: VisualSource, n_pages: int) -> int:
             f"PDF {source.label} has {n_pages} pages but the document has no meta['{PAGE_NUMBER_META_KEY}'] "
             "saying which one it is (1-based)"
         )
-        raise SourceError(msg)
+        raise MediaError(msg)
     if page_number < 1 or page_number > n_pages:
         msg = f"page_number {page_number} is beyond PDF {source.label}, which has {n_pages} page(s)"
-        raise SourceError(msg)
+        raise MediaError(msg)
     return page_number - 1
 
 
-def _render_page(pdf: pdfium.PdfDocument, source: VisualSource, max_side: int | None) -> Image.Image:
+def _render_page(pdf: pdfium.PdfDocument, source: MediaLocation, max_side: int | None) -> Image.Image:
     with _PDFIUM_LOCK:
         n_pages = len(pdf)
         index = _page_index(source, n_pages)
@@ -305,7 +323,7 @@ def _render_page(pdf: pdfium.PdfDocument, source: VisualSource, max_side: int | 
                 page.close()
         except pdfium.PdfiumError as e:
             msg = f"cannot render page {index + 1} of PDF {source.label}: {e}"
-            raise SourceError(msg) from e
+            raise MediaError(msg) from e
     return image
 
 
@@ -315,12 +333,12 @@ def _parse_page_number(document: Document) -> int | None:
         return None
     if isinstance(raw, bool) or not isinstance(raw, (int, str)):
         msg = f"meta['{PAGE_NUMBER_META_KEY}'] must be a 1-based integer, got {raw!r}"
-        raise SourceError(msg)
+        raise MediaError(msg)
     try:
         return int(raw)
     except ValueError as e:
         msg = f"meta['{PAGE_NUMBER_META_KEY}'] must be a 1-based integer, got {raw!r}"
-        raise SourceError(msg) from e
+        raise MediaError(msg) from e
 
 
 def locate(
@@ -329,54 +347,54 @@ def locate(
     *,
     file_path_meta_field: str = "file_path",
     root_path: str | Path | None = None,
-) -> VisualSource:
+) -> MediaLocation:
     """
     Find where an image or page document's pixels live, checking the path but not reading pixels.
 
     :param document: The document.
-    :param modality: Its modality, from `classify` (`"image"` or `"document"`).
+    :param modality: Its modality, from `classify` (`"image"` or `"page"`).
     :param file_path_meta_field: Meta key holding the file path.
     :param root_path: See `resolve_path`.
     :returns: The source.
-    :raises SourceError: Missing file, path traversal, a directory, a zero-byte file.
+    :raises MediaError: Missing file, path traversal, a directory, a zero-byte file.
     """
-    page_number = _parse_page_number(document) if modality == "document" else None
+    page_number = _parse_page_number(document) if modality == "page" else None
     if document.blob is not None:
         if len(document.blob.data) == 0:
             msg = "the document's blob is empty (zero bytes)"
-            raise SourceError(msg)
-        return VisualSource(
+            raise MediaError(msg)
+        return MediaLocation(
             document_id=document.id, modality=modality, data=document.blob.data, page_number=page_number, label="blob"
         )
     file_path = document.meta.get(file_path_meta_field)
     if file_path is None:
         msg = f"document is marked '{modality}' but has no blob and no meta['{file_path_meta_field}']"
-        raise SourceError(msg)
+        raise MediaError(msg)
     path = resolve_path(file_path, root_path)
     label = f"'{file_path}'"
     if not path.exists():
         msg = f"file {label} does not exist" + (f" (looked in root_path '{root_path}')" if root_path else "")
-        raise SourceError(msg)
+        raise MediaError(msg)
     if not path.is_file():
         msg = f"file {label} is not a regular file"
-        raise SourceError(msg)
+        raise MediaError(msg)
     if path.stat().st_size == 0:
         msg = f"file {label} is empty (zero bytes)"
-        raise SourceError(msg)
+        raise MediaError(msg)
     if modality == "image" and _guess_path_kind(str(file_path)) is None:
         # Extension says nothing: look at the first bytes.
         with path.open("rb") as fh:
             kind = _kind_from_bytes(fh.read(4096))
         if kind == "pdf":
-            modality = "document"
+            modality = "page"
             page_number = _parse_page_number(document)
         elif kind != "image":
             msg = f"unsupported file type for {label}: it is neither an image nor a PDF"
-            raise SourceError(msg)
-    return VisualSource(document_id=document.id, modality=modality, path=path, page_number=page_number, label=label)
+            raise MediaError(msg)
+    return MediaLocation(document_id=document.id, modality=modality, path=path, page_number=page_number, label=label)
 
 
-def probe(source: VisualSource, *, decode: bool = True) -> None:
+def probe(source: MediaLocation, *, decode: bool = True) -> None:
     """
     Check that a source's pixels can be read: the image, or the PDF and its page.
 
@@ -386,7 +404,7 @@ def probe(source: VisualSource, *, decode: bool = True) -> None:
     :param decode: Decode the image fully (catches every corrupt file, at the cost of a second decode later).
         `False` parses the header and runs Pillow's integrity check (`verify`): it catches unreadable files,
         decompression bombs and truncated PNGs without decoding, but a truncated JPEG may only fail when loaded.
-    :raises SourceError: Corrupt or truncated image or PDF, page out of range, decompression bomb.
+    :raises MediaError: Corrupt or truncated image or PDF, page out of range, decompression bomb.
     """
     if source.is_pdf:
         pdf = _open_pdf(source)
@@ -397,7 +415,7 @@ def probe(source: VisualSource, *, decode: bool = True) -> None:
                     pdf[index].close()
                 except pdfium.PdfiumError as e:
                     msg = f"cannot load page {index + 1} of PDF {source.label}: {e}"
-                    raise SourceError(msg) from e
+                    raise MediaError(msg) from e
         finally:
             with _PDFIUM_LOCK:
                 pdf.close()
@@ -410,26 +428,26 @@ def probe(source: VisualSource, *, decode: bool = True) -> None:
         img.verify()
     except (OSError, SyntaxError, ValueError) as e:
         msg = f"image {source.label} is corrupt or truncated: {e}"
-        raise SourceError(msg) from e
+        raise MediaError(msg) from e
     finally:
         img.close()
 
 
-def _read_image(source: VisualSource) -> Image.Image:
+def _read_image(source: MediaLocation) -> Image.Image:
     if source.data is not None:
         return _decode_image(io.BytesIO(source.data), source.label)
     return _decode_image(source.path, source.label)
 
 
-def load_images(sources: Sequence[VisualSource], *, max_side: int | None = None) -> list[Image.Image | SourceError]:
+def load_images(sources: Sequence[MediaLocation], *, max_side: int | None = None) -> list[Image.Image | MediaError]:
     """
     Decode a batch of sources into RGB images, opening each distinct PDF once.
 
     :param sources: The sources of one batch.
     :param max_side: Longest side of rendered PDF pages (images are returned at their own size).
-    :returns: One RGB `PIL.Image` per source, or the `SourceError` that source raised, in order.
+    :returns: One RGB `PIL.Image` per source, or the `MediaError` that source raised, in order.
     """
-    results: list[Image.Image | SourceError] = []
+    results: list[Image.Image | MediaError] = []
     open_pdfs: dict[Any, pdfium.PdfDocument] = {}
     try:
         for source in sources:
@@ -443,7 +461,7 @@ def load_images(sources: Sequence[VisualSource], *, max_side: int | None = None)
                     results.append(_render_page(pdf, source, max_side))
                 else:
                     results.append(_read_image(source))
-            except SourceError as e:
+            except MediaError as e:
                 results.append(e)
     finally:
         with _PDFIUM_LOCK:
@@ -452,17 +470,17 @@ def load_images(sources: Sequence[VisualSource], *, max_side: int | None = None)
     return results
 
 
-def load_image(source: VisualSource, *, max_side: int | None = None) -> Image.Image:
+def load_image(source: MediaLocation, *, max_side: int | None = None) -> Image.Image:
     """
     Decode one source into an RGB image.
 
     :param source: The source.
     :param max_side: Longest side of a rendered PDF page.
     :returns: The image.
-    :raises SourceError: When it cannot be read.
+    :raises MediaError: When it cannot be read.
     """
     result = load_images([source], max_side=max_side)[0]
-    if isinstance(result, SourceError):
+    if isinstance(result, MediaError):
         raise result
     return result
 
@@ -479,13 +497,13 @@ def load_document_image(
     Locate and decode the image of an image or PDF-page document, shrunk to fit a `(width, height)` box.
 
     :param document: The document.
-    :param modality: Its modality (`"image"` or `"document"`).
+    :param modality: Its modality (`"image"` or `"page"`).
     :param file_path_meta_field: Meta key holding the file path.
     :param root_path: See `resolve_path`.
     :param fit: Box the image is shrunk into (aspect ratio kept; PDF pages are rendered at that size); `None`
         keeps the image's own size.
     :returns: The RGB image.
-    :raises SourceError: When it cannot be located or read.
+    :raises MediaError: When it cannot be located or read.
     """
     source = locate(document, modality, file_path_meta_field=file_path_meta_field, root_path=root_path)
     image = load_image(source, max_side=max(fit) if fit is not None else None)
@@ -500,9 +518,9 @@ def pdf_page_count(path: str | Path) -> int:
 
     :param path: The PDF.
     :returns: The number of pages.
-    :raises SourceError: When the PDF cannot be opened.
+    :raises MediaError: When the PDF cannot be opened.
     """
-    source = VisualSource(document_id="", modality="document", path=Path(path), label=f"'{path}'")
+    source = MediaLocation(document_id="", modality="page", path=Path(path), label=f"'{path}'")
     pdf = _open_pdf(source)
     with _PDFIUM_LOCK:
         try:

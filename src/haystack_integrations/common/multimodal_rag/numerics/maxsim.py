@@ -78,15 +78,3 @@ def maxsim(query: ArrayLike, pages: Sequence[ArrayLike]) -> np.ndarray:
                 page32.copy_(page)
             scores[i] = torch.mm(query_t, page32.T).amax(dim=1).sum()
     return scores.numpy()
-
-
-def maxsim_reference(query: ArrayLike, pages: Sequence[ArrayLike]) -> np.ndarray:
-    """
-    Straightforward MaxSim, one page at a time in float64 (for tests).
-
-    :param query: `(Lq, d)`.
-    :param pages: Each `(Lp_i, d)`.
-    :returns: `float64` array of shape `(len(pages),)`.
-    """
-    q = _as_tensor(query).to(torch.float64).numpy()
-    return np.array([(q @ _as_tensor(p).to(torch.float64).numpy().T).max(axis=1).sum() for p in pages])

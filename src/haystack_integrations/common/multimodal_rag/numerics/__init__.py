@@ -1,0 +1,1 @@
+"""Private: see haystack_integrations.common.multimodal_rag."""
