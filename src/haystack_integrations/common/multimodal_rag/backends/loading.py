@@ -167,6 +167,7 @@ def load_model_and_processor(
         what=processor_what,
         local_files_only=spec.local_files_only,
         **pretrained_kwargs(token=spec.token, model_kwargs=spec.model_kwargs, for_model=False),
+        **(spec.processor_kwargs or {}),
     )
     hf_model.to(spec.device)
     hf_model.eval()
@@ -234,6 +235,8 @@ class LoadSpec:
     :param token: Hugging Face token (resolved only when loading).
     :param local_files_only: Only use local files / the cache.
     :param model_kwargs: Extra `from_pretrained` keyword arguments.
+    :param processor_kwargs: Extra keyword arguments for the processor's `from_pretrained` (e.g. a visual-token
+        budget: `{"max_pixels": ...}` or `{"max_num_visual_tokens": 768}`); `None` for the backend's defaults.
     """
 
     model: str
@@ -242,6 +245,7 @@ class LoadSpec:
     token: Secret | None
     local_files_only: bool
     model_kwargs: dict[str, Any] | None
+    processor_kwargs: dict[str, Any] | None = None
 
     @classmethod
     def of(cls, component: Any) -> LoadSpec:
@@ -258,12 +262,15 @@ class LoadSpec:
             token=component.token,
             local_files_only=component.local_files_only,
             model_kwargs=component.model_kwargs,
+            processor_kwargs=getattr(component, "processor_kwargs", None),
         )
 
     def cache_key(self) -> str:
         """The settings that identify a loaded model (the token and the asking component do not)."""
         return json.dumps(
-            [self.model, self.device, self.local_files_only, self.model_kwargs], sort_keys=True, default=str
+            [self.model, self.device, self.local_files_only, self.model_kwargs, self.processor_kwargs],
+            sort_keys=True,
+            default=str,
         )
 
 
@@ -304,6 +311,57 @@ class CachedModel:
     @classmethod
     def _load(cls, spec: LoadSpec) -> Self:
         raise NotImplementedError
+
+
+_FINGERPRINT_SAMPLE = 1 << 16
+
+
+def checkpoint_fingerprint(model: str, *, token: Secret | None = None) -> str:
+    """
+    A content fingerprint of a checkpoint: the same weights give the same value wherever the folder lives.
+
+    Hashes `config.json` (or `adapter_config.json`) and, for every `*.safetensors` file, its name, size and the
+    first and last 64 KiB (the safetensors header, with every tensor's name, shape and offset, and samples of
+    the data), so two different fine-tunes of one architecture differ, while moving or copying a folder, or
+    loading it by Hub id instead of path, does not change the value. Reading is bounded (a few hundred KiB).
+
+    :param model: Model id (resolved in the Hugging Face cache, never downloaded: call it after loading) or
+        local directory.
+    :param token: Hugging Face token.
+    :returns: `"sha256:<hex>"`, or `"id:<model>"` when no file of the checkpoint can be read.
+    """
+    import hashlib
+
+    folder = Path(model).expanduser()
+    if not folder.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(
+                snapshot_download(
+                    model,
+                    token=token.resolve_value() if token is not None else None,
+                    local_files_only=True,
+                    allow_patterns=["*.json", "*.safetensors"],
+                )
+            )
+        except Exception:
+            return f"id:{model}"
+    digest = hashlib.sha256()
+    for name in ("config.json", "adapter_config.json"):
+        path = folder / name
+        if path.is_file():
+            digest.update(name.encode())
+            digest.update(path.read_bytes())
+    for path in sorted(folder.glob("*.safetensors")):
+        size = path.stat().st_size
+        digest.update(f"{path.name}:{size}".encode())
+        with path.open("rb") as fh:
+            digest.update(fh.read(_FINGERPRINT_SAMPLE))
+            if size > _FINGERPRINT_SAMPLE:
+                fh.seek(max(size - _FINGERPRINT_SAMPLE, _FINGERPRINT_SAMPLE))
+                digest.update(fh.read(_FINGERPRINT_SAMPLE))
+    return "sha256:" + digest.hexdigest()
 
 
 def serialize_loading_params(component: Any) -> dict[str, Any]:
