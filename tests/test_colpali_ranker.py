@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from pathlib import Path
 
@@ -15,20 +14,16 @@ from haystack.utils import ComponentDevice, Secret
 
 from haystack_integrations.common.multimodal_rag.backends.colpali import (
     LateInteractionEncoder,
-    detect_family,
-    family_from_config,
 )
 from haystack_integrations.common.multimodal_rag.backends.loading import LoadSpec
 from haystack_integrations.common.multimodal_rag.errors import (
-    DocumentProcessingError,
-    ModelLoadError,
     MultiVectorStoreError,
 )
 from haystack_integrations.components.embedders.colpali import ColPaliDocumentEmbedder, ColPaliTextEmbedder
 from haystack_integrations.components.embedders.multimodal import MultimodalDocumentEmbedder, MultimodalTextEmbedder
 from haystack_integrations.components.rankers.colpali import ColPaliRanker
 from haystack_integrations.document_stores.multivector import InMemoryMultiVectorStore, QdrantMultiVectorStore
-from tests.helpers import COLORS, make_corrupt_image, make_image, make_pdf
+from tests.helpers import COLORS, make_image, make_pdf
 
 
 @pytest.fixture
@@ -48,171 +43,6 @@ def _page_docs(pages_dir: Path) -> list[Document]:
 def _embed_pages(model: str, docs: list[Document], store, **kwargs) -> dict[str, list[Document]]:
     kwargs.setdefault("progress_bar", False)
     return ColPaliDocumentEmbedder(model, multivector_store=store, **kwargs).run(docs)
-
-
-# --- model family detection ------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("config", "expected"),
-    [
-        ({"architectures": ["ColQwen2_5"], "model_type": "qwen2_5_vl"}, "ColQwen2_5"),
-        ({"architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl"}, "ColQwen2"),
-        ({"architectures": ["ColPali"], "model_type": "paligemma"}, "ColPali"),
-        ({"model_type": "idefics3"}, "ColIdefics3"),
-        ({"architectures": ["MyRenamedRetriever"], "model_type": "qwen2_5_vl"}, "ColQwen2_5"),
-    ],
-)
-def test_family_comes_from_the_config_not_the_name(config: dict, expected: str) -> None:
-    assert family_from_config(config, model="org/anything").model_class == expected
-
-
-def test_unsupported_config_names_the_supported_families() -> None:
-    with pytest.raises(ModelLoadError, match=r"not a ColPali-family checkpoint.*ColQwen2_5 \(qwen2_5_vl\)"):
-        family_from_config({"architectures": ["BertModel"], "model_type": "bert"}, model="bert-base")
-
-
-def test_peft_adapter_checkpoint_is_followed_to_its_base(tmp_path: Path) -> None:
-    base = tmp_path / "base"
-    base.mkdir()
-    (base / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl"}))
-    adapter = tmp_path / "adapter"
-    adapter.mkdir()
-    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(base)}))
-    family = detect_family(str(adapter), token=None, local_files_only=True, component="Test")
-    assert family.model_class == "ColQwen2_5"
-
-
-def test_a_peft_adapter_checkpoint_loads_through_the_components_and_applies(
-    tiny_colqwen2_5: str, tmp_path: Path
-) -> None:
-    from haystack_integrations.testing.multimodal_rag.tiny_models import build_tiny_colpali_adapter
-
-    adapter = build_tiny_colpali_adapter(tmp_path / "adapter", tiny_colqwen2_5)
-    assert not (adapter / "config.json").exists()
-    with_adapter = ColPaliTextEmbedder(str(adapter)).run(text="hello")["multivector_embedding"]
-    base = ColPaliTextEmbedder(tiny_colqwen2_5).run(text="hello")["multivector_embedding"]
-    assert np.asarray(with_adapter).shape == np.asarray(base).shape
-    assert not np.allclose(with_adapter, base)
-
-
-def test_a_dual_encoder_is_refused_as_colpali_model(tiny_siglip: str) -> None:
-    with pytest.raises(ModelLoadError, match="not a ColPali-family checkpoint"):
-        ColPaliTextEmbedder(tiny_siglip).warm_up()
-
-
-def test_missing_model_fails_in_warm_up_with_advice(tmp_path: Path) -> None:
-    with pytest.raises(ModelLoadError, match=r"local directory path|local path"):
-        ColPaliTextEmbedder("org/not-cached-colpali", local_files_only=True).warm_up()
-
-
-# --- document embedder ---------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("model_fixture", ["tiny_colqwen2", "tiny_colqwen2_5"])
-def test_document_embedder_writes_one_multivector_per_page(
-    request: pytest.FixtureRequest, model_fixture: str, pages_dir: Path
-) -> None:
-    model = request.getfixturevalue(model_fixture)
-    store = InMemoryMultiVectorStore()
-    text = Document(content="plain text passes through")
-    docs = [text, *_page_docs(pages_dir)]
-    before = copy.deepcopy(docs)
-    out = _embed_pages(model, docs, store, batch_size=3)
-    assert docs == before
-    assert out["failed_documents"] == []
-    assert out["documents"][0] is text
-    assert store.count() == len(docs) - 1
-    stored = store.get([d.id for d in docs])
-    for doc in out["documents"][1:]:
-        array = stored[doc.id]
-        assert array.dtype == np.float16
-        assert array.shape == (doc.meta["multivector_count"], 128)
-        np.testing.assert_allclose(np.linalg.norm(array.astype(np.float32), axis=1), 1.0, atol=2e-3)
-    assert out["documents"][1].meta["modality"] == "image"
-    assert out["documents"][-1].meta["modality"] == "page"
-
-
-def test_document_embedder_bad_input_raises_before_writing_and_skip_returns_it(
-    tiny_colqwen2: str, pages_dir: Path
-) -> None:
-    make_corrupt_image(pages_dir / "broken.png")
-    docs = [*_page_docs(pages_dir)[:2], Document(id="broken", meta={"file_path": str(pages_dir / "broken.png")})]
-    docs.append(Document(id="beyond", meta={"file_path": str(pages_dir / "deck.pdf"), "page_number": 9}))
-    store = InMemoryMultiVectorStore()
-    with pytest.raises(DocumentProcessingError) as info:
-        _embed_pages(tiny_colqwen2, docs, store)
-    assert "'broken'" in str(info.value)
-    assert "'beyond'" in str(info.value)
-    assert store.count() == 0
-
-    out = _embed_pages(tiny_colqwen2, docs, store, on_error="skip")
-    assert len(out["documents"]) + len(out["failed_documents"]) == len(docs)
-    assert {d.id for d in out["failed_documents"]} == {"broken", "beyond"}
-    assert store.count() == 2
-
-
-def test_pool_factor_shrinks_the_stored_vectors(tiny_colqwen2: str, pages_dir: Path) -> None:
-    docs = _page_docs(pages_dir)[:3]
-    full, pooled = InMemoryMultiVectorStore(), InMemoryMultiVectorStore()
-    counts = [d.meta["multivector_count"] for d in _embed_pages(tiny_colqwen2, docs, full)["documents"]]
-    pooled_counts = [
-        d.meta["multivector_count"] for d in _embed_pages(tiny_colqwen2, docs, pooled, pool_factor=2)["documents"]
-    ]
-    for n, m in zip(counts, pooled_counts, strict=True):
-        assert m <= n // 2 + 1
-        assert m >= 1
-    assert sum(a.nbytes for a in pooled.get([d.id for d in docs]).values()) < sum(
-        a.nbytes for a in full.get([d.id for d in docs]).values()
-    )
-
-
-def test_store_of_another_model_is_refused_naming_both(
-    tiny_colqwen2: str, tiny_colqwen2_5: str, pages_dir: Path
-) -> None:
-    store = InMemoryMultiVectorStore()
-    _embed_pages(tiny_colqwen2, _page_docs(pages_dir)[:1], store)
-    with pytest.raises(MultiVectorStoreError) as info:
-        _embed_pages(tiny_colqwen2_5, _page_docs(pages_dir)[1:2], store)
-    assert tiny_colqwen2 in str(info.value)
-    assert tiny_colqwen2_5 in str(info.value)
-    with pytest.raises(MultiVectorStoreError):
-        ColPaliRanker(tiny_colqwen2_5, multivector_store=store).warm_up()
-
-
-def test_store_with_another_dim_is_refused(tiny_colqwen2: str) -> None:
-    store = InMemoryMultiVectorStore()
-    store.write({"x": np.ones((3, 64))})
-    with pytest.raises(MultiVectorStoreError, match=r"dim 64.*produces dim 128"):
-        ColPaliDocumentEmbedder(tiny_colqwen2, multivector_store=store).warm_up()
-
-
-# --- text embedder -------------------------------------------------------------------------------
-
-
-def test_text_embedder_uses_query_processing_with_augmentation_tokens(tiny_colqwen2: str) -> None:
-    out = ColPaliTextEmbedder(tiny_colqwen2).run(text="which slide shows the forecast")
-    vectors = out["multivector_embedding"]
-    assert isinstance(vectors, list)
-    assert all(isinstance(v, list) and len(v) == 128 for v in vectors)
-    encoder = LateInteractionEncoder.get(
-        LoadSpec(model=tiny_colqwen2, component="t", device="cpu", token=None, local_files_only=True, model_kwargs=None)
-    )
-    batch = encoder.processor.process_queries(texts=["which slide shows the forecast"])
-    plain = encoder.processor.process_texts(texts=["which slide shows the forecast"])
-    assert len(vectors) == int(batch["attention_mask"].sum())
-    assert len(vectors) >= int(plain["attention_mask"].sum()) + 10  # 10 augmentation tokens
-
-
-@pytest.mark.parametrize("bad", ["", "   \n"])
-def test_empty_query_is_a_clear_error(tiny_colqwen2: str, bad: str) -> None:
-    with pytest.raises(ValueError, match="empty query"):
-        ColPaliTextEmbedder(tiny_colqwen2).run(text=bad)
-    with pytest.raises(ValueError, match="empty query"):
-        ColPaliRanker(tiny_colqwen2).run(query=bad, documents=[Document(content="x")])
-
-
-# --- ranker --------------------------------------------------------------------------------------
 
 
 def _reference_scores(model: str, query: str, store: InMemoryMultiVectorStore, ids: list[str]) -> np.ndarray:
@@ -334,69 +164,6 @@ def test_ranker_does_not_mutate_input(tiny_colqwen2: str, pages_dir: Path) -> No
     assert docs == before
 
 
-# --- Qdrant store ---------------------------------------------------------------------------------
-
-
-def test_qdrant_local_store_round_trip_replace_persist_and_server_side_score(tmp_path: Path) -> None:
-    rng = np.random.default_rng(0)
-    vectors = {f"doc-{i}": rng.standard_normal((20 + i, 128)).astype(np.float32) for i in range(5)}
-    path = str(tmp_path / "qdrant")
-    store = QdrantMultiVectorStore(path=path)
-    assert store.write(vectors) == 5
-    assert store.count() == 5
-    got = store.get(["doc-0", "doc-3", "unknown"])
-    assert set(got) == {"doc-0", "doc-3"}
-    np.testing.assert_allclose(got["doc-3"], vectors["doc-3"].astype(np.float16), rtol=1e-3)
-    replacement = rng.standard_normal((7, 128))
-    store.write({"doc-0": replacement})
-    assert store.count() == 5
-    assert store.get(["doc-0"])["doc-0"].shape == (7, 128)
-    store.delete(["doc-4", "never-there"])
-    assert store.count() == 4
-
-    query = rng.standard_normal((9, 128)).astype(np.float32)
-    server = store.score(query, ["doc-0", "doc-1", "doc-2", "doc-3", "unknown"])
-    from haystack_integrations.common.multimodal_rag.numerics.maxsim import maxsim
-
-    stored = store.get(list(server))
-    client = dict(zip(stored, maxsim(query, list(stored.values())), strict=True))
-    assert set(server) == {"doc-0", "doc-1", "doc-2", "doc-3"}
-    for doc_id, value in server.items():
-        assert value == pytest.approx(client[doc_id], rel=1e-3, abs=1e-3)
-    store.close()
-
-    reopened = QdrantMultiVectorStore(path=path)
-    assert reopened.count() == 4
-    assert reopened.get(["doc-0"])["doc-0"].shape == (7, 128)
-    with pytest.raises(MultiVectorStoreError, match="created with dim 128"):
-        QdrantMultiVectorStore(path=path, dim=64).count()
-    with pytest.raises(MultiVectorStoreError, match="width 64"):
-        reopened.write({"bad": np.ones((2, 64))})
-    reopened.close()
-
-
-def test_stores_and_document_store_share_one_embedded_qdrant_folder(tmp_path: Path) -> None:
-    from haystack_integrations.document_stores.qdrant import QdrantDocumentStore
-
-    path = str(tmp_path / "shared")
-    doc_store_a = QdrantDocumentStore(path=path, embedding_dim=4)
-    doc_store_b = QdrantDocumentStore(path=path, embedding_dim=4)
-    mv_a = QdrantMultiVectorStore(path=path)
-    mv_b = QdrantMultiVectorStore(path=path, collection="multivectors")
-    doc_store_a.write_documents([Document(content="hello", embedding=[0.1, 0.2, 0.3, 0.4])])
-    assert doc_store_b.count_documents() == 1
-    mv_a.write({"p": np.ones((3, 128))})
-    assert mv_b.count() == 1
-    for closeable in (doc_store_a, doc_store_b, mv_a, mv_b):
-        closeable.close()
-    # Every user closed: the folder is free again for a fresh client.
-    import qdrant_client
-
-    fresh = qdrant_client.QdrantClient(path=path)
-    assert fresh.count("multivectors").count == 1
-    fresh.close()
-
-
 def test_colpali_ranker_uses_qdrant_server_side_scoring(tiny_colqwen2: str, pages_dir: Path, tmp_path: Path) -> None:
     qdrant = QdrantMultiVectorStore(location=":memory:")
     memory = InMemoryMultiVectorStore()
@@ -408,9 +175,6 @@ def test_colpali_ranker_uses_qdrant_server_side_scoring(tiny_colqwen2: str, page
     assert [d.id for d in a["documents"]] == [d.id for d in b["documents"]]
     for x, y in zip(a["documents"], b["documents"], strict=True):
         assert x.score == pytest.approx(y.score, rel=1e-3)
-
-
-# --- serialization ---------------------------------------------------------------------------------
 
 
 def test_components_round_trip_through_to_dict(tiny_colqwen2: str, tmp_path: Path) -> None:
