@@ -1,0 +1,3 @@
+from haystack_integrations.components.retrievers.oversampling.retriever import FilterAwareRetriever
+
+__all__ = ["FilterAwareRetriever"]
