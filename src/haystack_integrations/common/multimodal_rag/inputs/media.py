@@ -529,6 +529,34 @@ def pdf_page_count(path: str | Path) -> int:
             pdf.close()
 
 
+def pdf_page_text_length(location: MediaLocation) -> int:
+    """
+    Count the non-whitespace characters of a PDF page's text layer (0 for a scan without one).
+
+    :param location: A PDF-page location (from `locate`).
+    :returns: The number of non-whitespace characters.
+    :raises MediaError: When the PDF cannot be opened or the page does not exist.
+    """
+    pdf = _open_pdf(location)
+    with _PDFIUM_LOCK:
+        try:
+            page = pdf[_page_index(location, len(pdf))]
+            try:
+                textpage = page.get_textpage()
+                try:
+                    text = textpage.get_text_range()
+                finally:
+                    textpage.close()
+            finally:
+                page.close()
+        except pdfium.PdfiumError as e:
+            msg = f"cannot read the text layer of PDF {location.label}: {e}"
+            raise MediaError(msg) from e
+        finally:
+            pdf.close()
+    return sum(1 for ch in text if not ch.isspace())
+
+
 def is_image_path(path: str | Path) -> bool:
     """True when the file name's extension is an image MIME type."""
     return _guess_path_kind(str(path)) == "image"
