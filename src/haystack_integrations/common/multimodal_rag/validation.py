@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -28,9 +29,55 @@ def check_positive_int(name: str, value: int) -> None:
     :param value: The value.
     :raises ValueError: When it is not an integer >= 1.
     """
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        msg = f"{name} must be a positive integer, got {value!r}"
+    check_int(name, value, minimum=1)
+
+
+def check_int(name: str, value: object, *, minimum: int = 0, maximum: int | None = None) -> int:
+    """
+    Validate an integer parameter in `[minimum, maximum]` (booleans are not integers here).
+
+    :param name: Parameter name for the message.
+    :param value: The value.
+    :param minimum: Smallest allowed value.
+    :param maximum: Largest allowed value, or `None` for no bound.
+    :returns: The value.
+    :raises ValueError: When it is not an integer in range.
+    """
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < minimum
+        or (maximum is not None and value > maximum)
+    ):
+        bound = f"in [{minimum}, {maximum}]" if maximum is not None else f">= {minimum}"
+        msg = f"{name} must be an integer {bound}, got {value!r}"
         raise ValueError(msg)
+    return value
+
+
+def check_number(name: str, value: object, *, minimum: float | None = None, maximum: float | None = None) -> float:
+    """
+    Validate a finite real-number parameter in `[minimum, maximum]` (booleans are not numbers here).
+
+    :param name: Parameter name for the message.
+    :param value: The value.
+    :param minimum: Smallest allowed value, or `None`.
+    :param maximum: Largest allowed value, or `None`.
+    :returns: The value as a float.
+    :raises ValueError: When it is not a finite number in range.
+    """
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or (minimum is not None and value < minimum)
+        or (maximum is not None and value > maximum)
+    ):
+        low = "-inf" if minimum is None else minimum
+        high = "inf" if maximum is None else maximum
+        msg = f"{name} must be a finite number in [{low}, {high}], got {value!r}"
+        raise ValueError(msg)
+    return float(value)
 
 
 def check_query(component_name: str, text: object) -> str:

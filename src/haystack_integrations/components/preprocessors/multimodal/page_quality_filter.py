@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypedDict
@@ -25,7 +24,7 @@ from haystack_integrations.common.multimodal_rag.inputs.planning import (
     plan_documents,
     raise_if_failed,
 )
-from haystack_integrations.common.multimodal_rag.validation import check_positive_int
+from haystack_integrations.common.multimodal_rag.validation import check_int, check_number, check_positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -118,20 +117,9 @@ class PageQualityFilter:
         :param progress_bar: Show a progress bar.
         :raises ValueError: On invalid parameters.
         """
-        if (
-            isinstance(min_ink_coverage, bool)
-            or not isinstance(min_ink_coverage, (int, float))
-            or not math.isfinite(min_ink_coverage)
-            or not 0 <= min_ink_coverage <= 1
-        ):
-            msg = f"min_ink_coverage must be a fraction in [0, 1], got {min_ink_coverage!r}"
-            raise ValueError(msg)
-        if isinstance(ink_threshold, bool) or not isinstance(ink_threshold, int) or not 1 <= ink_threshold <= 255:
-            msg = f"ink_threshold must be an integer in [1, 255], got {ink_threshold!r}"
-            raise ValueError(msg)
-        if isinstance(min_text_chars, bool) or not isinstance(min_text_chars, int) or min_text_chars < 0:
-            msg = f"min_text_chars must be a non-negative integer, got {min_text_chars!r}"
-            raise ValueError(msg)
+        check_number("min_ink_coverage", min_ink_coverage, minimum=0.0, maximum=1.0)
+        check_int("ink_threshold", ink_threshold, minimum=1, maximum=255)
+        check_int("min_text_chars", min_text_chars, minimum=0)
         check_positive_int("batch_size", batch_size)
         validate_on_error(on_error)
         self.min_ink_coverage = float(min_ink_coverage)

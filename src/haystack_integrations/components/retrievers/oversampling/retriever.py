@@ -21,7 +21,7 @@ from haystack.core.serialization import component_from_dict, component_to_dict, 
 from haystack.document_stores.types import FilterPolicy
 from haystack.document_stores.types.filter_policy import apply_filter_policy
 
-from haystack_integrations.common.multimodal_rag.validation import check_positive_int
+from haystack_integrations.common.multimodal_rag.validation import check_number, check_positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -101,13 +101,9 @@ class FilterAwareRetriever:
         check_positive_int("top_k", top_k)
         check_positive_int("max_top_k", max_top_k)
         check_positive_int("cache_size", cache_size)
-        for name, value in (("safety_factor", safety_factor), ("fallback_factor", fallback_factor)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 1:
-                msg = f"{name} must be a finite number >= 1, got {value!r}"
-                raise ValueError(msg)
-        if isinstance(cache_ttl_s, bool) or not isinstance(cache_ttl_s, (int, float)) or cache_ttl_s < 0:
-            msg = f"cache_ttl_s must be a number >= 0, got {cache_ttl_s!r}"
-            raise ValueError(msg)
+        check_number("safety_factor", safety_factor, minimum=1.0)
+        check_number("fallback_factor", fallback_factor, minimum=1.0)
+        check_number("cache_ttl_s", cache_ttl_s, minimum=0.0)
         self.retriever = retriever
         self.top_k = top_k
         self.max_top_k = max_top_k
