@@ -1,0 +1,197 @@
+"""GPU throughput of the package's components on full-size-SHAPED random-weight models (no download).
+
+Prints the GPU rows of the performance issue as a table of medians, with the device name:
+
+- `ColPaliRanker.run` (query encode + MaxSim) over 100 and 1000 stored candidates (768 x 128 fp16 each),
+  ColQwen2.5-3B-shaped;
+- ColQwen2.5-3B-shaped query encoding alone;
+- `ColPaliDocumentEmbedder` pages/s on 1024 x 1365 pages at 768 visual tokens;
+- `VisionLanguageRanker` seconds for 80 image candidates (768 x 512), Qwen2-VL-2B-shaped;
+- `MultimodalDocumentEmbedder` images/s on 640 x 480 JPEGs, SigLIP-so400m-shaped.
+
+    python benchmarks/gpu_throughput.py                 # on a GPU machine (builds ~15 GB of checkpoints once)
+    python benchmarks/gpu_throughput.py --scale smoke --device cpu   # checks the code path on a CPU
+
+Checkpoints are built once into `--workdir` and reused. `--scale smoke` keeps every width but one layer per
+tower: its numbers are NOT the GPU figures, only proof that the path runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from haystack import Document
+from haystack.utils import ComponentDevice
+from PIL import Image, ImageDraw
+
+from haystack_integrations.components.embedders.colpali import ColPaliDocumentEmbedder
+from haystack_integrations.components.embedders.multimodal import MultimodalDocumentEmbedder
+from haystack_integrations.components.rankers.colpali import ColPaliRanker
+from haystack_integrations.components.rankers.vlm import VisionLanguageRanker
+from haystack_integrations.document_stores.multivector import InMemoryMultiVectorStore
+from haystack_integrations.testing.multimodal_rag.full_size import (
+    build_colqwen25_3b_shaped,
+    build_qwen2_vl_2b_shaped,
+    build_siglip_so400m_shaped,
+)
+
+QUERY = "Which quarter had the highest revenue in the EMEA region according to the bar chart?"
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _median_ms(fn: Callable[[], object], *, device: str, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        started = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times)
+
+
+def _page(path: Path, size: tuple[int, int], seed: int, fmt: str = "PNG") -> Path:
+    rng = np.random.default_rng(seed)
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    for _ in range(40):
+        x, y = int(rng.integers(0, size[0] - 60)), int(rng.integers(0, size[1] - 20))
+        draw.rectangle(
+            [x, y, x + int(rng.integers(20, 60)), y + 12], fill=tuple(int(c) for c in rng.integers(0, 200, 3))
+        )
+    image.save(path, format=fmt)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--scale", choices=("full", "smoke"), default="full")
+    parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "mmrag-gpu-bench"))
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--pages", type=int, default=32)
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--only", nargs="*", choices=("ranker", "query", "pages", "vlm", "dense"))
+    args = parser.parse_args()
+    only = set(args.only or ("ranker", "query", "pages", "vlm", "dense"))
+    device, work = args.device, Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    data = work / "data"
+    data.mkdir(exist_ok=True)
+    component_device = ComponentDevice.from_str(device)
+    name = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "CPU"
+    rows: list[tuple[str, str]] = []
+    build_device = device if device.startswith("cuda") else "cpu"
+
+    if only & {"ranker", "query", "pages"}:
+        colqwen = str(
+            build_colqwen25_3b_shaped(work / f"colqwen25-{args.scale}", scale=args.scale, device=build_device)
+        )
+        if "pages" in only:
+            paths = [_page(data / f"page{i}.png", (1024, 1365), i) for i in range(args.pages)]
+            docs = [Document(id=f"p{i}", meta={"file_path": str(p)}) for i, p in enumerate(paths)]
+            embedder = ColPaliDocumentEmbedder(
+                colqwen, multivector_store=InMemoryMultiVectorStore(), device=component_device, progress_bar=False
+            )
+            embedder.warm_up()
+            embedder.run(docs[:4])
+            _sync(device)
+            started = time.perf_counter()
+            out = embedder.run(docs)
+            _sync(device)
+            rate = len(out["documents"]) / (time.perf_counter() - started)
+            count = out["documents"][0].meta["multivector_count"]
+            rows.append(
+                (
+                    "ColPaliDocumentEmbedder, 1024x1365 pages, 768 visual tokens",
+                    f"{rate:.1f} pages/s ({count} vectors/page)",
+                )
+            )
+        if only & {"ranker", "query"}:
+            ranker_store = InMemoryMultiVectorStore()
+            rng = np.random.default_rng(0)
+            ids = [f"c{i}" for i in range(1000)]
+            ranker_store.write({i: rng.standard_normal((768, 128)).astype(np.float16) for i in ids})
+            ranker = ColPaliRanker(colqwen, multivector_store=ranker_store, device=component_device, top_k=10)
+            ranker.warm_up()
+            if "query" in only:
+                from haystack_integrations.components.embedders.colpali import ColPaliTextEmbedder
+
+                text_embedder = ColPaliTextEmbedder(colqwen, device=component_device)
+                text_embedder.warm_up()
+                ms = _median_ms(lambda: text_embedder.run(QUERY), device=device, repeats=args.repeats)
+                rows.append(("ColQwen2.5-3B-shaped query encoding", f"{ms:.1f} ms p50"))
+            if "ranker" in only:
+                for n in (100, 1000):
+                    candidates = [Document(id=i, meta={"modality": "page"}, score=0.5) for i in ids[:n]]
+                    ms = _median_ms(
+                        lambda c=candidates: ranker.run(query=QUERY, documents=c), device=device, repeats=args.repeats
+                    )
+                    rows.append(
+                        (
+                            f"ColPaliRanker.run, query encode + MaxSim, {n} stored candidates (768x128 fp16)",
+                            f"{ms:.1f} ms p50",
+                        )
+                    )
+
+    if "vlm" in only:
+        qwen2 = str(build_qwen2_vl_2b_shaped(work / f"qwen2vl2b-{args.scale}", scale=args.scale, device=build_device))
+        paths = [_page(data / f"cand{i}.png", (768, 512), 100 + i) for i in range(80)]
+        candidates = [
+            Document(id=f"v{i}", meta={"file_path": str(p)}, score=1.0 - i / 100) for i, p in enumerate(paths)
+        ]
+        vlm_ranker = VisionLanguageRanker(qwen2, device=component_device, max_candidates=80, top_k=10)
+        vlm_ranker.warm_up()
+        ms = _median_ms(
+            lambda: vlm_ranker.run(query=QUERY, documents=candidates),
+            device=device,
+            repeats=max(3, args.repeats // 3),
+            warmup=1,
+        )
+        rows.append(
+            ("VisionLanguageRanker, 80 image candidates (768x512), Qwen2-VL-2B-shaped", f"{ms / 1000:.2f} s p50")
+        )
+
+    if "dense" in only:
+        siglip = str(
+            build_siglip_so400m_shaped(work / f"siglip-so400m-{args.scale}", scale=args.scale, device=build_device)
+        )
+        paths = [_page(data / f"photo{i}.jpg", (640, 480), 1000 + i, fmt="JPEG") for i in range(args.images)]
+        docs = [Document(id=f"i{i}", meta={"file_path": str(p)}) for i, p in enumerate(paths)]
+        dense = MultimodalDocumentEmbedder(siglip, device=component_device, batch_size=64, progress_bar=False)
+        dense.warm_up()
+        dense.run(docs[:64])
+        _sync(device)
+        started = time.perf_counter()
+        dense.run(docs)
+        _sync(device)
+        rows.append(
+            (
+                "MultimodalDocumentEmbedder, SigLIP-so400m-shaped, 640x480 JPEGs",
+                f"{len(docs) / (time.perf_counter() - started):.0f} images/s",
+            )
+        )
+
+    print(f"device: {name} ({device}); scale: {args.scale}; torch {torch.__version__}")
+    if args.scale == "smoke":
+        print("SMOKE SCALE: one layer per tower. These are not the figures of the full-size models.")
+    print("| what | result |\n|---|---|")
+    for what, result in rows:
+        print(f"| {what} | {result} |")
+
+
+if __name__ == "__main__":
+    main()
