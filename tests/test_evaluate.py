@@ -170,12 +170,15 @@ def test_evaluate_indexes_queries_and_reports_every_modality(
     json.dumps(report)  # serialisable as it is
 
 
-def test_image_queries_without_an_image_query_pipeline_fail_before_indexing(
-    tmp_path: Path, models: dict[str, str]
-) -> None:
+def test_configuration_errors_fail_before_indexing(tmp_path: Path, models: dict[str, str]) -> None:
     dataset = load_beir_dataset(write_beir_dataset(tmp_path / "ds", image_query=True))
     with pytest.raises(ValueError, match=r"1 image queries \(e.g. 'q-image'\): pass image_query_pipeline"):
         evaluate(dataset, base_dir=tmp_path / "work", models=models, embedding_dim=32, progress_bar=False)
+    with pytest.raises(ValueError, match=r"pipeline YAML 'no/such.yaml' does not exist"):
+        evaluate(dataset, base_dir=tmp_path / "work", query_pipeline="no/such.yaml", image_query_pipeline="x")
+    dataset.qrels = {q: dict.fromkeys(rels, 0) for q, rels in dataset.qrels.items()}
+    with pytest.raises(ValueError, match="no query has a relevant document"):
+        evaluate(dataset, base_dir=tmp_path / "work", image_query_pipeline=IMAGE_QUERY_YAML)
     assert not (tmp_path / "work" / "index").exists()
 
 

@@ -49,9 +49,19 @@ class EvaluationResult:
 
 
 def _read_yaml(source: str | Path) -> tuple[dict[str, Any], str]:
-    if isinstance(source, Path) or ("\n" not in source and Path(source).is_file()):
-        return yaml.safe_load(Path(source).read_text(encoding="utf-8")), str(source)
-    return yaml.safe_load(source), "<yaml text>"
+    """A pipeline YAML given as a file path or as YAML text: `(its dict, a label for the report)`."""
+    if isinstance(source, Path) or "\n" not in source:
+        path = Path(source)
+        if not path.is_file():
+            msg = f"pipeline YAML '{path}' does not exist"
+            raise ValueError(msg)
+        data, label = yaml.safe_load(path.read_text(encoding="utf-8")), str(path)
+    else:
+        data, label = yaml.safe_load(source), "<yaml text>"
+    if not isinstance(data, dict) or not isinstance(data.get("components"), dict):
+        msg = f"{label} is not a serialized Haystack pipeline (no 'components' mapping)"
+        raise ValueError(msg)
+    return data, label
 
 
 def _topological_order(data: Mapping[str, Any]) -> tuple[list[str], nx.DiGraph]:
@@ -332,6 +342,9 @@ def evaluate(
     ks = list(k_values)
     if not dataset.queries or not dataset.corpus:
         msg = f"dataset '{dataset.name}' has {len(dataset.corpus)} documents and {len(dataset.queries)} queries"
+        raise ValueError(msg)
+    if not any(r > 0 for rels in dataset.qrels.values() for r in rels.values()):
+        msg = f"dataset '{dataset.name}': no query has a relevant document (relevance > 0) in its qrels"
         raise ValueError(msg)
     image_queries = [q for q in dataset.queries if q.image is not None]
     if image_queries and image_query_pipeline is None:
