@@ -6,6 +6,7 @@ import math
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import pytrec_eval
 
@@ -100,6 +101,13 @@ def test_ties_are_ranked_by_document_id_descending_like_trec_eval() -> None:
     assert ours["mrr@10"] == 0.5  # b ranks before a
     peer = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(run)
     assert peer["q"]["recip_rank"] == 0.5
+
+
+def test_numpy_scores_are_accepted() -> None:
+    run = {"q": {"a": np.float32(0.25), "b": np.float64(0.5)}}
+    assert retrieval_metrics(run, {"q": {"a": 1}}, k_values=(1, 2)) == pytest.approx(
+        {"ndcg@1": 0.0, "ndcg@2": 1 / math.log2(3), "recall@1": 0.0, "recall@2": 1.0, "mrr@10": 0.5}
+    )
 
 
 def test_mrr_counts_only_the_top_ten() -> None:

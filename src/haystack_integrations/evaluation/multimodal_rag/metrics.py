@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Mapping, Sequence
 
 #: Cut-off of the reciprocal rank (`mrr@10`), as in MS MARCO, BEIR and the ViDoRe/MTEB reports.
@@ -23,7 +24,7 @@ def rank_documents(scores: Mapping[str, float]) -> list[str]:
     :raises ValueError: On a score that is not a finite number.
     """
     for doc_id, score in scores.items():
-        if not isinstance(score, (int, float)) or not math.isfinite(score):
+        if isinstance(score, bool) or not isinstance(score, numbers.Real) or not math.isfinite(score):
             msg = f"score of document '{doc_id}' is {score!r}; expected a finite number"
             raise ValueError(msg)
     return [doc_id for doc_id, _ in sorted(scores.items(), key=lambda item: (item[1], item[0]), reverse=True)]
