@@ -1,0 +1,116 @@
+"""Retrieval metrics with trec_eval's definitions: nDCG@k, Recall@k and MRR@10."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterable, Mapping, Sequence
+
+#: Cut-off of the reciprocal rank (`mrr@10`), as in MS MARCO, BEIR and the ViDoRe/MTEB reports.
+MRR_CUTOFF = 10
+
+
+def rank_documents(scores: Mapping[str, float]) -> list[str]:
+    """
+    Order one query's retrieved documents the way trec_eval does.
+
+    Highest score first; documents with the same score are ordered by document id in DESCENDING order
+    (trec_eval sorts a run by score, then by docno, both decreasing, in `form_res_rels.c`; pytrec_eval embeds
+    trec_eval and does the same, which the tests check), so the ranking and every metric are deterministic and
+    agree with those tools even when scores tie.
+
+    :param scores: `{doc_id: score}` of one query.
+    :returns: The document ids, best first.
+    :raises ValueError: On a score that is not a finite number.
+    """
+    for doc_id, score in scores.items():
+        if isinstance(score, bool) or not isinstance(score, numbers.Real) or not math.isfinite(score):
+            msg = f"score of document '{doc_id}' is {score!r}; expected a finite number"
+            raise ValueError(msg)
+    return [doc_id for doc_id, _ in sorted(scores.items(), key=lambda item: (item[1], item[0]), reverse=True)]
+
+
+def _check_k_values(k_values: Iterable[int]) -> list[int]:
+    ks = list(k_values)
+    if not ks:
+        msg = "k_values must not be empty"
+        raise ValueError(msg)
+    for k in ks:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            msg = f"every k must be a positive integer, got {k!r}"
+            raise ValueError(msg)
+    return sorted(set(ks))
+
+
+def _query_metrics(ranking: Sequence[str], relevance: Mapping[str, int], k_values: Sequence[int]) -> dict[str, float]:
+    # Gains as trec_eval's ndcg: gain = the judged relevance level, only levels > 0 count; discount log2(rank + 1).
+    gains = [float(relevance.get(doc_id, 0)) if relevance.get(doc_id, 0) > 0 else 0.0 for doc_id in ranking]
+    ideal = sorted((float(r) for r in relevance.values() if r > 0), reverse=True)
+    n_relevant = len(ideal)
+    out: dict[str, float] = {}
+    for k in k_values:
+        dcg = sum(g / math.log2(i + 2) for i, g in enumerate(gains[:k]) if g > 0)
+        idcg = sum(g / math.log2(i + 2) for i, g in enumerate(ideal[:k]))
+        out[f"ndcg@{k}"] = dcg / idcg
+        out[f"recall@{k}"] = sum(1 for g in gains[:k] if g > 0) / n_relevant
+    first = next((i for i, g in enumerate(gains[:MRR_CUTOFF]) if g > 0), None)
+    out[f"mrr@{MRR_CUTOFF}"] = 0.0 if first is None else 1.0 / (first + 1)
+    return out
+
+
+def per_query_metrics(
+    run: Mapping[str, Mapping[str, float]],
+    qrels: Mapping[str, Mapping[str, int]],
+    k_values: Iterable[int] = (1, 5, 10, 100),
+) -> dict[str, dict[str, float]]:
+    """
+    The metrics of `retrieval_metrics`, for each query that has at least one relevant document.
+
+    :param run: `{query_id: {doc_id: score}}`; a query missing from the run scores 0 everywhere.
+    :param qrels: `{query_id: {doc_id: relevance}}` (graded, relevance > 0 means relevant).
+    :param k_values: Cut-offs for `ndcg@k` and `recall@k`.
+    :returns: `{query_id: {"ndcg@k": ..., "recall@k": ..., "mrr@10": ...}}`.
+    :raises ValueError: On an invalid k or a non-finite score.
+    """
+    ks = _check_k_values(k_values)
+    results: dict[str, dict[str, float]] = {}
+    for query_id, relevance in qrels.items():
+        if not any(r > 0 for r in relevance.values()):
+            continue
+        ranking = rank_documents(run.get(query_id, {}))
+        results[query_id] = _query_metrics(ranking, relevance, ks)
+    return results
+
+
+def retrieval_metrics(
+    run: Mapping[str, Mapping[str, float]],
+    qrels: Mapping[str, Mapping[str, int]],
+    k_values: Iterable[int] = (1, 5, 10, 100),
+) -> dict[str, float]:
+    """
+    nDCG@k, Recall@k and MRR@10 of a run against graded relevance judgements, as trec_eval computes them.
+
+    - `ndcg@k`: trec_eval's `ndcg_cut.k`: gain = relevance level, discount `log2(rank + 1)`, normalised by the
+      ideal DCG of the query's judged relevant documents (from `qrels`, not from the run);
+    - `recall@k`: relevant documents in the top k / relevant documents of the query (relevance > 0);
+    - `mrr@10`: 1 / rank of the first relevant document in the top 10, 0 when there is none.
+
+    Each metric is averaged over the queries of `qrels` with at least one relevant document; such a query
+    that is missing from `run` counts as 0 (trec_eval's `-c`). Documents with equal scores are ranked by
+    document id in descending order, trec_eval's rule (see `rank_documents`), so results are deterministic
+    and agree with trec_eval / pytrec_eval (checked to 1e-6 in the tests).
+
+    :param run: `{query_id: {doc_id: score}}`, higher is better.
+    :param qrels: `{query_id: {doc_id: relevance}}`, graded integer relevance.
+    :param k_values: Cut-offs for `ndcg@k` and `recall@k`.
+    :returns: `{"ndcg@1": ..., "recall@1": ..., ..., "mrr@10": ...}` (lower-case keys, k in increasing order).
+    :raises ValueError: When no query has a relevant document, on an invalid k or a non-finite score.
+    """
+    ks = _check_k_values(k_values)
+    per_query = per_query_metrics(run, qrels, ks)
+    if not per_query:
+        msg = "no query in qrels has a relevant document (relevance > 0): nothing to average"
+        raise ValueError(msg)
+    keys = [f"{name}@{k}" for name in ("ndcg", "recall") for k in ks] + [f"mrr@{MRR_CUTOFF}"]
+    n = len(per_query)
+    return {key: math.fsum(values[key] for values in per_query.values()) / n for key in keys}
