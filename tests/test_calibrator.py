@@ -201,6 +201,10 @@ def test_references_are_validated_when_set_naming_modality_and_score_type(method
     data["init_parameters"]["reference"] = reference
     with pytest.raises(ValueError, match=message):
         ModalityScoreCalibrator.from_dict(data)
+    calibrator = ModalityScoreCalibrator(method=method)
+    with pytest.raises(ValueError, match=message):
+        calibrator.reference = reference
+    assert calibrator.reference is None
 
 
 def test_an_ecdf_reference_without_moments_is_accepted_but_zscore_needs_them() -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from haystack import Document
+from haystack import Document, Pipeline, component
 
 import haystack_integrations.components.monitors.alignment_drift.monitor as monitor_module
 import haystack_integrations.components.monitors.alignment_drift.state as state_module
@@ -289,6 +289,38 @@ def test_drift_report_has_the_typed_keys() -> None:
             report = monitor.run(documents=batch)["drift_report"]
         assert report["status"] == "ok"
         assert set(report) == DriftReport.__required_keys__ | {extra}
+
+
+def test_reset_baseline_on_a_shared_state_file_reaches_the_other_instances(tmp_path) -> None:
+    path = str(tmp_path / "drift.json")
+    rng = np.random.default_rng(19)
+    first = AlignmentDriftMonitor(window_size=400, min_samples=100, state_path=path, persist_every=5)
+    second = AlignmentDriftMonitor(window_size=400, min_samples=100, state_path=path, persist_every=5)
+    for batch in _stream(rng, 40, 0.2):
+        first.run(documents=batch)
+        second.run(documents=batch)
+    old = second.run(documents=[])["drift_report"]["baseline_gap"]
+    assert old == pytest.approx(0.2, abs=0.03)
+    for batch in _stream(rng, 40, 0.0):
+        first.run(documents=batch)
+    first.reset_baseline()  # from the merged windows: the last 100 scores per group have a gap near 0
+    for _ in range(5):
+        report = second.run(documents=[])["drift_report"]  # its next write adopts the file's baseline
+    assert report["baseline_gap"] == pytest.approx(0.0, abs=0.03)
+
+
+def test_the_drift_report_connects_to_a_dict_input() -> None:
+    @component
+    class ReportSink:
+        @component.output_types(status=str)
+        def run(self, report: dict) -> dict:
+            return {"status": report["status"]}
+
+    pipe = Pipeline()
+    pipe.add_component("monitor", AlignmentDriftMonitor())
+    pipe.add_component("sink", ReportSink())
+    pipe.connect("monitor.drift_report", "sink.report")
+    assert pipe.run({"monitor": {"documents": []}})["sink"]["status"] == "warming_up"
 
 
 def test_save_is_a_deprecated_alias_of_flush(tmp_path) -> None:

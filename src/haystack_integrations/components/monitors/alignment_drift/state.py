@@ -39,7 +39,7 @@ _PROCESS_LOCKS_GUARD = threading.Lock()
 
 def _process_lock(path: Path) -> threading.Lock:
     with _PROCESS_LOCKS_GUARD:
-        return _PROCESS_LOCKS.setdefault(str(path), threading.Lock())
+        return _PROCESS_LOCKS.setdefault(os.path.abspath(path), threading.Lock())
 
 
 @dataclass

@@ -153,8 +153,9 @@ class ModalityScoreCalibrator:
     (`(a+)+`, `(\\w+\\s?)*`) or an alternation inside one (`(a|ab)+`) are refused at init; a single-character
     class like `[ab]+` or `(?:a|b)+` is fine.
 
-    References are validated when set (`reference=`, `from_dict`) and when fitted: quantiles finite and
-    non-decreasing, `mean`/`std` finite (and present for `"zscore"`); an error names the modality and score type.
+    References are validated when set (`reference=`, `from_dict`, assigning `calibrator.reference`) and when
+    fitted: quantiles finite and non-decreasing, `mean`/`std` finite (and present for `"zscore"`); an error names
+    the modality and score type.
 
     Handling of odd input (documented, never a silent drop): a document without `meta["modality"]` is
     classified like the embedders do (a file or blob makes it an image/page, content makes it text); an
@@ -207,18 +208,28 @@ class ModalityScoreCalibrator:
         self._check_alpha(alpha, "alpha")
         check_top_k_and_threshold(top_k, None)
         self._rules = self._compile_rules(query_alpha_rules)
-        if reference is not None:
-            self._check_reference(reference, method)
         self.method = method
         self.alpha = alpha
         self.query_alpha_rules = query_alpha_rules
         self.modality_meta_field = modality_meta_field
-        self.reference = reference
         self.top_k = top_k
         self._warned: set[tuple[str, str]] = set()
         self._warn_lock = threading.Lock()
         # ECDF tables of `reference`, rebuilt when `reference` is replaced (fit() or assignment).
         self._tables: tuple[Any, dict[tuple[str, str], EcdfTable]] = (None, {})
+        self._reference: dict[str, Any] | None = None
+        self.reference = reference  # validated by the property setter
+
+    @property
+    def reference(self) -> dict[str, Any] | None:
+        """The fitted reference distributions (`fit()`'s result), or `None`. Validated whenever it is set."""
+        return self._reference
+
+    @reference.setter
+    def reference(self, value: dict[str, Any] | None) -> None:
+        if value is not None:
+            self._check_reference(value, self.method)
+        self._reference = value
 
     # --- validation --------------------------------------------------------------------------------
 
@@ -390,10 +401,10 @@ class ModalityScoreCalibrator:
             raise ValueError(msg)
         reference = {"version": _REFERENCE_VERSION, "distributions": distributions}
         self._check_reference(reference, "zscore")  # e.g. scores near the float limit overflow the mean or std
-        self.reference = reference
+        self._reference = reference
         with self._warn_lock:
             self._warned.clear()
-        return self.reference
+        return reference
 
     # --- calibration ----------------------------------------------------------------------------
 
