@@ -1,14 +1,17 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 
 import numpy as np
 import pytest
 from haystack import Document, Pipeline
 
+from haystack_integrations.common.multimodal_rag.numerics.ranking import select_top
 from haystack_integrations.components.monitors.alignment_drift import AlignmentDriftMonitor
 from haystack_integrations.components.rankers.modality_calibration import ModalityScoreCalibrator
+from haystack_integrations.components.rankers.modality_calibration.calibrator import MAX_RULE_QUERY_CHARS, _rescored
 
 
 def _doc(doc_id: str, modality: str, dense: float | None, late: float | None = None, **meta) -> Document:
@@ -162,6 +165,7 @@ def test_yaml_round_trip_of_a_pipeline_with_fitted_calibrator_and_monitor(tmp_pa
     pipe.connect("calibrator.documents", "monitor.documents")
     docs = [_doc("t", "text", 0.55), _doc("i", "image", 0.36, 14.0)]
     before = pipe.run({"calibrator": {"documents": docs, "query": "a chart"}})
+    monitor.close()  # writes are batched: close() writes what the batch holds
     yaml_text = pipe.dumps()
     assert "quantiles" in yaml_text
     restored = Pipeline.loads(yaml_text)
@@ -170,3 +174,137 @@ def test_yaml_round_trip_of_a_pipeline_with_fitted_calibrator_and_monitor(tmp_pa
     assert [d.id for d in after["monitor"]["documents"]] == [d.id for d in before["monitor"]["documents"]]
     assert [d.score for d in after["monitor"]["documents"]] == [d.score for d in before["monitor"]["documents"]]
     assert after["monitor"]["drift_report"]["calls"] == 2  # continued from the state file
+
+
+def _fitted_reference() -> dict:
+    return _reference(np.random.default_rng(20)).reference
+
+
+@pytest.mark.parametrize(
+    ("method", "mutate", "message"),
+    [
+        ("ecdf", lambda d: d["image"]["dense"]["quantiles"].__setitem__(3, float("nan")), r"'image'.*'dense'.*finite"),
+        ("ecdf", lambda d: d["text"]["dense"]["quantiles"].reverse(), r"'text'.*'dense'.*non-decreasing"),
+        ("ecdf", lambda d: d["image"]["late_interaction"].__setitem__("quantiles", [1.0]), "at least 2 values"),
+        ("zscore", lambda d: d["image"]["late_interaction"].pop("std"), r"'image'.*'late_interaction'.*no 'std'"),
+        ("zscore", lambda d: d["text"]["dense"].pop("mean"), r"'text'.*'dense'.*no 'mean'"),
+        ("ecdf", lambda d: d["text"]["dense"].__setitem__("std", float("inf")), r"'text'.*'dense'.*'std'.*finite"),
+        ("ecdf", lambda d: d["text"].__setitem__("dense", "oops"), r"'text'.*'dense'.*must be a dict"),
+    ],
+)
+def test_references_are_validated_when_set_naming_modality_and_score_type(method, mutate, message) -> None:
+    reference = copy.deepcopy(_fitted_reference())
+    mutate(reference["distributions"])
+    with pytest.raises(ValueError, match=message):
+        ModalityScoreCalibrator(method=method, reference=reference)
+    data = ModalityScoreCalibrator(method=method).to_dict()
+    data["init_parameters"]["reference"] = reference
+    with pytest.raises(ValueError, match=message):
+        ModalityScoreCalibrator.from_dict(data)
+    calibrator = ModalityScoreCalibrator(method=method)
+    with pytest.raises(ValueError, match=message):
+        calibrator.reference = reference
+    assert calibrator.reference is None
+
+
+def test_an_ecdf_reference_without_moments_is_accepted_but_zscore_needs_them() -> None:
+    reference = copy.deepcopy(_fitted_reference())
+    for by_type in reference["distributions"].values():
+        for dist in by_type.values():
+            dist.pop("mean")
+            dist.pop("std")
+    docs = [_doc("t", "text", 0.6), _doc("i", "image", 0.3, 12.0)]
+    assert len(ModalityScoreCalibrator(method="ecdf", reference=reference).run(documents=docs)["documents"]) == 2
+    with pytest.raises(ValueError, match="zscore method needs"):
+        ModalityScoreCalibrator(method="zscore", reference=reference)
+
+
+def test_fit_refuses_a_reference_that_is_not_finite_and_keeps_the_old_one() -> None:
+    calibrator = _reference(np.random.default_rng(21))
+    before = calibrator.reference
+    huge = [[_doc(f"t{i}", "text", 1.7e308) for i in range(12)]]  # the mean of these overflows to infinity
+    with pytest.raises(ValueError, match=r"'text'.*'dense'.*'mean'.*finite"):
+        calibrator.fit(huge)
+    assert calibrator.reference is before
+
+
+@pytest.mark.parametrize("pattern", [r"(a+)+$", r"(\w+\s?)*$", r"(a|aa)+$", r"((ab)*c)*d", r"(?:x+y?)+"])
+def test_backtracking_prone_rule_patterns_are_refused_at_init(pattern: str) -> None:
+    with pytest.raises(ValueError, match=r"query_alpha_rules\[0\]\['pattern'\].*refused.*backtrack"):
+        ModalityScoreCalibrator(query_alpha_rules=[{"pattern": pattern, "alpha": 0.9}])
+
+
+@pytest.mark.timeout(30)
+def test_rules_see_a_bounded_prefix_so_a_huge_query_cannot_hang() -> None:
+    # The shipped rag.yaml rules, plus single-character classes in quantified groups (allowed).
+    calibrator = ModalityScoreCalibrator(
+        alpha=0.5,
+        query_alpha_rules=[
+            {"pattern": r"\b(chart|graph|plot|diagram|figure|table|slide|photo|image|picture)s?\b", "alpha": 0.85},
+            {"pattern": r"^\s*(what is|what are|define|who is)\b", "alpha": 0.4},
+            {"pattern": r"(?:[ab])+c$", "alpha": 0.2},
+            {"pattern": r"[a-z]{2,5}\d+", "alpha": 0.3},
+        ],
+    )
+    attack = "a" * 1_000_000 + "b"
+    assert calibrator.alpha_for(attack) == 0.5  # finishes (a 1M-character scan per rule at most)
+    assert calibrator.alpha_for("what is " + "x" * 500_000) == 0.4
+    # A keyword after the first MAX_RULE_QUERY_CHARS characters is not seen (documented).
+    assert calibrator.alpha_for("x " * (MAX_RULE_QUERY_CHARS // 2) + "chart") == 0.5
+    assert calibrator.alpha_for("x " * 10 + "chart") == 0.85
+
+
+def test_rescored_copy_equals_dataclasses_replace() -> None:
+    from haystack.dataclasses import ByteStream
+
+    doc = Document(
+        id="x",
+        content="text",
+        blob=ByteStream(b"abc", mime_type="image/png"),
+        meta={"modality": "text", "dense_score": 0.5},
+        score=0.5,
+        embedding=[0.1, 0.2],
+    )
+    before = copy.deepcopy(doc)
+    meta = {**doc.meta, "fused_score": 0.7}
+    fast = _rescored(doc, 0.7, meta)
+    assert fast == dataclasses.replace(doc, score=0.7, meta=meta)
+    assert type(fast) is Document
+    assert fast.to_dict() == dataclasses.replace(doc, score=0.7, meta=meta).to_dict()
+    assert doc == before
+    assert fast is not doc
+
+
+def test_ranking_matches_the_shared_select_top_rule_with_ties_and_unscored_documents() -> None:
+    calibrator = ModalityScoreCalibrator(method="minmax", alpha=0.5)
+    docs = [
+        _doc("none-1", "text", None),
+        _doc("tie-a", "text", 0.5),
+        _doc("low", "text", 0.1),
+        _doc("tie-b", "text", 0.5),
+        _doc("none-2", "image", float("nan")),
+        _doc("top", "text", 0.9),
+    ]
+    out = calibrator.run(documents=docs)["documents"]
+    assert [d.id for d in out] == [d.id for d in select_top(out, top_k=None, score_threshold=None)]
+    assert [d.id for d in out] == ["top", "tie-a", "tie-b", "low", "none-1", "none-2"]
+    assert [d.id for d in calibrator.run(documents=docs, top_k=2)["documents"]] == ["top", "tie-a"]
+
+
+def test_a_stale_calibrated_late_score_from_an_earlier_run_is_not_kept() -> None:
+    calibrator = ModalityScoreCalibrator(method="minmax")
+    docs = [_doc("t", "text", 0.4, calibrated_late_interaction_score=0.99), _doc("u", "text", 0.5)]
+    out = calibrator.run(documents=docs)["documents"]
+    assert all("calibrated_late_interaction_score" not in d.meta for d in out)
+    assert docs[0].meta["calibrated_late_interaction_score"] == 0.99  # the input is untouched
+
+
+def test_string_and_bool_scores_follow_the_per_value_rules(caplog: pytest.LogCaptureFixture) -> None:
+    calibrator = ModalityScoreCalibrator(method="minmax")
+    docs = [_doc("str", "text", "0.7"), _doc("bool", "text", True), _doc("num", "text", 0.2)]  # type: ignore[arg-type]
+    with caplog.at_level(logging.WARNING):
+        out = {d.id: d for d in calibrator.run(documents=docs)["documents"]}
+    assert out["str"].score == 1.0
+    assert out["num"].score == 0.0
+    assert out["bool"].score is None
+    assert "'bool': dense score True" in caplog.text

@@ -129,6 +129,7 @@ def test_index_then_answer_end_to_end_and_reload_in_the_same_process(
     assert out["monitor"]["drift_report"]["calls"] == 1
 
     # A second copy of the same YAML, loaded while the first holds the embedded folder, runs too.
+    rag.get_component("monitor").close()  # the monitor batches its writes; close() writes the rest
     again = load_pipeline(PIPELINES / "rag.yaml", base_dir=workdir, models=models, embedding_dim=32)
     again.get_component("generator").generation_kwargs = {"max_new_tokens": 4}
     second = _ask(again, "Which quarter had the strongest revenue?")

@@ -1,82 +1,68 @@
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 import threading
-from pathlib import Path
-from typing import Any
+import time
+import warnings
+from typing import Any, Literal, TypedDict
 
-import numpy as np
 from haystack import Document, component, default_from_dict, default_to_dict, logging
 
-from haystack_integrations.common.multimodal_rag.errors import DriftStateError, MediaError
+from haystack_integrations.common.multimodal_rag.errors import MediaError
 from haystack_integrations.common.multimodal_rag.inputs.media import MODALITIES, modality_of
-from haystack_integrations.common.multimodal_rag.numerics.statistics import ks_two_sample, psi
+from haystack_integrations.common.multimodal_rag.numerics.statistics import (
+    FrozenSample,
+    ScoreWindow,
+    ks_two_sample,
+    mean_gap_change,
+    psi_against_bins,
+)
 from haystack_integrations.common.multimodal_rag.validation import check_positive_int
+from haystack_integrations.components.monitors.alignment_drift.state import GROUPS, DriftStateFile, StoredState
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("mean_gap", "ks", "psi")
-GROUPS = ("text", "visual")  # the gap is text minus image/page
-_STATE_VERSION = 1
+DriftMethod = Literal["mean_gap", "ks", "psi"]
+METHODS: tuple[DriftMethod, ...] = ("mean_gap", "ks", "psi")
+_MODALITY_SET = frozenset(MODALITIES)
+
+
+class _DriftReportKeys(TypedDict):
+    """The keys of every drift report (see `DriftReport`)."""
+
+    #: The drift test in use.
+    method: DriftMethod
+    #: Whether the current window has drifted from the baseline.
+    drifted: bool
+    #: `"warming_up"` until both groups have `min_samples` scores and a baseline; then `"ok"` or `"drift"`.
+    status: Literal["warming_up", "ok", "drift"]
+    #: Mean text score minus mean image/page score in the window (`None` while a group is empty).
+    gap: float | None
+    #: The same gap in the baseline (`None` until it is frozen).
+    baseline_gap: float | None
+    #: `|gap - baseline_gap|` (`mean_gap`), the larger KS statistic (`ks`) or the larger PSI (`psi`).
+    drift_magnitude: float | None
+    #: Scores in the window per group (`"text"`, `"visual"`).
+    samples: dict[str, int]
+    #: Scores ever recorded per modality (`"text"`, `"image"`, `"page"`), across every instance of the state file.
+    samples_seen: dict[str, int]
+    #: Calls recorded, across every instance sharing the state file (as of this instance's last merge).
+    calls: int
+
+
+class DriftReport(_DriftReportKeys, total=False):
+    """The `drift_report` output of `AlignmentDriftMonitor.run`: the keys above plus the method's own statistic."""
+
+    #: `mean_gap` only: standard error of the gap change.
+    standard_error: float
+    #: `ks` only: the smaller p-value of the two groups.
+    p_value: float
+    #: `psi` only: the larger PSI of the two groups.
+    psi: float
 
 
 def _group_of(modality: str) -> str:
     return "text" if modality == "text" else "visual"
-
-
-class _Ring:
-    """A fixed-size window of floats with O(1) running sums (exactly recomputed every `size` pushes)."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.data = np.zeros(size, dtype=np.float64)
-        self.count = 0
-        self.pos = 0
-        self.total = 0.0
-        self.total_sq = 0.0
-        self._pushes = 0
-
-    def push(self, value: float) -> None:
-        if self.count == self.size:
-            old = self.data[self.pos]
-            self.total -= old
-            self.total_sq -= old * old
-        else:
-            self.count += 1
-        self.data[self.pos] = value
-        self.total += value
-        self.total_sq += value * value
-        self.pos = (self.pos + 1) % self.size
-        self._pushes += 1
-        if self._pushes >= self.size:
-            self._pushes = 0
-            values = self.values()
-            self.total = math.fsum(values)
-            self.total_sq = math.fsum(values * values)
-
-    def variance(self) -> float:
-        if self.count < 2:
-            return 0.0
-        mean = self.total / self.count
-        return max(0.0, self.total_sq / self.count - mean * mean)
-
-    def values(self) -> np.ndarray:
-        if self.count < self.size:
-            return self.data[: self.count]
-        return np.concatenate([self.data[self.pos :], self.data[: self.pos]])
-
-    def mean(self) -> float:
-        return self.total / self.count if self.count else float("nan")
-
-    def load(self, values: list[float]) -> None:
-        self.count = self.pos = 0
-        self.total = self.total_sq = 0.0
-        self._pushes = 0
-        for value in values[-self.size :]:
-            self.push(float(value))
 
 
 @component
@@ -86,38 +72,47 @@ class AlignmentDriftMonitor:
 
     Place it after the ranker/calibrator of a query pipeline. Each call records the scores of the returned
     documents per modality group (text vs image/PDF page), compares a sliding window of recent scores with a
-    baseline and reports in `drift_report`:
+    baseline and reports in `drift_report` (a `DriftReport`):
 
     - `drifted` (bool), `status` (`"warming_up"`, `"ok"` or `"drift"`), `method`;
     - `gap`: current mean text score minus mean image/page score; `baseline_gap`; `drift_magnitude`;
-    - `samples`: window sizes per modality group; `calls`;
-    - `p_value` (method `"ks"`) or `psi` (method `"psi"`).
+    - `samples`: window sizes per modality group; `samples_seen` per modality; `calls`;
+    - `standard_error` (`"mean_gap"`), `p_value` (`"ks"`) or `psi` (`"psi"`).
 
     Methods: `"mean_gap"` (default): drift when `|gap - baseline_gap|` is within one standard error of
     exceeding `threshold` (`|gap - baseline_gap| + standard_error > threshold`, so a change of `threshold`
-    is flagged reliably, not half the time; the standard error of the window and baseline means is
-    reported); `"ks"`: two-sample
-    Kolmogorov-Smirnov test per group, baseline vs window, drift when the smaller p-value is below
-    `threshold`; `"psi"`: population stability index per group, drift when the larger PSI exceeds `threshold`.
-    The baseline is given explicitly (`baseline={"text": [...], "visual": [...]}` scores, or per modality
-    `"image"`/`"page"`, which are pooled) or frozen from the first `min_samples` scores of each group;
-    `reset_baseline()` re-freezes it from the most recent scores. A warning is logged once when drift starts
-    and once when it ends.
+    is flagged reliably, not half the time); `"ks"`: two-sample Kolmogorov-Smirnov test per group, baseline vs
+    window, drift when the smaller p-value is below `threshold`; `"psi"`: population stability index per group,
+    drift when the larger PSI exceeds `threshold`. The baseline is given explicitly
+    (`baseline={"text": [...], "visual": [...]}` scores, or per modality `"image"`/`"page"`, which are pooled)
+    or frozen from the first `min_samples` scores of each group; `reset_baseline()` re-freezes it from the most
+    recent scores. A warning is logged once when drift starts and once when it ends.
 
-    With `state_path`, windows and baseline persist to a JSON file (written atomically: temp file, fsync,
-    rename), so a restart continues where it stopped; a crash mid-write leaves the previous state readable.
-    A corrupt state file is an error naming it, unless `reset_corrupt_state=True` (then it is moved aside to
-    `<state_path>.corrupt` and the monitor starts fresh, saying so). The instance is thread-safe: concurrent
-    pipeline runs lose no sample.
+    **Persistence.** With `state_path`, windows, baseline and counters persist to a JSON file so a restart
+    continues where it stopped. Nothing touches the file before `warm_up()` (or the first `run()`).
+    Writes are batched: every `persist_every` calls or `persist_interval` seconds, whichever comes first, and
+    on `flush()`/`close()` (also a `with` block); nothing is written from an exit hook. A clean `close()` loses
+    nothing; a process killed without it loses at most the calls since its last write (one batch).
+    Each write is atomic (temporary file, fsync, rename) and happens under an exclusive lock of
+    `<state_path>.lock` (`fcntl.flock`): the writer reads the file, appends the samples it recorded since its
+    last write, writes the result and continues from it. So any number of instances, threads or processes
+    can share one `state_path` (a pipeline YAML loaded several times does exactly that) and no sample is
+    lost; each instance sees the others' samples from its next write on. Orphan `<state_path>.*.tmp` files of
+    crashed writers are removed. A corrupt state file (malformed, NaN or infinite numbers) is a
+    `DriftStateError` naming it, unless `reset_corrupt_state=True` (then it is moved aside to
+    `<state_path>.corrupt` and the monitor continues from its memory, saying so). On Windows (no `fcntl`)
+    only writers inside one process are serialised.
+
+    The instance is thread-safe: concurrent pipeline runs lose no sample.
 
     ### Usage example
     ```python
     from haystack_integrations.components.monitors.alignment_drift import AlignmentDriftMonitor
 
-    monitor = AlignmentDriftMonitor(window_size=1000, min_samples=200, threshold=0.05, state_path="drift.json")
-    result = monitor.run(documents=ranked_documents)
-    if result["drift_report"]["drifted"]:
-        print("text vs image score gap moved by", result["drift_report"]["drift_magnitude"])
+    with AlignmentDriftMonitor(window_size=1000, min_samples=200, state_path="drift.json") as monitor:
+        result = monitor.run(documents=ranked_documents)
+        if result["drift_report"]["drifted"]:
+            print("text vs image score gap moved by", result["drift_report"]["drift_magnitude"])
     ```
     """
 
@@ -127,16 +122,17 @@ class AlignmentDriftMonitor:
         window_size: int = 1000,
         min_samples: int = 200,
         threshold: float = 0.05,
-        method: str = "mean_gap",
+        method: DriftMethod = "mean_gap",
         state_path: str | None = None,
         baseline: dict[str, list[float]] | None = None,
         modality_meta_field: str = "modality",
         score_field: str = "dense_score",
         reset_corrupt_state: bool = False,
-        persist_every: int = 1,
+        persist_every: int = 100,
+        persist_interval: float | None = 10.0,
     ) -> None:
         """
-        Create the monitor (and load its state from `state_path` when the file exists).
+        Create the monitor. Only validates and stores the parameters: the state file is read at `warm_up()`.
 
         :param window_size: Recent scores kept per modality group.
         :param min_samples: Scores per group needed before drift is judged (and to freeze the baseline).
@@ -147,10 +143,11 @@ class AlignmentDriftMonitor:
         :param modality_meta_field: Meta key holding each document's modality.
         :param score_field: Meta key of the score to watch (`"dense_score"` by default, the retriever's score);
             `"score"` watches `Document.score`. Documents without it fall back to `Document.score`.
-        :param reset_corrupt_state: Start fresh (moving the bad file aside) instead of raising on a corrupt file.
-        :param persist_every: Save the state every this many calls (1 = every call).
+        :param reset_corrupt_state: Move a corrupt state file aside and go on instead of raising.
+        :param persist_every: Write the state at least every this many calls (1 = every call, with an fsync each).
+        :param persist_interval: Also write when this many seconds passed since the last write (checked at each
+            call; no background thread). `None`: by call count only.
         :raises ValueError: On invalid parameters.
-        :raises DriftStateError: When `state_path` exists but cannot be read (and `reset_corrupt_state` is False).
         """
         check_positive_int("window_size", window_size)
         check_positive_int("min_samples", min_samples)
@@ -161,8 +158,16 @@ class AlignmentDriftMonitor:
         if method not in METHODS:
             msg = f"method must be one of {METHODS}, got {method!r}"
             raise ValueError(msg)
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold > 0:
+        if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not threshold > 0:
             msg = f"threshold must be a positive number, got {threshold!r}"
+            raise ValueError(msg)
+        if persist_interval is not None and (
+            isinstance(persist_interval, bool)
+            or not isinstance(persist_interval, int | float)
+            or not persist_interval > 0
+            or not math.isfinite(persist_interval)
+        ):
+            msg = f"persist_interval must be a positive number of seconds or None, got {persist_interval!r}"
             raise ValueError(msg)
         self.window_size = window_size
         self.min_samples = min_samples
@@ -174,131 +179,198 @@ class AlignmentDriftMonitor:
         self.score_field = score_field
         self.reset_corrupt_state = reset_corrupt_state
         self.persist_every = persist_every
+        self.persist_interval = persist_interval
 
+        self._explicit_baseline = self._parse_baseline(baseline) if baseline is not None else None
         self._lock = threading.RLock()
-        self._windows = {g: _Ring(window_size) for g in GROUPS}
-        self._baseline: dict[str, np.ndarray] = {}
+        self._state_file = DriftStateFile(state_path) if state_path is not None else None
+        self._warmed_up = False
+        self._reset_memory()
+        self._drifted = False
+        # Recorded since the last write to the state file (replayed onto the file's state at the next write).
+        self._unflushed: list[tuple[str, float]] = []
+        self._unflushed_calls = 0
+        self._last_flush = time.monotonic()
+
+    def _reset_memory(self) -> None:
+        self._windows = {g: ScoreWindow(self.window_size) for g in GROUPS}
+        self._baseline: dict[str, FrozenSample] = dict(self._explicit_baseline or {})
         self._pending: dict[str, list[float]] = {g: [] for g in GROUPS}
         self._modality_counts = dict.fromkeys(MODALITIES, 0)
         self._calls = 0
-        self._drifted = False
-        if baseline is not None:
-            self._baseline = self._parse_baseline(baseline)
-        if state_path is not None:
-            self._load_state(Path(state_path))
 
     # --- baseline ----------------------------------------------------------------------------------
 
     @staticmethod
-    def _parse_baseline(baseline: dict[str, list[float]]) -> dict[str, np.ndarray]:
+    def _parse_baseline(baseline: dict[str, list[float]]) -> dict[str, FrozenSample]:
         pooled: dict[str, list[float]] = {}
+        if not isinstance(baseline, dict):
+            msg = f"baseline must be a dict of score lists, got {type(baseline).__name__}"
+            raise ValueError(msg)
         for key, values in baseline.items():
             if key not in (*GROUPS, *MODALITIES):
                 msg = f"baseline keys must be among {GROUPS + MODALITIES}, got {key!r}"
                 raise ValueError(msg)
-            scores = [float(v) for v in values]
+            try:
+                scores = [float(v) for v in values]
+            except (TypeError, ValueError) as e:
+                msg = f"baseline[{key!r}] must be a non-empty list of finite scores ({e})"
+                raise ValueError(msg) from e
             if not scores or not all(math.isfinite(v) for v in scores):
                 msg = f"baseline[{key!r}] must be a non-empty list of finite scores"
                 raise ValueError(msg)
             pooled.setdefault("text" if key == "text" else "visual", []).extend(scores)
-        return {group: np.asarray(values) for group, values in pooled.items()}
+        return {group: FrozenSample.of(values) for group, values in pooled.items()}
 
     def reset_baseline(self) -> None:
         """
-        Re-freeze the baseline from the most recent `min_samples` scores of each group.
+        Re-freeze the baseline from the most recent `min_samples` scores of each group (and write the state).
 
-        A group with fewer recent scores is frozen again from its next scores.
+        A group with fewer recent scores is frozen again from its next scores. With a shared `state_path`, the
+        new baseline is taken from the merged windows and every instance adopts it at its next write.
         """
         with self._lock:
-            self._baseline = {}
-            for group, ring in self._windows.items():
-                recent = ring.values()[-self.min_samples :]
-                if recent.size >= self.min_samples:
-                    self._baseline[group] = recent.copy()
-                    self._pending[group] = []
-                else:
-                    self._pending[group] = [float(v) for v in recent]
-            self._drifted = False
-            self._save_locked()
+            self._ensure_warm_locked()
+            if self._state_file is None:
+                self._rebaseline_locked()
+                return
+            with self._state_file.locked():
+                self._merge_locked()
+                self._rebaseline_locked()
+                self._write_locked()
 
-    # --- state persistence ------------------------------------------------------------------------
+    def _rebaseline_locked(self) -> None:
+        self._baseline = {}
+        for group, window in self._windows.items():
+            recent = window.values()[-self.min_samples :]
+            if recent.size >= self.min_samples:
+                self._baseline[group] = FrozenSample.of(recent)
+                self._pending[group] = []
+            else:
+                self._pending[group] = recent.tolist()
+        self._drifted = False
 
-    def _state(self) -> dict[str, Any]:
-        return {
-            "version": _STATE_VERSION,
-            "windows": {g: ring.values().tolist() for g, ring in self._windows.items()},
-            "baseline": {g: values.tolist() for g, values in self._baseline.items()},
-            "pending": self._pending,
-            "modality_counts": self._modality_counts,
-            "calls": self._calls,
-            "drifted": self._drifted,
-        }
+    # --- lifecycle and persistence ------------------------------------------------------------------
 
-    def _load_state(self, path: Path) -> None:
-        if not path.exists():
+    def warm_up(self) -> None:
+        """
+        Read the state file (creating its folder and lock file when missing), removing orphan temporary files.
+
+        Idempotent; `run()` calls it when needed. Without `state_path` it does nothing.
+
+        :raises DriftStateError: When the state file is corrupt (and `reset_corrupt_state` is False) or its
+            folder or lock file cannot be created.
+        """
+        with self._lock:
+            self._ensure_warm_locked()
+
+    def _ensure_warm_locked(self) -> None:
+        if self._warmed_up:
             return
+        if self._state_file is not None:
+            with self._state_file.locked():
+                for orphan in self._state_file.remove_orphans():
+                    logger.warning(
+                        "AlignmentDriftMonitor removed {orphan}, a temporary file left by a writer that crashed",
+                        orphan=str(orphan),
+                    )
+                stored = self._read_locked()
+                if stored is not None:
+                    self._restore(stored)
+                    self._drifted = stored.drifted
+        self._last_flush = time.monotonic()
+        self._warmed_up = True
+
+    def _read_locked(self) -> StoredState | None:
+        assert self._state_file is not None
         try:
-            state = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
-                msg = f"unknown state format (version {state.get('version') if isinstance(state, dict) else None})"
-                raise ValueError(msg)
-            windows = {g: [float(v) for v in state["windows"].get(g, [])] for g in GROUPS}
-            baseline = {g: np.asarray([float(v) for v in vs]) for g, vs in state["baseline"].items() if g in GROUPS}
-            pending = {g: [float(v) for v in state.get("pending", {}).get(g, [])] for g in GROUPS}
-            counts = {m: int(state.get("modality_counts", {}).get(m, 0)) for m in MODALITIES}
-            calls = int(state["calls"])
-            drifted = bool(state["drifted"])
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            return self._state_file.read(MODALITIES)
+        except Exception:
             if not self.reset_corrupt_state:
-                msg = (
-                    f"AlignmentDriftMonitor state file '{path}' is corrupt or unreadable ({type(e).__name__}: {e}). "
-                    "Fix or delete it, or pass reset_corrupt_state=True to start fresh."
-                )
-                raise DriftStateError(msg) from e
-            aside = path.with_name(path.name + ".corrupt")
-            os.replace(path, aside)
+                raise
+            aside = self._state_file.move_aside()
             logger.warning(
-                "AlignmentDriftMonitor state file {path} was corrupt ({error}); moved it to {aside} and started fresh",
-                path=str(path),
-                error=str(e),
+                "AlignmentDriftMonitor state file {path} was corrupt; moved it to {aside} and started fresh "
+                "(from this instance's memory)",
+                path=str(self._state_file.path),
                 aside=str(aside),
             )
-            return
-        for group, values in windows.items():
-            self._windows[group].load(values)
-        if self.baseline is None:
-            self._baseline = baseline
-        self._pending = pending
-        self._modality_counts = counts
-        self._calls = calls
-        self._drifted = drifted
+            return None
 
-    def _save_locked(self) -> None:
-        if self.state_path is None:
-            return
-        path = Path(self.state_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        payload = json.dumps(self._state(), separators=(",", ":"))
-        fd, tmp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as tmp:
-                tmp.write(payload)
-                tmp.flush()
-                os.fsync(tmp.fileno())
-            os.replace(tmp_name, path)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    def _restore(self, stored: StoredState) -> None:
+        for group in GROUPS:
+            self._windows[group].load(stored.windows.get(group, []))
+        if self._explicit_baseline is None:
+            self._baseline = {g: FrozenSample.of(v) for g, v in stored.baseline.items() if v}
+        self._pending = {g: list(stored.pending.get(g, [])) for g in GROUPS}
+        self._modality_counts = {m: stored.modality_counts.get(m, 0) for m in MODALITIES}
+        self._calls = stored.calls
+
+    def _stored(self) -> StoredState:
+        return StoredState(
+            windows={g: window.values().tolist() for g, window in self._windows.items()},
+            baseline={g: sample.sorted_values.tolist() for g, sample in self._baseline.items()},
+            pending={g: list(values) for g, values in self._pending.items()},
+            modality_counts=dict(self._modality_counts),
+            calls=self._calls,
+            drifted=self._drifted,
+        )
+
+    def _merge_locked(self) -> None:
+        """Under the file lock: continue from the file's state plus what this instance recorded since its last write."""
+        assert self._state_file is not None
+        stored = self._read_locked()
+        if stored is None:
+            return  # no file (or a corrupt one moved aside): memory already holds everything this instance saw
+        self._restore(stored)
+        self._calls += self._unflushed_calls
+        for modality, score in self._unflushed:
+            self._observe(modality, score)
+
+    def _write_locked(self) -> None:
+        assert self._state_file is not None
+        self._state_file.write(self._stored())
+        self._unflushed = []
+        self._unflushed_calls = 0
+        self._last_flush = time.monotonic()
+
+    def flush(self) -> None:
+        """
+        Merge this instance's unwritten samples into the state file now (atomically, under the file lock).
+
+        No-op without a `state_path` or when nothing was recorded since the last write.
+
+        :raises DriftStateError: When the state file cannot be read or written.
+        """
+        with self._lock:
+            self._ensure_warm_locked()
+            if self._state_file is None or (self._unflushed_calls == 0 and self._state_file.path.exists()):
+                return
+            with self._state_file.locked():
+                self._merge_locked()
+                self._write_locked()
 
     def save(self) -> None:
-        """Write the state to `state_path` now (atomically); no-op without a `state_path`."""
-        with self._lock:
-            self._save_locked()
+        """Deprecated alias of `flush()`, kept for one release."""
+        warnings.warn("AlignmentDriftMonitor.save() is deprecated: use flush()", DeprecationWarning, stacklevel=2)
+        self.flush()
+
+    def close(self) -> None:
+        """
+        Write what is not written yet (see `flush()`). The monitor stays usable; call this before a process exits.
+
+        :raises DriftStateError: When the state file cannot be written.
+        """
+        self.flush()
+
+    def __enter__(self) -> AlignmentDriftMonitor:
+        """:returns: The monitor, warmed up."""
+        self.warm_up()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        """Close the monitor (flush)."""
+        self.close()
 
     # --- serialization ------------------------------------------------------------------------------
 
@@ -320,6 +392,7 @@ class AlignmentDriftMonitor:
             score_field=self.score_field,
             reset_corrupt_state=self.reset_corrupt_state,
             persist_every=self.persist_every,
+            persist_interval=self.persist_interval,
         )
 
     @classmethod
@@ -336,6 +409,8 @@ class AlignmentDriftMonitor:
 
     def _score(self, doc: Document) -> float | None:
         raw = doc.score if self.score_field == "score" else doc.meta.get(self.score_field, doc.score)
+        if type(raw) is float:  # the common case, without the checks below
+            return raw if math.isfinite(raw) else None
         if raw is None or isinstance(raw, bool):
             return None
         try:
@@ -345,113 +420,128 @@ class AlignmentDriftMonitor:
         return value if math.isfinite(value) else None
 
     def _modality(self, doc: Document) -> str | None:
+        declared = doc.meta.get(self.modality_meta_field)
+        if declared in _MODALITY_SET:
+            return str(declared)
         try:
             return modality_of(doc, modality_meta_field=self.modality_meta_field)
         except MediaError:
             return None  # not counted: no modality group to put the score in
 
-    def _evaluate_locked(self) -> dict[str, Any]:
-        windows = {g: self._windows[g] for g in GROUPS}
-        text, visual = windows["text"], windows["visual"]
+    def _observe(self, modality: str, score: float) -> None:
+        self._modality_counts[modality] += 1
+        group = _group_of(modality)
+        self._windows[group].push(score)
+        if group not in self._baseline:
+            pending = self._pending[group]
+            pending.append(score)
+            if len(pending) >= self.min_samples:
+                self._baseline[group] = FrozenSample.of(pending[: self.min_samples])
+                self._pending[group] = []
+
+    def _evaluate_locked(self) -> DriftReport:
+        text, visual = self._windows["text"], self._windows["visual"]
         gap = text.mean() - visual.mean() if text.count and visual.count else None
-        base = self._baseline
-        baseline_gap = (
-            float(base["text"].mean() - base["visual"].mean()) if "text" in base and "visual" in base else None
-        )
-        ready = (
-            baseline_gap is not None
-            and text.count >= self.min_samples
-            and visual.count >= self.min_samples
-            and gap is not None
-        )
-        report: dict[str, Any] = {
+        base_text, base_visual = self._baseline.get("text"), self._baseline.get("visual")
+        baseline_gap = base_text.mean - base_visual.mean if base_text is not None and base_visual is not None else None
+        report: DriftReport = {
             "method": self.method,
+            "drifted": False,
+            "status": "warming_up",
             "gap": gap,
             "baseline_gap": baseline_gap,
             "drift_magnitude": None,
-            "samples": {g: windows[g].count for g in GROUPS},
+            "samples": {"text": text.count, "visual": visual.count},
+            "samples_seen": dict(self._modality_counts),
             "calls": self._calls,
         }
-        if not ready:
-            report.update(drifted=False, status="warming_up")
+        if (
+            base_text is None
+            or base_visual is None
+            or gap is None
+            or text.count < self.min_samples
+            or visual.count < self.min_samples
+        ):
             return report
-        assert gap is not None
-        assert baseline_gap is not None
         if self.method == "mean_gap":
-            magnitude = abs(gap - baseline_gap)
-            # Sampling error of the gap change (window means and frozen baseline means are estimates): a change
-            # of `threshold` must be flagged reliably, not by a coin toss at the boundary.
-            standard_error = math.sqrt(
-                text.variance() / text.count
-                + visual.variance() / visual.count
-                + float(base["text"].var()) / base["text"].size
-                + float(base["visual"].var()) / base["visual"].size
-            )
+            magnitude, standard_error = mean_gap_change(text, visual, base_text, base_visual)
             report["standard_error"] = standard_error
             drifted = magnitude + standard_error > self.threshold
         elif self.method == "ks":
-            tests = [ks_two_sample(base[g], windows[g].values()) for g in GROUPS]
+            tests = [
+                ks_two_sample(base_text.sorted_values, text.values(), sorted_a=True),
+                ks_two_sample(base_visual.sorted_values, visual.values(), sorted_a=True),
+            ]
             magnitude = max(d for d, _ in tests)
             p_value = min(p for _, p in tests)
             report["p_value"] = p_value
             drifted = p_value < self.threshold
         else:
-            values = [psi(base[g], windows[g].values()) for g in GROUPS]
-            magnitude = max(values)
+            magnitude = max(
+                psi_against_bins(base_text.psi_edges, base_text.psi_shares, text.values()),
+                psi_against_bins(base_visual.psi_edges, base_visual.psi_shares, visual.values()),
+            )
             report["psi"] = magnitude
             drifted = magnitude > self.threshold
-        report.update(drifted=drifted, status="drift" if drifted else "ok", drift_magnitude=float(magnitude))
+        report["drifted"] = drifted
+        report["status"] = "drift" if drifted else "ok"
+        report["drift_magnitude"] = float(magnitude)
         return report
 
-    @component.output_types(documents=list[Document], drift_report=dict)
+    def _log_transition(self, report: DriftReport) -> None:
+        if report["drifted"]:
+            logger.warning(
+                "AlignmentDriftMonitor: drift detected ({method}): text-image score gap {gap:.4f} vs "
+                "baseline {baseline:.4f} (magnitude {magnitude:.4f}, threshold {threshold})",
+                method=self.method,
+                gap=report["gap"],
+                baseline=report["baseline_gap"],
+                magnitude=report["drift_magnitude"],
+                threshold=self.threshold,
+            )
+        else:
+            logger.warning(
+                "AlignmentDriftMonitor: drift ended ({method}): gap {gap} vs baseline {baseline}",
+                method=self.method,
+                gap=report["gap"],
+                baseline=report["baseline_gap"],
+            )
+
+    @component.output_types(documents=list[Document], drift_report=DriftReport)
     def run(self, documents: list[Document], query: str | None = None) -> dict[str, Any]:
         """
         Record the scores of `documents` and report drift; the documents pass through unchanged.
 
         :param documents: The ranked documents of one query.
         :param query: The query (accepted so the monitor can sit anywhere in a query pipeline; not used).
-        :returns: `{"documents": documents, "drift_report": dict}`.
+        :returns: `{"documents": documents, "drift_report": DriftReport}`.
+        :raises DriftStateError: When the state file is corrupt (see `reset_corrupt_state`) or cannot be written.
         """
         del query
         observed: list[tuple[str, float]] = []
         for doc in documents:
             modality = self._modality(doc)
+            if modality is None:
+                continue
             score = self._score(doc)
-            if modality is not None and score is not None:
+            if score is not None:
                 observed.append((modality, score))
         with self._lock:
+            self._ensure_warm_locked()
             self._calls += 1
             for modality, score in observed:
-                self._modality_counts[modality] += 1
-                group = _group_of(modality)
-                self._windows[group].push(score)
-                if group not in self._baseline:
-                    pending = self._pending[group]
-                    pending.append(score)
-                    if len(pending) >= self.min_samples:
-                        self._baseline[group] = np.asarray(pending[: self.min_samples])
-                        self._pending[group] = []
+                self._observe(modality, score)
             report = self._evaluate_locked()
-            report["samples_seen"] = dict(self._modality_counts)
             if report["drifted"] != self._drifted:
-                self._drifted = bool(report["drifted"])
-                if self._drifted:
-                    logger.warning(
-                        "AlignmentDriftMonitor: drift detected ({method}): text-image score gap {gap:.4f} vs "
-                        "baseline {baseline:.4f} (magnitude {magnitude:.4f}, threshold {threshold})",
-                        method=self.method,
-                        gap=report["gap"],
-                        baseline=report["baseline_gap"],
-                        magnitude=report["drift_magnitude"],
-                        threshold=self.threshold,
-                    )
-                else:
-                    logger.warning(
-                        "AlignmentDriftMonitor: drift ended ({method}): gap {gap} vs baseline {baseline}",
-                        method=self.method,
-                        gap=report["gap"],
-                        baseline=report["baseline_gap"],
-                    )
-            if self.state_path is not None and self._calls % self.persist_every == 0:
-                self._save_locked()
+                self._drifted = report["drifted"]
+                self._log_transition(report)
+            if self._state_file is not None:
+                self._unflushed.extend(observed)
+                self._unflushed_calls += 1
+                if self._unflushed_calls >= self.persist_every or (
+                    self.persist_interval is not None and time.monotonic() - self._last_flush >= self.persist_interval
+                ):
+                    with self._state_file.locked():
+                        self._merge_locked()
+                        self._write_locked()
         return {"documents": documents, "drift_report": report}

@@ -1,11 +1,10 @@
 from __future__ import annotations
 
-import itertools
 import math
 import re
+import re._parser as re_parser  # private, but the only parser of re's own syntax; pinned by test_calibrator.py
 import threading
-from dataclasses import replace
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from haystack import Document, component, default_from_dict, default_to_dict, logging
@@ -20,10 +19,11 @@ from haystack_integrations.common.multimodal_rag.numerics.ranking import (
     FUSED_SCORE_META_KEY,
     LATE_INTERACTION_SCORE_META_KEY,
     check_top_k_and_threshold,
-    select_top,
 )
 from haystack_integrations.common.multimodal_rag.numerics.statistics import (
     DEFAULT_N_QUANTILES,
+    EcdfTable,
+    check_reference_distribution,
     ecdf_transform,
     fit_reference,
     minmax_transform,
@@ -33,7 +33,8 @@ from haystack_integrations.common.multimodal_rag.numerics.statistics import (
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("ecdf", "zscore", "minmax")
+CalibrationMethod = Literal["ecdf", "zscore", "minmax"]
+METHODS: tuple[CalibrationMethod, ...] = ("ecdf", "zscore", "minmax")
 #: Score types a reference can hold, and the meta key each is read from.
 SCORE_TYPES: dict[str, str] = {
     "dense": DENSE_SCORE_META_KEY,
@@ -42,6 +43,13 @@ SCORE_TYPES: dict[str, str] = {
 }
 _REFERENCE_VERSION = 1
 _MIN_FIT_SAMPLES = 10
+#: `query_alpha_rules` patterns are matched against the first this many characters of the query, so the cost
+#: of a rule is bounded whatever the query's length.
+MAX_RULE_QUERY_CHARS = 1000
+_MODALITY_SET = frozenset(MODALITIES)
+_MODALITY_CODES = {modality: code for code, modality in enumerate(MODALITIES)}
+_PLAIN_NUMBER_TYPES = frozenset({float, int, np.float64, np.float32, np.float16})
+_REPEATS = {re_parser.MAX_REPEAT, re_parser.MIN_REPEAT, re_parser.POSSESSIVE_REPEAT}
 
 
 def _finite(value: Any) -> float | None:
@@ -52,6 +60,69 @@ def _finite(value: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return number if math.isfinite(number) else None
+
+
+def _score_array(raws: list[Any]) -> tuple[np.ndarray, list[int]]:
+    """
+    Scores as float64, NaN where missing or unusable, and the positions of unusable (present but not finite) ones.
+
+    Same rules as `_finite` per value, vectorised for the common case of floats and `None`s.
+    """
+    values = [math.nan if raw is None else raw for raw in raws]
+    if set(map(type, values)) <= _PLAIN_NUMBER_TYPES:
+        array = np.array(values, dtype=np.float64)
+    else:  # strings, bools, odd objects: one by one
+        array = np.array([math.nan if (v := _finite(raw)) is None else v for raw in raws], dtype=np.float64)
+    unusable = ~np.isfinite(array)
+    if not unusable.any():
+        return array, []
+    bad = [i for i in np.flatnonzero(unusable).tolist() if raws[i] is not None]
+    array[unusable] = np.nan
+    return array, bad
+
+
+def _rescored(doc: Document, score: float | None, meta: dict[str, Any]) -> Document:
+    """
+    A new Document equal to `dataclasses.replace(doc, score=score, meta=meta)`; `doc` is not modified.
+
+    `replace()` re-runs `Document.__init__`, `__post_init__` and Haystack's mutation tracking: ~10 us per
+    document, half of this component's time for 100 candidates. The fields `__post_init__` derives (the id)
+    are already final in `doc`, so copying its instance dict and swapping the two fields builds the same
+    Document, sharing content, blob and embeddings exactly as `replace()` does. Pinned by
+    `test_rescored_copy_equals_dataclasses_replace`.
+    """
+    new = object.__new__(type(doc))
+    fields = new.__dict__
+    fields.update(doc.__dict__)
+    fields["score"] = score
+    fields["meta"] = meta
+    return new
+
+
+def _regex_hazard(items: Any, inside_repeat: bool) -> str | None:
+    """Why a parsed pattern can backtrack exponentially (a repeat inside a repeat, an alternation inside one)."""
+    for op, av in items:
+        if op in _REPEATS:
+            _low, high, body = av
+            repeats = high is re_parser.MAXREPEAT or high > 1
+            if inside_repeat and repeats:
+                return "a quantifier inside a quantified group (nested quantifiers, as in '(a+)+')"
+            reason = _regex_hazard(body, inside_repeat or repeats)
+            if reason is not None:
+                return reason
+            continue
+        if op is re_parser.BRANCH and inside_repeat:
+            return "an alternation inside a quantified group (as in '(a|ab)+')"
+        for child in av if isinstance(av, tuple | list) else (av,):
+            if isinstance(child, re_parser.SubPattern):
+                reason = _regex_hazard(child, inside_repeat)
+            elif isinstance(child, list) and child and isinstance(child[0], re_parser.SubPattern):
+                reason = next((r for c in child if (r := _regex_hazard(c, inside_repeat)) is not None), None)
+            else:
+                continue
+            if reason is not None:
+                return reason
+    return None
 
 
 @component
@@ -77,7 +148,14 @@ class ModalityScoreCalibrator:
     the more precise judge), else `meta["late_interaction_score"]` (from `ColPaliRanker`). The dense score is
     `meta["dense_score"]`, or `score` when that is absent. `alpha` can depend on the query through
     `query_alpha_rules`: an ordered list of `{"pattern": regex, "alpha": float}`, first match wins,
-    matched case-insensitively.
+    matched case-insensitively against the first 1000 characters of the query (`MAX_RULE_QUERY_CHARS`). So that
+    no query can make a rule backtrack for minutes, patterns with a quantifier inside a quantified group
+    (`(a+)+`, `(\\w+\\s?)*`) or an alternation inside one (`(a|ab)+`) are refused at init; a single-character
+    class like `[ab]+` or `(?:a|b)+` is fine.
+
+    References are validated when set (`reference=`, `from_dict`, assigning `calibrator.reference`) and when
+    fitted: quantiles finite and non-decreasing, `mean`/`std` finite (and present for `"zscore"`); an error names
+    the modality and score type.
 
     Handling of odd input (documented, never a silent drop): a document without `meta["modality"]` is
     classified like the embedders do (a file or blob makes it an image/page, content makes it text); an
@@ -105,7 +183,7 @@ class ModalityScoreCalibrator:
     def __init__(
         self,
         *,
-        method: str = "ecdf",
+        method: CalibrationMethod = "ecdf",
         alpha: float = 0.65,
         query_alpha_rules: list[dict[str, Any]] | None = None,
         modality_meta_field: str = "modality",
@@ -121,7 +199,8 @@ class ModalityScoreCalibrator:
         :param modality_meta_field: Meta key holding each document's modality.
         :param reference: Fitted distributions, as returned by `fit()` (or `reference` of a fitted instance).
         :param top_k: How many documents to return; `None` returns all.
-        :raises ValueError: On an unknown method, an alpha outside `[0, 1]`, a bad rule or a malformed reference.
+        :raises ValueError: On an unknown method, an alpha outside `[0, 1]`, a bad or backtracking-prone rule, or a
+            malformed reference (naming the modality and score type).
         """
         if method not in METHODS:
             msg = f"method must be one of {METHODS}, got {method!r}"
@@ -129,16 +208,28 @@ class ModalityScoreCalibrator:
         self._check_alpha(alpha, "alpha")
         check_top_k_and_threshold(top_k, None)
         self._rules = self._compile_rules(query_alpha_rules)
-        if reference is not None:
-            self._check_reference(reference)
         self.method = method
         self.alpha = alpha
         self.query_alpha_rules = query_alpha_rules
         self.modality_meta_field = modality_meta_field
-        self.reference = reference
         self.top_k = top_k
         self._warned: set[tuple[str, str]] = set()
         self._warn_lock = threading.Lock()
+        # ECDF tables of `reference`, rebuilt when `reference` is replaced (fit() or assignment).
+        self._tables: tuple[Any, dict[tuple[str, str], EcdfTable]] = (None, {})
+        self._reference: dict[str, Any] | None = None
+        self.reference = reference  # validated by the property setter
+
+    @property
+    def reference(self) -> dict[str, Any] | None:
+        """The fitted reference distributions (`fit()`'s result), or `None`. Validated whenever it is set."""
+        return self._reference
+
+    @reference.setter
+    def reference(self, value: dict[str, Any] | None) -> None:
+        if value is not None:
+            self._check_reference(value, self.method)
+        self._reference = value
 
     # --- validation --------------------------------------------------------------------------------
 
@@ -161,30 +252,39 @@ class ModalityScoreCalibrator:
             except (re.error, TypeError) as e:
                 msg = f"query_alpha_rules[{i}]['pattern'] is not a valid regular expression: {e}"
                 raise ValueError(msg) from e
+            hazard = _regex_hazard(re_parser.parse(pattern.pattern, pattern.flags), inside_repeat=False)
+            if hazard is not None:
+                msg = (
+                    f"query_alpha_rules[{i}]['pattern'] {pattern.pattern!r} is refused: it has {hazard}, which can "
+                    "backtrack exponentially on some queries. Rewrite it without nesting (e.g. '(a+)+' -> 'a+')."
+                )
+                raise ValueError(msg)
             compiled.append((pattern, float(rule["alpha"])))
         return compiled
 
     @staticmethod
-    def _check_reference(reference: dict[str, Any]) -> None:
-        distributions = reference.get("distributions")
-        if not isinstance(distributions, dict):
+    def _check_reference(reference: Any, method: str) -> None:
+        if not isinstance(reference, dict) or not isinstance(reference.get("distributions"), dict):
             msg = "reference must be a dict with a 'distributions' mapping (as returned by fit())"
             raise ValueError(msg)
-        for modality, by_type in distributions.items():
+        version = reference.get("version", _REFERENCE_VERSION)
+        if version != _REFERENCE_VERSION:
+            msg = f"reference version {version!r} is not supported (expected {_REFERENCE_VERSION}); refit with fit()"
+            raise ValueError(msg)
+        for modality, by_type in reference["distributions"].items():
             if modality not in MODALITIES:
                 msg = f"reference has an unknown modality {modality!r} (expected one of {MODALITIES})"
+                raise ValueError(msg)
+            if not isinstance(by_type, dict):
+                msg = f"reference[{modality!r}] must map score types to distributions, got {type(by_type).__name__}"
                 raise ValueError(msg)
             for score_type, dist in by_type.items():
                 if score_type not in SCORE_TYPES:
                     msg = f"reference has an unknown score type {score_type!r} (expected one of {tuple(SCORE_TYPES)})"
                     raise ValueError(msg)
-                quantiles = dist.get("quantiles") if isinstance(dist, dict) else None
-                if not isinstance(quantiles, list) or len(quantiles) < 2:
-                    msg = f"reference[{modality!r}][{score_type!r}] needs a 'quantiles' list of at least 2 values"
-                    raise ValueError(msg)
-                if any(b < a for a, b in itertools.pairwise(quantiles)):
-                    msg = f"reference[{modality!r}][{score_type!r}] quantiles must be non-decreasing"
-                    raise ValueError(msg)
+                check_reference_distribution(
+                    dist, name=f"reference[{modality!r}][{score_type!r}]", need_moments=method == "zscore"
+                )
 
     # --- serialization --------------------------------------------------------------------------
 
@@ -217,11 +317,22 @@ class ModalityScoreCalibrator:
     # --- reading documents ----------------------------------------------------------------------
 
     def _modality(self, doc: Document) -> str:
+        declared = doc.meta.get(self.modality_meta_field)
+        if declared in _MODALITY_SET:
+            return str(declared)
         try:
             return modality_of(doc, modality_meta_field=self.modality_meta_field)
         except MediaError as e:
             msg = f"ModalityScoreCalibrator: document '{doc.id}': {e}"
             raise ValueError(msg) from e
+
+    def _modality_code(self, doc: Document, meta: dict[str, Any]) -> int:
+        declared = meta.get(self.modality_meta_field)
+        if type(declared) is str:
+            code = _MODALITY_CODES.get(declared)
+            if code is not None:
+                return code
+        return _MODALITY_CODES[self._modality(doc)]
 
     @staticmethod
     def _raw_scores(doc: Document) -> tuple[float | None, str | None, float | None, list[str]]:
@@ -258,7 +369,8 @@ class ModalityScoreCalibrator:
         :param scored_batches: Lists of scored documents.
         :param n_quantiles: Quantiles kept per distribution.
         :returns: The reference, also stored in `self.reference`.
-        :raises ValueError: When no (modality, score type) has enough scores, or a document's modality is unknown.
+        :raises ValueError: When no (modality, score type) has enough scores, a document's modality is unknown, or a
+            fitted distribution is not finite (naming the modality and score type); `self.reference` is then kept.
         """
         pools: dict[str, dict[str, list[float]]] = {}
         for batch in scored_batches:
@@ -287,10 +399,12 @@ class ModalityScoreCalibrator:
         if not distributions:
             msg = "ModalityScoreCalibrator.fit: no (modality, score type) had enough scores to fit a reference"
             raise ValueError(msg)
-        self.reference = {"version": _REFERENCE_VERSION, "distributions": distributions}
+        reference = {"version": _REFERENCE_VERSION, "distributions": distributions}
+        self._check_reference(reference, "zscore")  # e.g. scores near the float limit overflow the mean or std
+        self._reference = reference
         with self._warn_lock:
             self._warned.clear()
-        return self.reference
+        return reference
 
     # --- calibration ----------------------------------------------------------------------------
 
@@ -319,8 +433,18 @@ class ModalityScoreCalibrator:
                 return rank_percentiles(values)
             return zscore_transform(values, float(values.mean()), float(values.std()))
         if self.method == "ecdf":
-            return ecdf_transform(values, dist["quantiles"])
+            return ecdf_transform(values, self._ecdf_table(modality, score_type, dist["quantiles"]))
         return zscore_transform(values, float(dist["mean"]), float(dist["std"]))
+
+    def _ecdf_table(self, modality: str, score_type: str, quantiles: list[float]) -> EcdfTable:
+        reference, tables = self._tables
+        if reference is not self.reference:
+            tables = {}
+            self._tables = (self.reference, tables)
+        table = tables.get((modality, score_type))
+        if table is None:
+            table = tables[(modality, score_type)] = EcdfTable.of(quantiles)
+        return table
 
     def alpha_for(self, query: str | None) -> float:
         """
@@ -330,8 +454,9 @@ class ModalityScoreCalibrator:
         :returns: The weight of the late score.
         """
         if query:
+            head = query[:MAX_RULE_QUERY_CHARS]
             for pattern, alpha in self._rules:
-                if pattern.search(query):
+                if pattern.search(head):
                     return alpha
         return float(self.alpha)
 
@@ -345,7 +470,8 @@ class ModalityScoreCalibrator:
         :param documents: Scored documents (e.g. from `ColPaliRanker`); not modified.
         :param query: The query, used by `query_alpha_rules`.
         :param top_k: Overrides the init `top_k` for this call.
-        :returns: `{"documents": [...]}` sorted by fused score, best first.
+        :returns: `{"documents": [...]}` sorted by fused score, best first (stable; documents without a usable
+            score last), cut at `top_k`.
         :raises ValueError: On an unknown modality value or a negative `top_k`.
         """
         top_k = self.top_k if top_k is None else top_k
@@ -354,60 +480,79 @@ class ModalityScoreCalibrator:
             return {"documents": []}
         alpha = self.alpha_for(query)
 
-        modalities = [self._modality(doc) for doc in documents]
-        dense = np.full(len(documents), np.nan)
-        late = np.full(len(documents), np.nan)
-        late_types: list[str | None] = [None] * len(documents)
-        problems: list[str] = []
-        for i, doc in enumerate(documents):
-            d, late_type, lv, bad = self._raw_scores(doc)
-            if d is not None:
-                dense[i] = d
-            if lv is not None:
-                late[i] = lv
-                late_types[i] = late_type
-            if bad:
-                problems.append(f"'{doc.id}': {', '.join(bad)}")
-        if problems:
-            logger.warning(
-                "ModalityScoreCalibrator ignored non-finite scores (the documents are kept): {details}",
-                details="; ".join(problems),
-            )
+        metas = [doc.meta for doc in documents]
+        modalities = np.array([self._modality_code(doc, meta) for doc, meta in zip(documents, metas, strict=True)])
+        dense, dense_bad = _score_array(
+            [meta.get(DENSE_SCORE_META_KEY, doc.score) for meta, doc in zip(metas, documents, strict=True)]
+        )
+        cross, cross_bad = _score_array([meta.get(CROSS_ENCODER_SCORE_META_KEY) for meta in metas])
+        interaction, interaction_bad = _score_array([meta.get(LATE_INTERACTION_SCORE_META_KEY) for meta in metas])
+        # The cross-encoder score is the late score where usable; the late-interaction score is read otherwise.
+        use_cross = ~np.isnan(cross)
+        use_interaction = ~use_cross & ~np.isnan(interaction)
+        late = np.where(use_cross, cross, interaction)
+        self._warn_unusable(documents, dense_bad, cross_bad, [i for i in interaction_bad if not use_cross[i]])
 
         cal_dense = np.full(len(documents), np.nan)
         cal_late = np.full(len(documents), np.nan)
-        groups: dict[tuple[str, str], list[int]] = {}
-        for i, modality in enumerate(modalities):
-            if not np.isnan(dense[i]):
-                groups.setdefault((modality, "dense"), []).append(i)
-            late_type = late_types[i]
-            if late_type is not None:
-                groups.setdefault((modality, late_type), []).append(i)
+        groups: list[tuple[str, str, np.ndarray, np.ndarray, np.ndarray]] = []
+        for code, modality in enumerate(MODALITIES):
+            of_modality = modalities == code
+            if not of_modality.any():
+                continue
+            for score_type, mask, source, target in (
+                ("dense", of_modality & ~np.isnan(dense), dense, cal_dense),
+                ("cross_encoder", of_modality & use_cross, late, cal_late),
+                ("late_interaction", of_modality & use_interaction, late, cal_late),
+            ):
+                if mask.any():
+                    groups.append((modality, score_type, mask, source, target))
         if self.method != "minmax":
-            self._warn_fallback_once([pair for pair in groups if self._reference_for(*pair) is None])
-        for (modality, score_type), idx in groups.items():
-            index = np.asarray(idx)
-            if score_type == "dense":
-                cal_dense[index] = self._calibrate(dense[index], modality, score_type)
-            else:
-                cal_late[index] = self._calibrate(late[index], modality, score_type)
+            self._warn_fallback_once([(m, t) for m, t, *_ in groups if self._reference_for(m, t) is None])
+        for modality, score_type, mask, source, target in groups:
+            target[mask] = self._calibrate(source[mask], modality, score_type)
 
+        has_dense, has_late = ~np.isnan(cal_dense), ~np.isnan(cal_late)
+        fused = np.where(
+            has_dense & has_late, (1.0 - alpha) * cal_dense + alpha * cal_late, np.where(has_dense, cal_dense, cal_late)
+        )
+        unscored = np.isnan(fused)
+        # The shared ranking rule (`select_top`): best first, stable, documents without a score last.
+        order = np.lexsort((np.where(unscored, 0.0, -fused), unscored))
+        kept = order if top_k is None else order[:top_k]
+        # Python floats (NaN = absent) for the per-document loop: indexing numpy arrays one by one is slower.
+        dense_values, late_values, fused_values = cal_dense.tolist(), cal_late.tolist(), fused.tolist()
         out: list[Document] = []
-        for i, doc in enumerate(documents):
-            has_dense, has_late = not np.isnan(cal_dense[i]), not np.isnan(cal_late[i])
-            if has_dense and has_late:
-                fused: float | None = (1.0 - alpha) * float(cal_dense[i]) + alpha * float(cal_late[i])
-            elif has_dense:
-                fused = float(cal_dense[i])
-            elif has_late:
-                fused = float(cal_late[i])
-            else:
-                fused = None
+        for i in kept.tolist():
+            doc = documents[i]
             meta = dict(doc.meta)
-            meta[CALIBRATED_DENSE_SCORE_META_KEY] = float(cal_dense[i]) if has_dense else None
-            if has_late:
-                meta[CALIBRATED_LATE_SCORE_META_KEY] = float(cal_late[i])
-            meta[FUSED_SCORE_META_KEY] = fused
+            calibrated_dense, calibrated_late, score = dense_values[i], late_values[i], fused_values[i]
+            meta[CALIBRATED_DENSE_SCORE_META_KEY] = None if math.isnan(calibrated_dense) else calibrated_dense
+            if math.isnan(calibrated_late):
+                meta.pop(CALIBRATED_LATE_SCORE_META_KEY, None)  # a stale value from an earlier calibration
+            else:
+                meta[CALIBRATED_LATE_SCORE_META_KEY] = calibrated_late
+            final = None if math.isnan(score) else score
+            meta[FUSED_SCORE_META_KEY] = final
             meta.setdefault(DENSE_SCORE_META_KEY, doc.score)
-            out.append(replace(doc, score=fused, meta=meta))
-        return {"documents": select_top(out, top_k=top_k, score_threshold=None)}
+            out.append(_rescored(doc, final, meta))
+        return {"documents": out}
+
+    @staticmethod
+    def _warn_unusable(documents: list[Document], dense: list[int], cross: list[int], interaction: list[int]) -> None:
+        if not (dense or cross or interaction):
+            return
+        problems: dict[int, list[str]] = {}
+        for key, bad, positions in (
+            (DENSE_SCORE_META_KEY, "dense", dense),
+            (CROSS_ENCODER_SCORE_META_KEY, "cross_encoder", cross),
+            (LATE_INTERACTION_SCORE_META_KEY, "late_interaction", interaction),
+        ):
+            for i in positions:
+                doc = documents[i]
+                raw = doc.meta.get(key, doc.score) if key == DENSE_SCORE_META_KEY else doc.meta.get(key)
+                problems.setdefault(i, []).append(f"{bad} score {raw!r}")
+        logger.warning(
+            "ModalityScoreCalibrator ignored non-finite scores (the documents are kept): {details}",
+            details="; ".join(f"'{documents[i].id}': {', '.join(problems[i])}" for i in sorted(problems)),
+        )
