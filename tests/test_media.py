@@ -103,8 +103,8 @@ def test_exif_rotated_jpeg_is_loaded_upright(tmp_path: Path) -> None:
     image = load_document_image(Document(meta={"file_path": "photo.jpg"}), "image", root_path=tmp_path)
     assert image.size == (40, 80)
     top, bottom = image.getpixel((20, 5)), image.getpixel((20, 75))
-    assert top[0] > 200 and top[2] < 60  # red on top
-    assert bottom[2] > 200 and bottom[0] < 60  # blue below
+    assert (top[0] > 200, top[2] < 60) == (True, True)  # red on top
+    assert (bottom[2] > 200, bottom[0] < 60) == (True, True)  # blue below
 
 
 @pytest.mark.parametrize("size", [(1600, 6), (6, 1600), (201, 1)])
@@ -132,17 +132,13 @@ def test_extreme_aspect_ratio_is_padded_with_white_and_accepted_by_a_qwen_proces
 
 def test_extreme_aspect_ratio_survives_shrinking_into_a_box(tmp_path: Path) -> None:
     Image.new("RGB", (1600, 6), (255, 0, 0)).save(tmp_path / "banner.png")
-    image = load_document_image(
-        Document(meta={"file_path": "banner.png"}), "image", root_path=tmp_path, fit=(512, 512)
-    )
+    image = load_document_image(Document(meta={"file_path": "banner.png"}), "image", root_path=tmp_path, fit=(512, 512))
     assert max(image.size) / min(image.size) <= MAX_ASPECT_RATIO
 
 
 def test_extreme_aspect_ratio_pdf_page_is_padded(tmp_path: Path) -> None:
     make_pdf(tmp_path / "strip.pdf", pages=1, size=(1600, 6))
-    image = load_document_image(
-        Document(meta={"file_path": "strip.pdf", "page_number": 1}), "page", root_path=tmp_path
-    )
+    image = load_document_image(Document(meta={"file_path": "strip.pdf", "page_number": 1}), "page", root_path=tmp_path)
     assert max(image.size) / min(image.size) <= MAX_ASPECT_RATIO
 
 
@@ -213,7 +209,7 @@ def test_symlink_loop_is_a_named_media_error(tmp_path: Path) -> None:
     (tmp_path / "a.png").symlink_to(tmp_path / "b.png")
     (tmp_path / "b.png").symlink_to(tmp_path / "a.png")
     doc = Document(meta={"file_path": "a.png"})
-    with pytest.raises(MediaError, match="a.png"):
+    with pytest.raises(MediaError, match=r"'a\.png' cannot be resolved"):
         locate(doc, "image", root_path=tmp_path)
 
 

@@ -251,47 +251,48 @@ def _short(value: object, limit: int = 80) -> str:
     return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
-def check_file_path(value: Any, *, meta_field: str = "file_path") -> str:
+def check_file_path(value: Any, *, meta_field: str = "file_path", name: str | None = None) -> str:
     """
     Check that a stored file path can name a file at all, before the file system sees it.
 
     :param value: The value of `meta[meta_field]` (or a converter source).
     :param meta_field: The meta key it came from, for messages.
+    :param name: How to call the value in messages instead of `meta['<meta_field>']` (e.g. `"source 2"`).
     :returns: The path as a string.
     :raises MediaError: When it is not a `str`/`os.PathLike`, is empty, holds a NUL byte, or has a component over
         `MAX_NAME_BYTES` bytes or a total over `MAX_PATH_BYTES` bytes (what `open()` would refuse with a bare
         `TypeError`, `ValueError` or `OSError(ENAMETOOLONG)`).
     """
+    what = f"meta['{meta_field}']" if name is None else name
     if isinstance(value, os.PathLike):
         value = os.fspath(value)
     if not isinstance(value, str):
-        msg = f"meta['{meta_field}'] must be a file path (a string), got {type(value).__name__} {_short(value)}"
+        msg = f"{what} must be a file path (a string), got {type(value).__name__} {_short(value)}"
         raise MediaError(msg)
     if value.strip() == "":
-        msg = f"meta['{meta_field}'] is an empty string, not a file path"
+        msg = f"{what} is an empty string, not a file path"
         raise MediaError(msg)
     if "\x00" in value:
-        msg = f"meta['{meta_field}'] contains a NUL byte, which no file name can hold: {_short(value)}"
+        msg = f"{what} contains a NUL byte, which no file name can hold: {_short(value)}"
         raise MediaError(msg)
     encoded = value.encode("utf-8", errors="surrogateescape")
     if len(encoded) > MAX_PATH_BYTES:
-        msg = (
-            f"meta['{meta_field}'] is {len(encoded)} bytes long, over the {MAX_PATH_BYTES}-byte path limit: "
-            f"{_short(value)}"
-        )
+        msg = f"{what} is {len(encoded)} bytes long, over the {MAX_PATH_BYTES}-byte path limit: {_short(value)}"
         raise MediaError(msg)
     for part in Path(value).parts:
         size = len(part.encode("utf-8", errors="surrogateescape"))
         if size > MAX_NAME_BYTES:
             msg = (
-                f"meta['{meta_field}'] has a file name of {size} bytes, over the {MAX_NAME_BYTES}-byte limit of "
+                f"{what} has a file name of {size} bytes, over the {MAX_NAME_BYTES}-byte limit of "
                 f"common file systems: {_short(value)}"
             )
             raise MediaError(msg)
     return value
 
 
-def resolve_path(file_path: str | Path, root_path: str | Path | None, *, meta_field: str = "file_path") -> Path:
+def resolve_path(
+    file_path: str | Path, root_path: str | Path | None, *, meta_field: str = "file_path", name: str | None = None
+) -> Path:
     """
     Resolve a document's file path, refusing paths that escape `root_path`.
 
@@ -301,11 +302,12 @@ def resolve_path(file_path: str | Path, root_path: str | Path | None, *, meta_fi
     :param root_path: Directory that relative paths are resolved against and that every path must stay in.
         `None` resolves relative paths against the working directory and allows any path.
     :param meta_field: Where the path came from, for messages.
+    :param name: How to call the path in messages (see `check_file_path`).
     :returns: The resolved absolute path.
     :raises MediaError: On a malformed path (see `check_file_path`), path traversal outside `root_path`, or a
         path the operating system cannot resolve (a symlink loop).
     """
-    checked = check_file_path(file_path, meta_field=meta_field)
+    checked = check_file_path(file_path, meta_field=meta_field, name=name)
     try:
         path = Path(checked).expanduser()
         if root_path is None:
