@@ -418,9 +418,13 @@ def normalize_image(image: Image.Image, *, label: str = "image") -> Image.Image:
     return pad_to_aspect_ratio(rgb, label=label)
 
 
-def _decode_image(fp: Any, label: str) -> Image.Image:
+def _decode_image(fp: Any, label: str, draft_side: int | None = None) -> Image.Image:
     img = _open_image(fp, label)
     try:
+        if draft_side is not None and img.format == "JPEG":
+            # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the result stays at least draft_side x draft_side
+            # (a square box, so the EXIF rotation applied later cannot make it smaller than the fitted image).
+            img.draft(None, (draft_side, draft_side))
         img.load()
         return normalize_image(img, label=label)
     except Image.DecompressionBombError as e:
@@ -666,10 +670,10 @@ def probe(source: MediaLocation, *, decode: bool = True) -> None:
         img.close()
 
 
-def _read_image(source: MediaLocation) -> Image.Image:
+def _read_image(source: MediaLocation, draft_side: int | None = None) -> Image.Image:
     if source.data is not None:
-        return _decode_image(io.BytesIO(source.data), source.label)
-    return _decode_image(source.path, source.label)
+        return _decode_image(io.BytesIO(source.data), source.label, draft_side)
+    return _decode_image(source.path, source.label, draft_side)
 
 
 def load_images(sources: Sequence[MediaLocation], *, max_side: int | None = None) -> list[Image.Image | MediaError]:
@@ -718,6 +722,28 @@ def load_image(source: MediaLocation, *, max_side: int | None = None) -> Image.I
     return result
 
 
+def load_fitted_image(source: MediaLocation, *, fit: tuple[int, int] | None = None) -> Image.Image:
+    """
+    Decode one located source and shrink it to fit a `(width, height)` box, keeping the aspect-ratio bound.
+
+    :param source: The source, from `locate`.
+    :param fit: Box the image is shrunk into (aspect ratio kept; PDF pages are rendered at that size); `None`
+        keeps the image's own size.
+    :returns: The RGB image.
+    :raises MediaError: When it cannot be read.
+    """
+    if fit is not None and not source.is_pdf:
+        # A JPEG is decoded at reduced scale when that still covers the box (4x less work for a 12 MP photo).
+        image = _read_image(source, draft_side=max(fit))
+    else:
+        image = load_image(source, max_side=max(fit) if fit is not None else None)
+    if fit is not None:
+        image.thumbnail(fit, reducing_gap=None)
+        # Shrinking rounds the short side; keep the ratio bound after it.
+        image = pad_to_aspect_ratio(image, label=source.label)
+    return image
+
+
 def load_document_image(
     document: Document,
     modality: str,
@@ -739,12 +765,7 @@ def load_document_image(
     :raises MediaError: When it cannot be located or read.
     """
     source = locate(document, modality, file_path_meta_field=file_path_meta_field, root_path=root_path)
-    image = load_image(source, max_side=max(fit) if fit is not None else None)
-    if fit is not None:
-        image.thumbnail(fit, reducing_gap=None)
-        # Shrinking rounds the short side; keep the ratio bound after it.
-        image = pad_to_aspect_ratio(image, label=source.label)
-    return image
+    return load_fitted_image(source, fit=fit)
 
 
 def pdf_page_count(path: str | Path) -> int:
