@@ -85,6 +85,7 @@ MAX_NAME_BYTES = 255
 MAX_PATH_BYTES = 4096
 
 _PDF_MAGIC = b"%PDF-"
+_EXIF_ORIENTATION = 0x0112
 
 # pdfium is not thread-safe: every call into it holds this lock.
 _PDFIUM_LOCK = threading.RLock()
@@ -401,14 +402,13 @@ def normalize_image(image: Image.Image, *, label: str = "image") -> Image.Image:
         white to at most `MAX_ASPECT_RATIO`:1).
     :raises MediaError: When the padded image would exceed the decompression-bomb limit.
     """
+    upright = image
     try:
-        upright = ImageOps.exif_transpose(image)
+        if image.getexif().get(_EXIF_ORIENTATION, 1) in range(2, 9):
+            upright = ImageOps.exif_transpose(image)
     except (OSError, SyntaxError, ValueError, KeyError, TypeError, struct_error) as e:
         # A damaged EXIF block should not cost the image: use it as stored.
         logger.debug("Ignoring unreadable EXIF orientation of {label}: {error}", label=label, error=e)
-        upright = image
-    if upright is None:  # pragma: no cover - Pillow < 9.4 returns None only with in_place=True
-        upright = image
     if _has_transparency(upright):
         rgba = upright.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (*BACKGROUND_RGB, 255))
