@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import numpy as np
 import pypdfium2 as pdfium
 import pytest
 from haystack import Document
@@ -303,3 +304,17 @@ def _text_pdf(path: Path) -> Path:
     out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
     path.write_bytes(bytes(out))
     return path
+
+
+def test_sixteen_bit_greyscale_png_is_scaled_not_clipped_to_white(tmp_path: Path) -> None:
+    ramp = (np.arange(256 * 4, dtype=np.uint32).reshape(4, 256) * 64).astype(np.uint16)  # 0 .. 65472
+    Image.fromarray(ramp).save(tmp_path / "scan.png")
+    with Image.open(tmp_path / "scan.png") as raw:
+        assert raw.mode == "I;16"
+        assert np.asarray(raw.convert("RGB"))[2, 128, 0] == 255  # what a bare convert("RGB") gives: clipped
+    image = load_document_image(Document(meta={"file_path": "scan.png"}), "image", root_path=tmp_path)
+    pixels = np.asarray(image)
+    assert image.mode == "RGB"
+    expected = np.clip(np.rint(ramp / 257.0), 0, 255).astype(np.uint8)
+    assert np.array_equal(pixels[..., 0], expected)
+    assert np.array_equal(pixels[..., 0], pixels[..., 2])

@@ -21,6 +21,8 @@ naming the meta key, never a bare `TypeError`/`ValueError`/`OSError`.
 Pixels are normalised the same way for every model (`normalize_image`):
 
 - EXIF orientation is applied (`ImageOps.exif_transpose`): a phone photo stored sideways is seen upright;
+- 16-bit grey-scale images (scans, PNG `"I;16"`) are scaled to 8 bits, not clipped (`convert("RGB")` clips them
+  to almost white);
 - transparency is composited onto white: `Image.convert("RGB")` drops the alpha channel and keeps the colour
   under it, which for most transparent PNGs (charts, logos exported with a transparent background) is black;
 - an aspect ratio above `MAX_ASPECT_RATIO` (100:1) is padded with white, centred, to exactly that ratio. The
@@ -51,6 +53,7 @@ from pathlib import Path
 from struct import error as struct_error
 from typing import Any, Literal
 
+import numpy as np
 import pypdfium2 as pdfium
 import pypdfium2.raw as pdfium_raw
 from haystack import Document, logging
@@ -392,14 +395,28 @@ def pad_to_aspect_ratio(
     return canvas
 
 
+def _to_8_bit(image: Image.Image) -> Image.Image:
+    """
+    A 16-bit or 32-bit grey-scale image as 8-bit `"L"`, scaled rather than clipped.
+
+    Pillow's `convert("RGB")` clips these modes at 255, so a 16-bit scan (PNG opens as `"I;16"`) comes out
+    almost entirely white. 16-bit data is divided by 257 (65535 -> 255); `"I"` / `"F"` images whose values exceed
+    255 are read as 16-bit data the same way (what Pillow gives for 16-bit PNG/TIFF), others are kept as they are.
+    """
+    values = np.asarray(image, dtype=np.float32)
+    if image.mode.startswith("I;16") or (values.size > 0 and float(values.max()) > 255.0):
+        values = values / 257.0
+    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))  # 2-D uint8: mode "L"
+
+
 def normalize_image(image: Image.Image, *, label: str = "image") -> Image.Image:
     """
     Turn a decoded image into the RGB image every model gets: upright, transparency on white, bounded aspect ratio.
 
     :param image: A loaded PIL image of any mode (not modified).
     :param label: What the image is, for messages.
-    :returns: A new RGB image (the EXIF orientation applied, transparent pixels composited onto white, padded with
-        white to at most `MAX_ASPECT_RATIO`:1).
+    :returns: A new RGB image (the EXIF orientation applied, 16-bit grey scaled to 8 bits, transparent pixels
+        composited onto white, padded with white to at most `MAX_ASPECT_RATIO`:1).
     :raises MediaError: When the padded image would exceed the decompression-bomb limit.
     """
     upright = image
@@ -409,6 +426,8 @@ def normalize_image(image: Image.Image, *, label: str = "image") -> Image.Image:
     except (OSError, SyntaxError, ValueError, KeyError, TypeError, struct_error) as e:
         # A damaged EXIF block should not cost the image: use it as stored.
         logger.debug("Ignoring unreadable EXIF orientation of {label}: {error}", label=label, error=e)
+    if upright.mode in ("I", "F") or upright.mode.startswith("I;16"):
+        upright = _to_8_bit(upright)
     if _has_transparency(upright):
         rgba = upright.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (*BACKGROUND_RGB, 255))
