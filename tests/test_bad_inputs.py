@@ -30,6 +30,7 @@ from haystack_integrations.components.builders.multimodal import MultimodalChatP
 from haystack_integrations.components.converters.multimodal import MultimodalFileToDocument
 from haystack_integrations.components.embedders.colpali import ColPaliDocumentEmbedder
 from haystack_integrations.components.embedders.multimodal import MultimodalDocumentEmbedder
+from haystack_integrations.components.rankers.colpali import ColPaliRanker
 from haystack_integrations.document_stores.multivector import InMemoryMultiVectorStore
 from tests.helpers import make_corrupt_image, make_image, make_pdf, make_truncated_image
 
@@ -310,7 +311,7 @@ def _pixel_twins(root: Path) -> dict[str, tuple[str, str, str]]:
 
 
 @pytest.mark.parametrize("case", ["transparency", "exif"])
-@pytest.mark.parametrize("component", ["dense_embedder", "colpali_embedder", "prompt_builder"])
+@pytest.mark.parametrize("component", ["dense_embedder", "colpali_embedder", "colpali_ranker", "prompt_builder"])
 def test_every_pixel_reader_sees_the_normalised_image(
     component: str, case: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
@@ -319,6 +320,13 @@ def test_every_pixel_reader_sees_the_normalised_image(
     if component == "prompt_builder":
         out = MultimodalChatPromptBuilder(root_path=str(tmp_path)).run(query="q", documents=docs)
         seen = {i.meta["document_id"]: i.base64_image for i in out["messages"][-1].images}
+    elif component == "colpali_ranker":
+        # No stored vectors: the ranker encodes the pages itself, through the same loader.
+        ranker = ColPaliRanker(
+            request.getfixturevalue("tiny_colqwen2"), top_k=3, root_path=str(tmp_path), local_files_only=True
+        )
+        ranked = ranker.run(query="blue bar chart", documents=docs)["documents"]
+        seen = {d.id: d.meta["late_interaction_score"] for d in ranked}
     elif component == "dense_embedder":
         embedder = MultimodalDocumentEmbedder(
             request.getfixturevalue("tiny_siglip"), root_path=str(tmp_path), progress_bar=False, local_files_only=True
@@ -336,3 +344,11 @@ def test_every_pixel_reader_sees_the_normalised_image(
         seen = {k: v.tolist() for k, v in store.get([attacking, expected, naive]).items()}
     assert seen[attacking] == seen[expected]
     assert seen[attacking] != seen[naive]
+
+
+def test_colpali_ranker_ranks_a_banner_it_encodes_itself(tmp_path: Path, tiny_colqwen2: str) -> None:
+    docs = _documents(tmp_path, ATTACKS[2])  # the 1600x6 banner, which Qwen2-VL processors refuse as it is
+    ranked = ColPaliRanker(tiny_colqwen2, top_k=2, root_path=str(tmp_path), local_files_only=True).run(
+        query="a red banner", documents=docs
+    )["documents"]
+    assert sorted(d.id for d in ranked) == ["attack", "good"]
