@@ -10,7 +10,7 @@ round in one run (so load drift on a shared machine moves both alike):
 The query: 4 images shown (two 4000x3000 (12 MP) JPEG photos, a 1200x900 PNG chart, one page of a 3-page PDF) and 6 text
 chunks, `image_size=(1024, 1024)`. Prints the medians in milliseconds and their ratio.
 
-    python benchmarks/prompt_builder_latency.py [--rounds 30]
+    python benchmarks/prompt_builder_latency.py [--rounds 30] [--photo 4000x3000]
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ def _photo(path: Path, size: tuple[int, int], seed: int) -> None:
     img.save(path, quality=90)
 
 
-def _corpus(folder: Path) -> list[Document]:
-    _photo(folder / "a.jpg", (4000, 3000), 1)
-    _photo(folder / "b.jpg", (4000, 3000), 2)
+def _corpus(folder: Path, photo: tuple[int, int] = (4000, 3000)) -> list[Document]:
+    _photo(folder / "a.jpg", photo, 1)
+    _photo(folder / "b.jpg", photo, 2)
     chart = Image.new("RGB", (1200, 900), "white")
     ImageDraw.Draw(chart).rectangle([100, 300, 400, 850], fill="blue")
     chart.save(folder / "chart.png")
@@ -57,10 +57,12 @@ def _corpus(folder: Path) -> list[Document]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--photo", default="4000x3000", help="size of the two JPEG photos, WIDTHxHEIGHT")
     args = parser.parse_args()
+    width, height = (int(side) for side in args.photo.split("x"))
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        docs = _corpus(folder)
+        docs = _corpus(folder, (width, height))
         common = {"max_images": 4, "image_size": (1024, 1024), "root_path": str(folder)}
         builders = {
             "cache off": MultimodalChatPromptBuilder(**common, image_cache_size=0),
@@ -76,7 +78,7 @@ def main() -> None:
                 times[name].append((time.perf_counter() - start) * 1000)
         medians = {name: statistics.median(t) for name, t in times.items()}
         for name, value in medians.items():
-            print(f"{name:>9}: median {value:8.2f} ms per query ({args.rounds} rounds)")
+            print(f"{name:>9}: median {value:8.2f} ms per query ({args.rounds} rounds, photos {args.photo})")
         print(f"    ratio: {medians['cache off'] / medians['cache on']:.1f}x faster with the cache")
 
 
