@@ -3,6 +3,7 @@ from __future__ import annotations
 import base64
 import io
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from haystack import Document, Pipeline
 from haystack.dataclasses import ImageContent
 from PIL import Image
 
-from haystack_integrations.components.builders.multimodal import MultimodalChatPromptBuilder
+from haystack_integrations.components.builders.multimodal import MultimodalChatPromptBuilder, chat_prompt_builder
 from tests.helpers import make_corrupt_image, make_image, make_pdf
 
 
@@ -34,7 +35,7 @@ def ranked(tmp_path: Path) -> list[Document]:
     ]
 
 
-def test_builder_numbers_text_and_images_and_maps_sources(
+def test_builder_numbers_text_and_images_and_maps_citations(
     ranked: list[Document], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     builder = MultimodalChatPromptBuilder(max_images=2, image_size=(100, 100), root_path=str(tmp_path))
@@ -58,8 +59,9 @@ def test_builder_numbers_text_and_images_and_maps_sources(
     assert user.texts[0].startswith("[2] image chart.png")
     assert user.texts[1].startswith("[3] page report.pdf, page 2")
 
-    sources = {s["document_id"]: s for s in out["sources"]}
-    assert [s["document_id"] for s in out["sources"]] == [d.id for d in ranked]
+    sources = {s["document_id"]: s for s in out["citations"]}
+    assert [s["document_id"] for s in out["citations"]] == [d.id for d in ranked]
+    assert out["sources"] == out["citations"]  # the deprecated name, until 0.3
     assert sources["d-text-1"]["number"] == 1
     assert sources["d-chart"] | {} == {
         "number": 2,
@@ -132,3 +134,116 @@ def test_builder_survives_yaml_round_trip(ranked: list[Document], tmp_path: Path
     assert builder.image_size == (64, 64)
     out = restored.run({"builder": {"query": "q", "documents": ranked}})
     assert len(out["builder"]["messages"][0].images) == 1
+
+
+def _spy_on_loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record every image the builder decodes (the real loader still runs)."""
+    loaded: list[str] = []
+    real = chat_prompt_builder.load_fitted_image
+
+    def spy(source, **kwargs):  # type: ignore[no-untyped-def]
+        loaded.append(source.label)
+        return real(source, **kwargs)
+
+    monkeypatch.setattr(chat_prompt_builder, "load_fitted_image", spy)
+    return loaded
+
+
+def test_builder_reuses_encoded_images_until_the_file_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_image(tmp_path / "chart.png", size=(80, 60), color="blue")
+    make_pdf(tmp_path / "r.pdf", pages=2)
+    docs = [
+        Document(id="img", meta={"modality": "image", "file_path": "chart.png"}, score=0.9),
+        Document(id="page", meta={"modality": "page", "file_path": "r.pdf", "page_number": 2}, score=0.8),
+    ]
+    loaded = _spy_on_loads(monkeypatch)
+    builder = MultimodalChatPromptBuilder(image_size=(64, 64), root_path=str(tmp_path))
+    first = builder.run(query="q", documents=docs)["messages"][0].images
+    second = builder.run(query="q", documents=docs)["messages"][0].images
+    assert loaded == ["'chart.png'", "'r.pdf'"]  # decoded once, not per query
+    assert [i.base64_image for i in first] == [i.base64_image for i in second]
+    assert [i.meta for i in second] == [
+        {"document_id": "img", "citation_number": 1, "source_number": 1},
+        {"document_id": "page", "citation_number": 2, "source_number": 2},
+    ]
+
+    make_image(tmp_path / "chart.png", size=(80, 60), color="red")  # the file changes: its entry is stale
+    stat = (tmp_path / "chart.png").stat()
+    os.utime(tmp_path / "chart.png", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10_000_000))
+    third = builder.run(query="q", documents=docs)["messages"][0].images
+    assert loaded == ["'chart.png'", "'r.pdf'", "'chart.png'"]
+    red = _decode(third[0]).convert("RGB").getpixel((2, 2))
+    assert red[0] > 200
+    assert red[2] < 60
+
+
+def test_builder_cache_is_bounded_and_can_be_turned_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("a", "b"):
+        make_image(tmp_path / f"{name}.png")
+    docs = [Document(meta={"modality": "image", "file_path": f"{n}.png"}, score=1.0) for n in ("a", "b")]
+    loaded = _spy_on_loads(monkeypatch)
+    off = MultimodalChatPromptBuilder(root_path=str(tmp_path), image_cache_size=0)
+    off.run(query="q", documents=docs)
+    off.run(query="q", documents=docs)
+    assert len(loaded) == 4
+    loaded.clear()
+    one = MultimodalChatPromptBuilder(root_path=str(tmp_path), image_cache_size=1)
+    one.run(query="q", documents=docs)
+    one.run(query="q", documents=docs)
+    assert len(loaded) == 4  # two images through a one-entry LRU: each evicts the other
+    loaded.clear()
+    one.run(query="q", documents=docs[:1])
+    one.run(query="q", documents=docs[:1])
+    assert len(loaded) == 1
+    with pytest.raises(ValueError, match="image_cache_size"):
+        MultimodalChatPromptBuilder(image_cache_size=-1)
+    assert MultimodalChatPromptBuilder(image_cache_size=5).to_dict()["init_parameters"]["image_cache_size"] == 5
+
+
+@pytest.mark.parametrize(
+    ("file_path", "reason"),
+    [(12345, "must be a file path"), ("a\x00.png", "NUL byte"), ("x" * 300 + ".png", "255-byte limit")],
+    ids=["int", "nul-byte", "long-name"],
+)
+def test_builder_skips_a_malformed_file_path_and_keeps_going(
+    tmp_path: Path, file_path: object, reason: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    make_image(tmp_path / "ok.png")
+    docs = [
+        Document(id="bad", meta={"modality": "image", "file_path": file_path}, score=0.9),
+        Document(id="good", meta={"modality": "image", "file_path": "ok.png"}, score=0.8),
+        Document(id="text", content="Some text.", meta={"file_path": file_path}, score=0.7),
+    ]
+    with caplog.at_level(logging.WARNING):
+        out = MultimodalChatPromptBuilder(max_images=1, root_path=str(tmp_path)).run(query="q", documents=docs)
+    assert [i.meta["document_id"] for i in out["messages"][0].images] == ["good"]
+    citations = {c["document_id"]: c for c in out["citations"]}
+    assert citations["bad"]["included"] is False
+    assert reason in citations["bad"]["skipped_reason"]
+    assert citations["text"]["number"] == 2  # text with a malformed file_path is still text
+    assert "'bad'" in caplog.text
+
+
+def test_builder_images_are_upright_on_white_and_within_the_aspect_ratio_bound(tmp_path: Path) -> None:
+    chart = Image.new("RGBA", (60, 40), (0, 0, 0, 0))
+    chart.paste((0, 0, 255, 255), (10, 10, 30, 35))
+    chart.save(tmp_path / "chart.png")
+    Image.new("RGB", (1600, 6), (255, 0, 0)).save(tmp_path / "banner.png")
+    docs = [
+        Document(id="chart", meta={"modality": "image", "file_path": "chart.png"}, score=0.9),
+        Document(id="banner", meta={"modality": "image", "file_path": "banner.png"}, score=0.8),
+    ]
+    out = MultimodalChatPromptBuilder(image_size=(800, 800), root_path=str(tmp_path)).run(query="q", documents=docs)
+    chart_image, banner_image = (_decode(i).convert("RGB") for i in out["messages"][0].images)
+    assert min(chart_image.getpixel((2, 2))) > 240  # white, not black
+    assert max(banner_image.size) / min(banner_image.size) <= 100
+
+
+def test_builder_template_still_receives_the_deprecated_variable_names(ranked: list[Document], tmp_path: Path) -> None:
+    builder = MultimodalChatPromptBuilder(
+        template="{% for s in text_sources %}{{ s.number }};{% endfor %}|{% for c in text_citations %}{{ c.number }};"
+        "{% endfor %}",
+        max_images=0,
+        root_path=str(tmp_path),
+    )
+    assert builder.run(query="q", documents=ranked)["messages"][0].text == "1;2;|1;2;"

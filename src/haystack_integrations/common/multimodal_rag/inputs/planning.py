@@ -33,13 +33,18 @@ class DocumentPlan:
     What each input document is and where its pixels are.
 
     :param modalities: Modality per input position (`None` where classification failed).
-    :param sources: Visual source per position of image/page documents.
+    :param locations: Where the pixels are, per position of image/page documents.
     :param failures: Reason per failed position.
     """
 
     modalities: list[str | None]
-    sources: dict[int, MediaLocation] = field(default_factory=dict)
+    locations: dict[int, MediaLocation] = field(default_factory=dict)
     failures: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def sources(self) -> dict[int, MediaLocation]:
+        """The old name of `locations` (the same dict), kept for callers written before the rename."""
+        return self.locations
 
     def indices(self, *modalities: str) -> list[int]:
         """Positions of the documents of the given modalities that have not failed, in input order."""
@@ -67,7 +72,7 @@ def plan_documents(
     :param root_path: Directory file paths are resolved in (and confined to).
     :param probe_pixels: Decode each image fully (one at a time) to catch every corrupt file now; `False` only
         parses headers and runs Pillow's integrity check, so an image is decoded once, when its batch is loaded
-        (see `sources.probe`). PDFs are opened and their page looked up either way.
+        (see `media.probe`). PDFs are opened and their page looked up either way.
     :returns: The plan.
     """
     plan = DocumentPlan(modalities=[None] * len(documents))
@@ -78,7 +83,7 @@ def plan_documents(
                 source = locate(doc, modality, file_path_meta_field=file_path_meta_field, root_path=root_path)
                 probe(source, decode=probe_pixels)
                 modality = source.modality
-                plan.sources[i] = source
+                plan.locations[i] = source
             plan.modalities[i] = modality
         except MediaError as e:
             plan.failures[i] = str(e)
@@ -104,7 +109,7 @@ def iter_image_batches(
     """
     Decode the images of `indices`, one batch at a time.
 
-    :param plan: The plan holding each position's source.
+    :param plan: The plan holding each position's location.
     :param indices: Positions to load (visual documents only).
     :param batch_size: Images per batch.
     :param max_side: Longest side of rendered PDF pages.
@@ -112,7 +117,7 @@ def iter_image_batches(
         and the reason per position that did not.
     """
     for chunk in batched(indices, batch_size):
-        loaded = load_images([plan.sources[i] for i in chunk], max_side=max_side)
+        loaded = load_images([plan.locations[i] for i in chunk], max_side=max_side)
         ok_positions: list[int] = []
         images: list[Image.Image] = []
         failed: dict[int, str] = {}

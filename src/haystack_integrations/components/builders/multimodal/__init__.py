@@ -1,3 +1,6 @@
-from haystack_integrations.components.builders.multimodal.chat_prompt_builder import MultimodalChatPromptBuilder
+from haystack_integrations.components.builders.multimodal.chat_prompt_builder import (
+    Citation,
+    MultimodalChatPromptBuilder,
+)
 
-__all__ = ["MultimodalChatPromptBuilder"]
+__all__ = ["Citation", "MultimodalChatPromptBuilder"]

@@ -33,11 +33,19 @@ class MultimodalFileToDocument:
       the page is rendered later, by the embedders, one batch at a time;
     - text files (`.txt`, `.md`, ...): `Document(content=..., meta={"file_path": ..., "modality": "text"})`.
 
-    Directories are expanded recursively (files of other types inside them are ignored). Document ids are
+    `sources` must be a list (a bare string is refused with a `TypeError` rather than read as a list of
+    one-character paths); an empty path is a failure, not the working directory. Directories are expanded
+    recursively (files of other types inside them are ignored; a directory with nothing to convert is logged as a
+    warning). With `root_path`, a file inside an expanded directory that is a symlink resolving outside
+    `root_path` is refused like a named one. Document ids are
     derived from the file path, page and meta, so converting the same files again gives the same ids and a
     re-run of an indexing pipeline overwrites instead of duplicating. With `root_path`, paths are stored
     relative to it (and must stay inside it). Pixels are not read here: a corrupt image is reported by the
-    embedder; a PDF that cannot be opened, an unreadable text file or an unsupported type is reported here.
+    embedder; a PDF that cannot be opened (corrupt, encrypted, no pages), an unreadable text file or an unsupported
+    type is reported here.
+
+    The converter only adds: to remove the documents of files deleted since the last run, put a
+    `StaleDocumentPruner` after it.
 
     ### Usage example
     ```python
@@ -99,15 +107,33 @@ class MultimodalFileToDocument:
             return str(path.relative_to(Path(self.root_path).expanduser().resolve()))
         return str(path)
 
-    def _expand(self, source: str | Path) -> list[Path]:
-        path = resolve_path(source, self.root_path)
-        if path.is_dir():
-            return [
-                child
-                for child in sorted(p for p in path.rglob("*") if p.is_file())
-                if is_image_path(child) or is_pdf_path(child) or child.suffix.lower() in TEXT_SUFFIXES
-            ]
-        return [path]
+    def _expand(self, source: str | Path, position: int) -> tuple[list[Path], list[dict[str, str]]]:
+        path = resolve_path(source, self.root_path, name=f"source {position}")
+        if not path.is_dir():
+            return [path], []
+        root = Path(self.root_path).expanduser().resolve() if self.root_path is not None else None
+        files: list[Path] = []
+        refused: list[dict[str, str]] = []
+        for child in sorted(p for p in path.rglob("*") if p.is_file()):
+            if not (is_image_path(child) or is_pdf_path(child) or child.suffix.lower() in TEXT_SUFFIXES):
+                continue
+            if root is not None and not child.resolve().is_relative_to(root):
+                # The same rule as for a named symlink (resolve_path): nothing outside root_path is read.
+                reason = (
+                    f"file '{child.relative_to(root)}' is a symlink to '{child.resolve()}', outside root_path "
+                    f"'{self.root_path}' (path traversal refused)"
+                )
+                refused.append({"source": str(child), "reason": reason})
+                continue
+            files.append(child)
+        if not files and not refused:
+            logger.warning(
+                "MultimodalFileToDocument: directory '{source}' holds no image, PDF or text file "
+                "({suffixes}); it gives 0 documents",
+                source=str(source),
+                suffixes=", ".join(TEXT_SUFFIXES),
+            )
+        return files, refused
 
     def _convert(self, path: Path, meta: dict[str, Any]) -> list[Document]:
         if not path.exists():
@@ -117,6 +143,9 @@ class MultimodalFileToDocument:
         base = {**meta, self.file_path_meta_field: stored}
         if is_pdf_path(path):
             pages = pdf_page_count(path)
+            if pages < 1:  # pdfium refuses these at open; kept in case a PDF library ever opens one
+                msg = f"PDF '{path}' has no pages"
+                raise MediaError(msg)
             return [
                 Document(meta={**base, PAGE_NUMBER_META_KEY: page, MODALITY_META_KEY: "page"})
                 for page in range(1, pages + 1)
@@ -151,7 +180,16 @@ class MultimodalFileToDocument:
             - `failed_sources`: with `on_error="skip"`, `{"source": ..., "reason": ...}` per file that failed.
         :raises ConversionError: With `on_error="raise"`, naming every file that failed and why.
         :raises ValueError: When `meta` is a list of another length than `sources`.
+        :raises TypeError: When `sources` is not a list (a bare string or path is refused: iterating it would read
+            every character as a path, and `"."` or `"/"` as the working directory or the whole disk).
         """
+        if not isinstance(sources, (list, tuple)):
+            kind = type(sources).__name__
+            msg = (
+                f"MultimodalFileToDocument: sources must be a list of file or directory paths, got a {kind} "
+                f"({sources!r:.80}); to convert one path, pass sources=[{sources!r:.80}]"
+            )
+            raise TypeError(msg)
         if isinstance(meta, list):
             if len(meta) != len(sources):
                 msg = f"meta has {len(meta)} entries but there are {len(sources)} sources"
@@ -161,17 +199,23 @@ class MultimodalFileToDocument:
             metas = [meta or {}] * len(sources)
         documents: list[Document] = []
         failed: list[dict[str, str]] = []
-        for source, source_meta in zip(sources, metas, strict=True):
+        for position, (source, source_meta) in enumerate(zip(sources, metas, strict=True)):
             try:
-                expanded = self._expand(source)
+                expanded, refused = self._expand(source, position)
             except MediaError as e:
                 failed.append({"source": str(source), "reason": str(e)})
                 continue
+            except OSError as e:
+                failed.append({"source": str(source), "reason": f"cannot read '{source}': {e.strerror or e}"})
+                continue
+            failed.extend(refused)
             for path in expanded:
                 try:
                     documents.extend(self._convert(path, dict(source_meta)))
                 except MediaError as e:
                     failed.append({"source": str(path), "reason": str(e)})
+                except OSError as e:
+                    failed.append({"source": str(path), "reason": f"cannot read '{path}': {e.strerror or e}"})
         if failed and self.on_error == "raise":
             lines = "\n".join(f"  - {f['source']}: {f['reason']}" for f in failed)
             msg = f"MultimodalFileToDocument: {len(failed)} source(s) could not be converted:\n{lines}"

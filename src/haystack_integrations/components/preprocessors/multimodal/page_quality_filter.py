@@ -167,7 +167,7 @@ class PageQualityFilter:
             for positions, images, failed in iter_image_batches(plan, visual, self.batch_size):
                 failures.update(failed)
                 for i, image in zip(positions, images, strict=True):
-                    location = plan.sources[i]
+                    location = plan.locations[i]
                     try:
                         chars = pdf_page_text_length(location) if location.is_pdf else None
                     except MediaError as e:

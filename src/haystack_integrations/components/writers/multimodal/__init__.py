@@ -1,0 +1,3 @@
+from haystack_integrations.components.writers.multimodal.stale_document_pruner import StaleDocumentPruner
+
+__all__ = ["StaleDocumentPruner"]

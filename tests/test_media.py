@@ -1,0 +1,320 @@
+"""The one pixel/PDF loader: what every model sees, and how bad paths and files are named."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pypdfium2 as pdfium
+import pytest
+from haystack import Document
+from haystack.dataclasses import ByteStream
+from PIL import Image, ImageDraw
+
+from haystack_integrations.common.multimodal_rag.errors import MediaError
+from haystack_integrations.common.multimodal_rag.inputs.media import (
+    MAX_ASPECT_RATIO,
+    classify,
+    decode_image_bytes,
+    load_document_image,
+    load_image,
+    locate,
+    normalize_image,
+    pad_to_aspect_ratio,
+    pdf_page_count,
+    probe,
+    resolve_path,
+)
+from tests.helpers import make_pdf
+
+WHITE = (255, 255, 255)
+
+
+def _transparent_chart(mode: str = "RGBA") -> Image.Image:
+    """A chart exported with a transparent background: a blue bar on fully transparent black pixels."""
+    img = Image.new("RGBA", (60, 40), (0, 0, 0, 0))
+    ImageDraw.Draw(img).rectangle([10, 10, 30, 35], fill=(0, 0, 255, 255))
+    if mode == "P":
+        return img.convert("P")  # keeps a transparency index in img.info
+    if mode == "LA":
+        return img.convert("LA")
+    return img
+
+
+def _qwen2_vl_processor():  # type: ignore[no-untyped-def]
+    # The processor that refuses aspect ratios over 200 (transformers models/qwen2_vl/image_processing_qwen2_vl.py,
+    # smart_resize); built with its class defaults, nothing downloaded.
+    processing = pytest.importorskip("transformers.models.qwen2_vl.image_processing_qwen2_vl")
+    return processing.Qwen2VLImageProcessor()
+
+
+def _encrypted_pdf(path: Path) -> Path:
+    pypdf = pytest.importorskip("pypdf")
+    plain = make_pdf(path.with_name("plain_" + path.name), pages=1)
+    writer = pypdf.PdfWriter()
+    writer.append(str(plain))
+    writer.encrypt("secret", algorithm="RC4-128")
+    writer.write(str(path))
+    return path
+
+
+def _zero_page_pdf(path: Path) -> Path:
+    buffer = io.BytesIO()
+    pdfium.PdfDocument.new().save(buffer)
+    path.write_bytes(buffer.getvalue())
+    return path
+
+
+# --- pixels ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "P", "LA"])
+def test_transparent_png_is_composited_onto_white_not_black(tmp_path: Path, mode: str) -> None:
+    chart = _transparent_chart(mode)
+    chart.save(tmp_path / "chart.png")
+    assert chart.convert("RGB").getpixel((2, 2)) == (0, 0, 0)  # what a bare convert("RGB") gave before
+    doc = Document(meta={"file_path": "chart.png"})
+    image = load_document_image(doc, "image", root_path=tmp_path)
+    assert image.mode == "RGB"
+    assert image.getpixel((2, 2)) == WHITE
+    bar = image.getpixel((20, 20))
+    if mode == "LA":
+        assert bar[0] == bar[1] == bar[2] < 60  # grey-scale blue: dark, not white
+    else:
+        assert bar == (0, 0, 255)
+
+
+def test_transparent_image_bytes_are_composited_onto_white_too() -> None:
+    buffer = io.BytesIO()
+    _transparent_chart().save(buffer, format="PNG")
+    image = decode_image_bytes(buffer.getvalue(), label="image part 1")
+    assert image.getpixel((2, 2)) == WHITE
+
+
+def test_exif_rotated_jpeg_is_loaded_upright(tmp_path: Path) -> None:
+    upright = Image.new("RGB", (40, 80), (0, 0, 255))
+    ImageDraw.Draw(upright).rectangle([0, 0, 39, 19], fill=(255, 0, 0))  # red band at the top
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # what a phone writes: pixels sideways ...
+    exif = Image.Exif()
+    exif[0x0112] = 6  # ... and EXIF Orientation 6: "rotate 90 degrees clockwise to display"
+    stored.save(tmp_path / "photo.jpg", exif=exif, quality=95)
+    with Image.open(tmp_path / "photo.jpg") as raw:
+        assert raw.size == (80, 40)
+    image = load_document_image(Document(meta={"file_path": "photo.jpg"}), "image", root_path=tmp_path)
+    assert image.size == (40, 80)
+    top, bottom = image.getpixel((20, 5)), image.getpixel((20, 75))
+    assert (top[0] > 200, top[2] < 60) == (True, True)  # red on top
+    assert (bottom[2] > 200, bottom[0] < 60) == (True, True)  # blue below
+
+
+@pytest.mark.parametrize("size", [(1600, 6), (6, 1600), (201, 1)])
+def test_extreme_aspect_ratio_is_padded_with_white_and_accepted_by_a_qwen_processor(
+    tmp_path: Path, size: tuple[int, int]
+) -> None:
+    Image.new("RGB", size, (255, 0, 0)).save(tmp_path / "banner.png")
+    processor = _qwen2_vl_processor()
+    with Image.open(tmp_path / "banner.png") as raw, pytest.raises(ValueError, match="aspect ratio"):
+        processor(images=[raw.convert("RGB")], return_tensors="pt")
+
+    source = locate(Document(meta={"file_path": "banner.png"}), "image", root_path=tmp_path)
+    image = load_image(source)
+    long_side, short_side = max(image.size), min(image.size)
+    assert long_side == max(size)
+    assert long_side / short_side <= MAX_ASPECT_RATIO
+    assert long_side / (short_side - 1) > MAX_ASPECT_RATIO  # padded only as far as needed
+    # The original pixels are kept, centred; the padding is white.
+    centre = (image.width // 2, image.height // 2)
+    assert image.getpixel(centre) == (255, 0, 0)
+    assert image.getpixel((0, 0)) == WHITE
+    out = processor(images=[image], return_tensors="pt")
+    assert out["pixel_values"].shape[0] > 0
+
+
+def test_extreme_aspect_ratio_survives_shrinking_into_a_box(tmp_path: Path) -> None:
+    Image.new("RGB", (1600, 6), (255, 0, 0)).save(tmp_path / "banner.png")
+    image = load_document_image(Document(meta={"file_path": "banner.png"}), "image", root_path=tmp_path, fit=(512, 512))
+    assert max(image.size) / min(image.size) <= MAX_ASPECT_RATIO
+
+
+def test_extreme_aspect_ratio_pdf_page_is_padded(tmp_path: Path) -> None:
+    make_pdf(tmp_path / "strip.pdf", pages=1, size=(1600, 6))
+    image = load_document_image(Document(meta={"file_path": "strip.pdf", "page_number": 1}), "page", root_path=tmp_path)
+    assert max(image.size) / min(image.size) <= MAX_ASPECT_RATIO
+
+
+def test_aspect_ratio_that_cannot_be_padded_within_the_bomb_limit_is_a_named_failure(tmp_path: Path) -> None:
+    Image.new("RGB", (100_000, 1), (0, 0, 0)).save(tmp_path / "strip.png")
+    source = locate(Document(meta={"file_path": "strip.png"}), "image", root_path=tmp_path)
+    with pytest.raises(MediaError, match=r"strip\.png.*100000x1.*decompression-bomb"):
+        load_image(source)
+
+
+def test_ordinary_images_are_not_padded() -> None:
+    image = Image.new("RGB", (100, 1), (1, 2, 3))
+    assert pad_to_aspect_ratio(image) is image
+    assert normalize_image(image).size == (100, 1)
+
+
+def test_decompression_bomb_limit_stays_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    Image.new("RGB", (64, 64)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    source = locate(Document(meta={"file_path": "big.png"}), "image", root_path=tmp_path)
+    with pytest.raises(MediaError, match="decompression-bomb"):
+        probe(source)
+    with pytest.raises(MediaError, match="decompression-bomb"):
+        decode_image_bytes((tmp_path / "big.png").read_bytes(), label="part 1")
+
+
+@pytest.mark.parametrize(("data", "reason"), [(b"", "empty"), (b"not an image" * 8, "cannot identify")])
+def test_unreadable_image_bytes_are_a_named_failure(data: bytes, reason: str) -> None:
+    with pytest.raises(MediaError, match=f"image part 3.*{reason}|{reason}.*image part 3"):
+        decode_image_bytes(data, label="part 3")
+
+
+# --- malformed file paths ----------------------------------------------------------------------------------------
+
+MALFORMED_PATHS = [
+    pytest.param(12345, "must be a file path", id="int"),
+    pytest.param(["a.png"], "must be a file path", id="list"),
+    pytest.param(b"a.png", "must be a file path", id="bytes"),
+    pytest.param("", "empty string", id="empty"),
+    pytest.param("a\x00.png", "NUL byte", id="nul-byte"),
+    pytest.param("x" * 300 + ".png", "255-byte limit", id="name-over-255-bytes"),
+    pytest.param("d/" * 2100 + "a.png", "4096-byte path limit", id="path-over-4096-bytes"),
+]
+
+
+@pytest.mark.parametrize(("file_path", "reason"), MALFORMED_PATHS)
+def test_malformed_file_path_is_a_named_media_error_in_classify_and_locate(
+    tmp_path: Path, file_path: object, reason: str
+) -> None:
+    doc = Document(id="doc-7", meta={"file_path": file_path})
+    for call in (
+        lambda: classify(doc),
+        lambda: locate(doc, "image", root_path=tmp_path),
+        lambda: locate(doc, "image"),
+    ):
+        with pytest.raises(MediaError, match=reason) as info:
+            call()
+        assert "meta['file_path']" in str(info.value)
+
+
+def test_malformed_path_is_named_with_the_documents_own_meta_key(tmp_path: Path) -> None:
+    doc = Document(meta={"image_path": 7})
+    with pytest.raises(MediaError, match=r"meta\['image_path'\] must be a file path"):
+        classify(doc, file_path_meta_field="image_path")
+
+
+def test_symlink_loop_is_a_named_media_error(tmp_path: Path) -> None:
+    (tmp_path / "a.png").symlink_to(tmp_path / "b.png")
+    (tmp_path / "b.png").symlink_to(tmp_path / "a.png")
+    doc = Document(meta={"file_path": "a.png"})
+    with pytest.raises(MediaError, match=r"'a\.png' cannot be resolved"):
+        locate(doc, "image", root_path=tmp_path)
+
+
+def test_symlink_escaping_root_path_is_refused(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    root = tmp_path / "root"
+    outside.mkdir()
+    root.mkdir()
+    Image.new("RGB", (8, 8)).save(outside / "secret.png")
+    (root / "link.png").symlink_to(outside / "secret.png")
+    with pytest.raises(MediaError, match="outside root_path"):
+        resolve_path("link.png", root)
+
+
+# --- PDFs --------------------------------------------------------------------------------------------------------
+
+
+def test_zero_page_pdf_is_named_as_having_no_pages(tmp_path: Path) -> None:
+    pdf = _zero_page_pdf(tmp_path / "empty.pdf")
+    with pytest.raises(MediaError, match=r"empty\.pdf.*no pages") as info:
+        pdf_page_count(pdf)
+    assert "Success" not in str(info.value)
+
+
+def test_each_pdf_failure_is_its_own_not_the_previous_pdfs(tmp_path: Path) -> None:
+    encrypted = _encrypted_pdf(tmp_path / "locked.pdf")
+    zero = _zero_page_pdf(tmp_path / "empty.pdf")
+    with pytest.raises(MediaError, match="encrypted and needs a password"):
+        pdf_page_count(encrypted)
+    # pdfium's last-error code is still "password" here; the zero-page PDF must not inherit it.
+    with pytest.raises(MediaError) as info:
+        pdf_page_count(zero)
+    assert "no pages" in str(info.value)
+    assert "password" not in str(info.value)
+    blob = Document(blob=ByteStream(zero.read_bytes(), mime_type="application/pdf"), meta={"page_number": 1})
+    with pytest.raises(MediaError, match=r"blob.*no pages"):
+        probe(locate(blob, "page"))
+
+
+def test_not_a_pdf_is_named_as_corrupt(tmp_path: Path) -> None:
+    (tmp_path / "fake.pdf").write_bytes(b"%PDF-1.4 this is not really a pdf")
+    with pytest.raises(MediaError, match=r"fake\.pdf.*not a PDF or it is corrupt"):
+        pdf_page_count(tmp_path / "fake.pdf")
+
+
+# --- Haystack's own documents ------------------------------------------------------------------------------------
+
+
+def test_haystack_pdf_chunks_are_text_not_page_images(tmp_path: Path) -> None:
+    pytest.importorskip("pypdf")
+    from haystack.components.converters import PyPDFToDocument
+    from haystack.components.preprocessors import DocumentSplitter
+
+    pdf = _text_pdf(tmp_path / "report.pdf")
+    converted = PyPDFToDocument().run(sources=[pdf])["documents"]
+    chunks = DocumentSplitter(split_by="word", split_length=5, split_overlap=0).run(documents=converted)["documents"]
+    assert len(chunks) >= 2
+    assert all(c.meta.get("file_path") == "report.pdf" for c in chunks)  # store_full_path=False: the name only
+    assert all(c.meta.get("page_number") == 1 for c in chunks)
+    assert [classify(c) for c in chunks] == ["text"] * len(chunks)
+
+
+def test_bare_file_name_without_root_path_says_how_to_fix_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    doc = Document(meta={"file_path": "report.pdf", "page_number": 1, "modality": "page"})
+    with pytest.raises(MediaError, match=r"store_full_path=False.*set root_path"):
+        locate(doc, "page")
+    make_pdf(tmp_path / "files" / "report.pdf", pages=1)
+    assert locate(doc, "page", root_path=tmp_path / "files").path == (tmp_path / "files" / "report.pdf").resolve()
+
+
+def _text_pdf(path: Path) -> Path:
+    """A one-page PDF with real text (pypdf extracts it), written by hand: Pillow's PDFs hold only images."""
+    stream = b"BT /F1 12 Tf 20 100 Td (Revenue grew eighteen percent in the third quarter of the year) Tj ET"
+    objects = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 600 200] /Contents 4 0 R "
+        b"/Resources << /Font << /F1 5 0 R >> >> >>",
+        b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream",
+        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+    ]
+    out = bytearray(b"%PDF-1.4\n")
+    offsets = []
+    for number, body in enumerate(objects, start=1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % number + body + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % o for o in offsets)
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
+    path.write_bytes(bytes(out))
+    return path
+
+
+def test_sixteen_bit_greyscale_png_is_scaled_not_clipped_to_white(tmp_path: Path) -> None:
+    ramp = (np.arange(256 * 4, dtype=np.uint32).reshape(4, 256) * 64).astype(np.uint16)  # 0 .. 65472
+    Image.fromarray(ramp).save(tmp_path / "scan.png")
+    with Image.open(tmp_path / "scan.png") as raw:
+        assert raw.mode == "I;16"
+        assert np.asarray(raw.convert("RGB"))[2, 128, 0] == 255  # what a bare convert("RGB") gives: clipped
+    image = load_document_image(Document(meta={"file_path": "scan.png"}), "image", root_path=tmp_path)
+    pixels = np.asarray(image)
+    assert image.mode == "RGB"
+    expected = np.clip(np.rint(ramp / 257.0), 0, 255).astype(np.uint8)
+    assert np.array_equal(pixels[..., 0], expected)
+    assert np.array_equal(pixels[..., 0], pixels[..., 2])
