@@ -248,6 +248,7 @@ class VisionLanguageRanker:
         self._answer_words = (positive, negative)
         self._vlm: VisionLanguageModel | None = None
         self._answer_ids: tuple[list[int], list[int]] | None = None
+        self._answer_index: torch.Tensor | None = None
         self._warm_lock = threading.Lock()
 
     def _single_token_id(self, vlm: VisionLanguageModel, token: str) -> int | None:
@@ -294,6 +295,8 @@ class VisionLanguageRanker:
                     self._resolve_answer(vlm, positive, "positive_token"),
                     self._resolve_answer(vlm, negative, "negative_token"),
                 )
+                # Made once on the model's device, so scoring a batch copies nothing from the host.
+                self._answer_index = torch.tensor(self._answer_ids[0] + self._answer_ids[1], device=vlm.device)
                 self._vlm = vlm
 
     def to_dict(self) -> dict[str, Any]:
@@ -402,14 +405,14 @@ class VisionLanguageRanker:
         """P(relevant) of each sample, left on the model's device (no host sync)."""
         assert self._vlm is not None
         assert self._answer_ids is not None
-        positive, negative = self._answer_ids
+        assert self._answer_index is not None
+        n_positive = len(self._answer_ids[0])
         inputs = self._vlm.encode(prompts, images, padding_side="left")
         logits = self._vlm.model(**inputs, logits_to_keep=1).logits[:, -1, :]
-        ids = torch.tensor(positive + negative, device=logits.device)
-        selected = logits.index_select(-1, ids).float()
+        selected = logits.index_select(-1, self._answer_index.to(logits.device)).float()
         # log P(any positive variant) - log P(any negative variant); with one token each this is the card's
         # softmax([True, False])[0] (MonoQwen) / sigmoid(yes - no) (Qwen3-VL-Reranker).
-        margin = torch.logsumexp(selected[:, : len(positive)], -1) - torch.logsumexp(selected[:, len(positive) :], -1)
+        margin = torch.logsumexp(selected[:, :n_positive], -1) - torch.logsumexp(selected[:, n_positive:], -1)
         return torch.sigmoid(margin)
 
     def _score_chunk(
