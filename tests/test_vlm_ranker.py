@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -249,15 +250,28 @@ def test_batching_gives_the_same_scores_as_one_at_a_time(
 def test_max_candidates_bounds_the_forward_passes_and_the_rest_keep_their_order(
     tiny_monoqwen: str, candidates: list[Document], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    images = [d for d in candidates if d.id.startswith("img")]
     ranker = VisionLanguageRanker(tiny_monoqwen, max_candidates=3, batch_size=2)
     calls = _spy_forward(ranker, monkeypatch)
-    out = ranker.run(query="q", documents=list(reversed(candidates)))["documents"]
+    out = ranker.run(query="q", documents=list(reversed(images)))["documents"]
     assert [int(c["input_ids"].shape[0]) for c in calls] == [2, 1]  # one pass per judged candidate, in batches of 2
     judged = [d for d in out if "cross_encoder_score" in d.meta]
     assert {d.id for d in judged} == {"img0", "img1", "img2"}  # the best three by incoming score
     assert out[:3] == judged
-    assert [d.id for d in out[3:]] == ["img3", "img4", "page2", "text-a", "text-b"]
-    assert len(out) == len(candidates)
+    assert [d.id for d in out[3:]] == ["img3", "img4"]
+    assert len(out) == len(images)
+
+
+def test_max_candidates_are_shared_between_modalities_not_cut_across_their_scales(
+    tiny_monoqwen: str, candidates: list[Document]
+) -> None:
+    # Pages scored by MaxSim (tens), texts by SigLIP cosines (below 1): one cut by score would judge pages only.
+    mixed = [replace(d, score=20.0 - i) if not d.id.startswith("text") else d for i, d in enumerate(candidates)]
+    out = VisionLanguageRanker(tiny_monoqwen, max_candidates=4).run(query="q", documents=mixed)["documents"]
+    judged = {d.id for d in out if "cross_encoder_score" in d.meta}
+    assert judged == {"img0", "img1", "page2", "text-a"}  # round-robin over image, page, text by their own ranks
+    assert len(out) == len(mixed)
+    assert [d.id for d in out[4:]] == ["img2", "img3", "img4", "text-b"]  # the rest in incoming order
 
 
 def test_unreadable_candidates_keep_their_score_with_a_warning(

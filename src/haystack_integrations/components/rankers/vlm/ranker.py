@@ -116,16 +116,17 @@ class VisionLanguageRanker:
       question (`prompt_template`), the probabilities of the answer word's case variants that are single tokens
       summed (`yes`+`Yes`+`YES` against `no`+`No`+`NO`).
 
-    Cost is bounded: only the best `max_candidates` by incoming score are judged; the rest follow them in their
-    incoming order. The query is cut to `max_query_tokens` and a text candidate to `max_text_tokens` tokens (a
-    warning names what was cut), and images get a visual-token budget (`processor_kwargs`). Judged documents get
-    `meta["cross_encoder_score"]` and `score`; the incoming score is kept in `meta["dense_score"]` unless an
-    earlier ranker already set it. A candidate whose image cannot be read or that the processor refuses (e.g. a
-    1600x6 banner: Qwen-VL processors refuse aspect ratios over 200) keeps its incoming score, is placed with
-    the unjudged ones, and a warning names it; one bad candidate never fails the query. Nothing is dropped except
-    by `top_k` (default `None`: all, so that a mixed text/image list reaches `ModalityScoreCalibrator` whole) and
-    `score_threshold` (which applies to judged documents; unjudged ones have no probability and are left out
-    when a threshold is set).
+    Cost is bounded: only `max_candidates` candidates are judged, the best by incoming score within each modality,
+    taken round-robin over the modalities (text, image, page) because their incoming scores are on different scales;
+    the rest follow them in their incoming order. The query is cut to `max_query_tokens` and a text candidate to
+    `max_text_tokens` tokens (a warning names what was cut), and images get a visual-token budget
+    (`processor_kwargs`). Judged documents get `meta["cross_encoder_score"]` and `score`; the incoming score is kept
+    in `meta["dense_score"]` unless an earlier ranker already set it. A candidate whose image cannot be read or that
+    the processor refuses (e.g. a 1600x6 banner: Qwen-VL processors refuse aspect ratios over 200) keeps its
+    incoming score, is placed with the unjudged ones, and a warning names it; one bad candidate never fails the
+    query. Nothing is dropped except by `top_k` (default `None`: all, so that a mixed text/image list reaches
+    `ModalityScoreCalibrator` whole) and `score_threshold` (which applies to judged documents; unjudged ones have no
+    probability and are left out when a threshold is set).
 
     ### Usage example
     ```python
@@ -181,7 +182,8 @@ class VisionLanguageRanker:
         :param top_k: How many documents to return; `None` returns all (recommended before
             `ModalityScoreCalibrator`: text and image scores are not on one scale until it calibrates them).
         :param score_threshold: Drop judged documents whose probability is below this value.
-        :param max_candidates: Most candidates judged per query (the best by incoming score).
+        :param max_candidates: Most candidates judged per query (the best by incoming score within each modality,
+            shared round-robin between the modalities of a mixed list).
         :param batch_size: Candidates per forward pass.
         :param max_query_tokens: The query is cut to this many tokens (with a warning).
         :param max_text_tokens: A text candidate's content is cut to this many tokens (with a warning).
@@ -441,6 +443,33 @@ class VisionLanguageRanker:
             return [], None
         return [d for d, _, _ in kept], self._score_batch([p for _, p, _ in kept], [i for _, _, i in kept])
 
+    def _select_for_judging(self, documents: list[Document]) -> tuple[list[Document], list[Document]]:
+        """
+        Split the candidates into the `max_candidates` to judge and the rest, without comparing across modalities.
+
+        Incoming scores of different modalities are on different scales (SigLIP cosines for text, MaxSim for
+        pages), so the window is filled round-robin over the modalities, each taken in its own score order; a
+        single-modality list gives the best `max_candidates` by score, as before.
+        """
+        groups: dict[str, list[Document]] = {}
+        for doc in sorted(documents, key=score_sort_key):
+            try:
+                modality = modality_of(doc, file_path_meta_field=self.file_path_meta_field)
+            except MediaError:
+                modality = "unknown"  # reported when it is prepared
+            groups.setdefault(modality, []).append(doc)
+        queues = list(groups.values())
+        window: list[Document] = []
+        depth = 0
+        while len(window) < self.max_candidates and any(depth < len(q) for q in queues):
+            for queue in queues:
+                if depth < len(queue) and len(window) < self.max_candidates:
+                    window.append(queue[depth])
+            depth += 1
+        chosen = {id(d) for d in window}
+        rest = [d for d in sorted(documents, key=score_sort_key) if id(d) not in chosen]
+        return window, rest
+
     @component.output_types(documents=list[Document])
     def run(
         self,
@@ -478,8 +507,7 @@ class VisionLanguageRanker:
                 chars=query_chars,
                 limit=self.max_query_tokens,
             )
-        ordered = sorted(documents, key=score_sort_key)
-        window, rest = ordered[: self.max_candidates], ordered[self.max_candidates :]
+        window, rest = self._select_for_judging(documents)
         prepared: list[tuple[Document, str, list[Image.Image]]] = []
         unreadable: list[tuple[Document, str]] = []
         truncated: list[str] = []
