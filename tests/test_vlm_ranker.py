@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 from haystack import Document, Pipeline
 from PIL import Image
 
+from haystack_integrations.common.multimodal_rag.backends.vlm import VLMLoadSpec, resolve_processor_source
 from haystack_integrations.common.multimodal_rag.errors import ModelLoadError
 from haystack_integrations.common.multimodal_rag.inputs.media import load_document_image
 from haystack_integrations.components.rankers.modality_calibration import ModalityScoreCalibrator
@@ -123,6 +125,31 @@ def test_monoqwen_adapter_without_processor_files_loads_its_base_processor(
 
     with pytest.raises(ModelLoadError, match="no-such-processor"):
         VisionLanguageRanker(tiny_monoqwen, processor=str(folder.parent / "no-such-processor")).warm_up()
+
+
+def test_processor_source_is_the_adapters_own_when_it_ships_one(
+    tiny_monoqwen: str, tiny_instruct: str, tmp_path: Path
+) -> None:
+    def source(model: str, processor: str | None = None) -> str:
+        spec = VLMLoadSpec(
+            model=model,
+            component="test",
+            device="cpu",
+            token=None,
+            local_files_only=True,
+            model_kwargs=None,
+            processor=processor,
+        )
+        return resolve_processor_source(spec)
+
+    assert source(tiny_monoqwen) == tiny_instruct  # no processor files: the adapter's base
+    assert source(tiny_instruct) == tiny_instruct  # not an adapter: its own
+    assert source(tiny_monoqwen, processor="elsewhere") == "elsewhere"  # explicit wins
+    with_processor = shutil.copytree(tiny_monoqwen, tmp_path / "adapter_with_processor")
+    for item in Path(tiny_instruct).iterdir():
+        if "processor" in item.name or item.name.startswith(("tokenizer", "chat_template")):
+            shutil.copy(item, with_processor / item.name)
+    assert source(str(with_processor)) == str(with_processor)  # like vidore/colqwen2.5-v0.2: ships its own
 
 
 def test_monoqwen_inputs_and_score_equal_the_model_cards_recipe(
