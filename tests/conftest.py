@@ -1,1 +1,1 @@
-pytest_plugins = ["tests.helpers"]
+pytest_plugins = ["tests.helpers", "tests.vlm_fixtures"]

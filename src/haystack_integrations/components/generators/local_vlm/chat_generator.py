@@ -9,7 +9,14 @@ from haystack.dataclasses import ChatMessage, ComponentInfo, StreamingCallbackT,
 from haystack.utils import ComponentDevice, Secret, deserialize_callable, serialize_callable
 
 from haystack_integrations.common.multimodal_rag.backends.loading import LoadSpec, serialize_loading_params
-from haystack_integrations.common.multimodal_rag.backends.vlm import VisionLanguageModel, to_hf_messages
+from haystack_integrations.common.multimodal_rag.backends.vlm import (
+    QWEN2_VL_MAX_PIXELS,
+    ImagePart,
+    VisionLanguageModel,
+    VLMLoadSpec,
+    drop_images,
+    to_hf_messages,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +32,14 @@ class LocalVLMChatGenerator:
     the text rendered by the model's own chat template (`AutoModelForImageTextToText` + `AutoProcessor`), so
     a fully local multimodal RAG needs no external server. Works with any Haystack prompt that carries
     images, e.g. `MultimodalChatPromptBuilder`'s messages.
+
+    Images are decoded by the package's one pixel loader (Pillow's decompression-bomb limit stays on) and get a
+    bounded visual-token budget: with `processor_kwargs=None`, a Qwen-VL style processor allowing more than
+    `1280*28*28` pixels per image (at most 1280 visual tokens, Qwen's recommended upper bound) is loaded with that
+    limit, so a 12-megapixel photo is not ~15k tokens; fixed-resolution processors are left as they are.
+    An image the processor refuses (e.g. a 1600x6 banner: Qwen-VL processors refuse aspect ratios over 200) is
+    dropped from the prompt with a warning naming its message and part; the reply's `meta["dropped_images"]`
+    lists them. Other images and the text still reach the model.
 
     Streaming goes through Haystack's `streaming_callback` (one `StreamingChunk` per decoded piece of text).
 
@@ -49,6 +64,7 @@ class LocalVLMChatGenerator:
         generation_kwargs: dict[str, Any] | None = None,
         local_files_only: bool = False,
         model_kwargs: dict[str, Any] | None = None,
+        processor_kwargs: dict[str, Any] | None = None,
         streaming_callback: StreamingCallbackT | None = None,
     ) -> None:
         """
@@ -60,6 +76,9 @@ class LocalVLMChatGenerator:
         :param generation_kwargs: Arguments for `model.generate` (default `{"max_new_tokens": 512}`).
         :param local_files_only: Only use a local path or the local Hugging Face cache.
         :param model_kwargs: Extra keyword arguments for `from_pretrained` (e.g. `{"dtype": "bfloat16"}`).
+        :param processor_kwargs: Keyword arguments for the processor's `from_pretrained`, e.g.
+            `{"max_pixels": 1003520, "min_pixels": 200704}` for Qwen-VL models. `None`: the checkpoint's processor
+            with at most `1280*28*28` pixels (1280 visual tokens) per image for Qwen-VL style processors.
         :param streaming_callback: Called with a `StreamingChunk` for each piece of generated text.
         """
         self.model = model
@@ -68,6 +87,7 @@ class LocalVLMChatGenerator:
         self.generation_kwargs = generation_kwargs
         self.local_files_only = local_files_only
         self.model_kwargs = model_kwargs
+        self.processor_kwargs = processor_kwargs
         self.streaming_callback = streaming_callback
         self._vlm: VisionLanguageModel | None = None
         self._warm_lock = threading.Lock()
@@ -80,7 +100,10 @@ class LocalVLMChatGenerator:
         """
         with self._warm_lock:
             if self._vlm is None:
-                self._vlm = VisionLanguageModel.get(LoadSpec.of(self))
+                base = LoadSpec.of(self)
+                self._vlm = VisionLanguageModel.get(
+                    VLMLoadSpec(**vars(base), max_pixels=QWEN2_VL_MAX_PIXELS if self.processor_kwargs is None else None)
+                )
 
     def to_dict(self) -> dict[str, Any]:
         """
@@ -92,6 +115,7 @@ class LocalVLMChatGenerator:
             self,
             **serialize_loading_params(self),
             generation_kwargs=self.generation_kwargs,
+            processor_kwargs=self.processor_kwargs,
             streaming_callback=serialize_callable(self.streaming_callback) if self.streaming_callback else None,
         )
 
@@ -124,6 +148,32 @@ class LocalVLMChatGenerator:
 
         return _CallbackStreamer(self._vlm.tokenizer, skip_prompt=True, skip_special_tokens=True)
 
+    def _encode(
+        self, hf_messages: list[dict[str, Any]], images: list[ImagePart]
+    ) -> tuple[dict[str, Any], list[ImagePart], list[ImagePart]]:
+        """Encode the conversation; on a processor refusal, drop the images it refuses (with a warning) and retry."""
+        assert self._vlm is not None
+        vlm = self._vlm
+        try:
+            return vlm.encode([vlm.prompt_text(hf_messages)], [[p.image for p in images]]), images, []
+        except ValueError as e:
+            if not images:
+                raise
+            error = e
+        problems = {id(p): vlm.image_problem(p.image) for p in images}
+        dropped = [p for p in images if problems[id(p)] is not None]
+        if not dropped:
+            raise error  # the processor failed for another reason than one image
+        kept = [p for p in images if problems[id(p)] is None]
+        logger.warning(
+            "{component}: {count} image(s) the model's processor refuses were left out of the prompt: {details}",
+            component=type(self).__name__,
+            count=len(dropped),
+            details="; ".join(f"{p.label} ({p.image.width}x{p.image.height}): {problems[id(p)]}" for p in dropped),
+        )
+        messages = drop_images(hf_messages, dropped)
+        return vlm.encode([vlm.prompt_text(messages)], [[p.image for p in kept]]), kept, dropped
+
     @component.output_types(replies=list[ChatMessage])
     def run(
         self,
@@ -139,7 +189,8 @@ class LocalVLMChatGenerator:
         :param streaming_callback: Overrides the init `streaming_callback` for this call.
         :returns: `{"replies": [ChatMessage]}`: one assistant message with `meta` holding the model id,
             `finish_reason` (`"stop"` or `"length"`) and token `usage`.
-        :raises ValueError: On unsupported message parts (tool calls) or images that cannot be decoded.
+        :raises ValueError: On unsupported message parts (tool calls) or images that cannot be decoded
+            (`MediaError`, which names the message and part). Images the processor refuses are dropped, not raised.
         """
         name = type(self).__name__
         hf_messages, images = to_hf_messages(messages, component=name)
@@ -150,7 +201,7 @@ class LocalVLMChatGenerator:
         callback = streaming_callback if streaming_callback is not None else self.streaming_callback
         if callback is not None:
             kwargs["streamer"] = self._streamer(callback)
-        inputs = vlm.encode([vlm.prompt_text(hf_messages)], [images])
+        inputs, kept, dropped = self._encode(hf_messages, images)
         prompt_tokens = int(inputs["input_ids"].shape[1])
         with torch.inference_mode():
             output = vlm.model.generate(**inputs, **kwargs)
@@ -166,6 +217,8 @@ class LocalVLMChatGenerator:
                 "completion_tokens": len(new_tokens),
                 "total_tokens": prompt_tokens + len(new_tokens),
             },
-            "images": len(images),
+            "images": len(kept),
         }
+        if dropped:
+            meta["dropped_images"] = [p.label for p in dropped]
         return {"replies": [ChatMessage.from_assistant(text, meta=meta)]}
