@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,10 +32,8 @@ from haystack_integrations.common.multimodal_rag.backends.loading import (
 )
 from haystack_integrations.common.multimodal_rag.errors import MediaError, ModelLoadError
 
-# The shared pixel loader's decode path (bomb limit, and whatever normalisation it applies: EXIF orientation,
-# transparency onto white). `_decode_image` is private to media.py; it is THE decode function every component
-# must use, so it is imported here rather than copied (see notes/vlm.md).
-from haystack_integrations.common.multimodal_rag.inputs.media import _decode_image
+# The shared pixel loader's decode path: decompression-bomb limit, EXIF orientation, transparency onto white.
+from haystack_integrations.common.multimodal_rag.inputs.media import decode_image_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -356,7 +353,7 @@ def decode_image_content(image: ImageContent, *, label: str) -> Image.Image:
         msg = f"{label}: the image cannot be decoded (invalid base64: {e})"
         raise MediaError(msg) from e
     try:
-        return _decode_image(io.BytesIO(data), "in the ImageContent")
+        return decode_image_bytes(data, label="in the ImageContent")
     except MediaError as e:
         msg = f"{label}: the image cannot be decoded ({e})"
         raise MediaError(msg) from e
