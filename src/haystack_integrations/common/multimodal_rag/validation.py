@@ -49,8 +49,11 @@ def check_int(name: str, value: object, *, minimum: int = 0, maximum: int | None
         or value < minimum
         or (maximum is not None and value > maximum)
     ):
-        bound = f"in [{minimum}, {maximum}]" if maximum is not None else f">= {minimum}"
-        msg = f"{name} must be an integer {bound}, got {value!r}"
+        if maximum is not None:
+            kind = f"an integer in [{minimum}, {maximum}]"
+        else:
+            kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        msg = f"{name} must be {kind}, got {value!r}"
         raise ValueError(msg)
     return value
 
