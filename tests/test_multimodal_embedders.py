@@ -74,7 +74,7 @@ def test_mixed_batches_keep_input_order(tiny_siglip: str, corpus_dir: Path) -> N
     docs = []
     for i in range(7):
         docs.append(Document(content=f"text number {i}"))
-        docs.append(Document(meta={"file_path": str(corpus_dir / "report.pdf"), "page_number": 1 + i % 3}))
+        docs.append(Document(meta={"file_path": str(corpus_dir / "report.pdf"), "page_number": 1 + i % 3, "n": i}))
     out = _embedder(tiny_siglip, batch_size=3).run(docs)
     assert [d.id for d in out["documents"]] == [d.id for d in docs]
     # Each output equals the embedding of the same document embedded alone.
