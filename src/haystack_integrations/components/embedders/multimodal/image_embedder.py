@@ -23,6 +23,7 @@ class MultimodalImageEmbedder:
 
     The image may be a file path, a `ByteStream` or a Haystack `ImageContent`; a single-page PDF is
     rendered. The vector lives in the same space as `MultimodalDocumentEmbedder`'s documents.
+    Given the index's `document_store`, it refuses (once, not per query) an index built with another model.
 
     ### Usage example
     ```python
