@@ -142,8 +142,9 @@ class MultimodalDocumentEmbedder:
         """
         if self._encoder is None:
             self._encoder = DenseEncoder.get(LoadSpec.of(self))
+        identity = self._encoder.identity()  # computed once per loaded model; recorded on every document
         if self._guard is not None:
-            self._guard.check(self._encoder.identity(), role="write")
+            self._guard.check(identity, role="write")
 
     def to_dict(self) -> dict[str, Any]:
         """
