@@ -124,11 +124,11 @@ def _with_default_dtype(spec: LoadSpec) -> LoadSpec:
             )
         return spec
     try:
-        config = read_checkpoint_json(
-            spec.model, "config.json", token=spec.token, local_files_only=spec.local_files_only
-        )
+        # Local files / the cache only: never a network round trip of our own before the model load (which
+        # reports an unreachable checkpoint with advice). Not cached yet: treated as "the checkpoint says nothing".
+        config = read_checkpoint_json(spec.model, "config.json", token=spec.token, local_files_only=True)
     except Exception:
-        config = None  # the model load itself reports an unreachable checkpoint, with advice
+        config = None
     recorded = None
     if isinstance(config, dict):
         recorded = config.get("dtype") or config.get("torch_dtype")
