@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 from haystack import Document, Pipeline
 from haystack.components.retrievers.in_memory import InMemoryEmbeddingRetriever
 from haystack.components.writers import DocumentWriter
@@ -19,6 +21,7 @@ from haystack_integrations.components.embedders.multimodal import (
     MultimodalTextEmbedder,
 )
 from haystack_integrations.document_stores.qdrant import QdrantDocumentStore
+from haystack_integrations.pipelines.multimodal_rag import load_pipeline
 from haystack_integrations.testing.multimodal_rag.tiny_models import build_tiny_siglip
 from tests.helpers import make_image
 
@@ -145,3 +148,53 @@ def test_guarded_pipelines_survive_dumps_and_loads(tiny_siglip: str, other_sigli
     again = Pipeline.loads(query.dumps())
     assert isinstance(again.get_component("embedder").document_store, InMemoryDocumentStore)
     assert again.to_dict() == query.to_dict()
+
+
+def _wired_copy(tmp_path: Path, name: str, component: str, store_owner: str) -> Path:
+    """A copy of a shipped YAML with the guard turned on: `component` gets the same store block as `store_owner`."""
+    repo = Path(__file__).resolve().parents[1]
+    data = yaml.safe_load((repo / "examples" / "pipelines" / name).read_text())
+    store = copy.deepcopy(data["components"][store_owner]["init_parameters"]["document_store"])
+    data["components"][component]["init_parameters"]["document_store"] = store
+    out = tmp_path / name
+    out.write_text(yaml.safe_dump(data))
+    return out
+
+
+def test_the_shipped_pipelines_with_the_guard_wired_refuse_a_second_model(
+    tmp_path: Path, tiny_siglip: str, other_siglip: str, tiny_colqwen2_5: str, tiny_vlm: str
+):
+    indexing = _wired_copy(tmp_path, "indexing.yaml", "dense_embedder", "writer")
+    rag = _wired_copy(tmp_path, "rag.yaml", "text_embedder", "retriever")
+    corpus = tmp_path / "corpus"
+    make_image(corpus / "chart.png")
+    (corpus / "note.txt").write_text("revenue grew in the third quarter")
+    workdir = tmp_path / "work"
+
+    def load(path: Path, dense: str) -> Pipeline:
+        models = {"dense": dense, "colpali": tiny_colqwen2_5, "vlm": tiny_vlm}
+        return load_pipeline(path, base_dir=workdir, models=models, embedding_dim=32)
+
+    first = load(indexing, tiny_siglip)
+    try:
+        assert first.run({"converter": {"sources": [str(corpus)]}})["writer"]["documents_written"] == 2
+    finally:
+        first.get_component("writer").document_store.close()
+
+    second = load(indexing, other_siglip)
+    try:
+        with pytest.raises(EmbeddingModelMismatchError, match="refusing to write"):
+            second.run({"converter": {"sources": [str(corpus)]}})
+    finally:
+        second.get_component("writer").document_store.close()
+
+    query = {"text_embedder": {"text": "revenue"}, "ranker": {"query": "revenue"}}
+    query |= {"calibrator": {"query": "revenue"}, "prompt_builder": {"query": "revenue"}}
+    good = load(rag, tiny_siglip)
+    good.get_component("generator").generation_kwargs = {"max_new_tokens": 1}
+    assert good.run(query, include_outputs_from={"calibrator"})["calibrator"]["documents"]
+    wrong = load(rag, other_siglip)
+    with pytest.raises(EmbeddingModelMismatchError) as info:
+        wrong.run(query)
+    assert tiny_siglip in str(info.value)
+    assert other_siglip in str(info.value)
