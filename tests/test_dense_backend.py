@@ -15,6 +15,7 @@ from transformers import AutoModel, AutoTokenizer
 from haystack_integrations.common.multimodal_rag.backends import dense
 from haystack_integrations.common.multimodal_rag.backends.dense import DenseEncoder, choose_default_dtype
 from haystack_integrations.common.multimodal_rag.backends.loading import LoadSpec
+from haystack_integrations.testing.multimodal_rag.tiny_models import build_tiny_siglip2_fixres
 
 TEXT = "A Bar Chart of Quarterly Revenue by Region"
 
@@ -185,3 +186,27 @@ def test_cpu_bf16_detection_reads_the_cpu_flags() -> None:
     if "aarch64" in flags or not flags:
         pytest.skip("x86 Linux only")
     assert dense.cpu_has_native_bf16() is expected
+
+
+@pytest.fixture(scope="module")
+def tiny_siglip2_fixres(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """SigLIP architecture with a Gemma tokenizer at its class defaults (left padding, mask, no lowercasing)."""
+    return str(build_tiny_siglip2_fixres(tmp_path_factory.mktemp("fixres") / "siglip2_fixres"))
+
+
+def test_siglip2_fixres_with_a_gemma_tokenizer_gets_the_siglip2_recipe(tiny_siglip2_fixres: str) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_siglip2_fixres)
+    assert type(tokenizer).__name__ == "GemmaTokenizer"
+    assert tokenizer.padding_side == "left"
+    encoder = _encoder(tiny_siglip2_fixres)
+    assert encoder.family == "siglip"
+    assert encoder.lowercase  # a Gemma tokenizer does not lowercase; SigLIP 2 was trained on lowercased text
+    # The recipe: lowercased text, padding="max_length", max_length=64, right side, input_ids only.
+    expected = tokenizer(
+        TEXT.lower(), padding="max_length", max_length=64, padding_side="right", return_attention_mask=False
+    )
+    ours = encoder.text_inputs([TEXT])
+    assert list(ours) == ["input_ids"]
+    assert ours["input_ids"][0].tolist() == expected["input_ids"]
+    assert ours["input_ids"][0, -1].item() == tokenizer.pad_token_id
+    assert ours["input_ids"][0].tolist() != tokenizer(TEXT, padding="max_length", max_length=64)["input_ids"]

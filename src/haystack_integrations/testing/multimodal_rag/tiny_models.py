@@ -310,6 +310,57 @@ def build_tiny_siglip2(path: str | Path, *, seed: int = 0) -> Path:
     return out
 
 
+def build_tiny_siglip2_fixres(path: str | Path, *, image_size: int = 32, seed: int = 0) -> Path:
+    """
+    Write a tiny random SigLIP 2 FixRes-style dual encoder to `path`: SigLIP architecture, Gemma tokenizer.
+
+    Released FixRes SigLIP 2 checkpoints (e.g. google/siglip2-base-patch16-224) have `"model_type": "siglip"`, a
+    256k-token Gemma tokenizer and `SiglipProcessor` (mirror of google/siglip2-base-patch16-512 config; research notes
+    /tmp/research/vlm_siglip.md item 4). Their exact tokenizer_config values (padding side, input names) could not be
+    read offline, so the tokenizer keeps `GemmaTokenizer`'s class defaults (left padding, attention mask, no
+    lowercasing): the case where the embedders must impose SigLIP 2's recipe themselves (right padding to 64, no mask,
+    lowercased text).
+
+    :param path: Output directory.
+    :param image_size: Input resolution of the vision tower.
+    :param seed: Random seed of the weights.
+    :returns: The directory.
+    """
+    from transformers import GemmaTokenizer, SiglipConfig, SiglipImageProcessor, SiglipModel, SiglipProcessor
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
+    vocab, merges = _train_bpe(specials, byte_level=False)
+    tokenizer = GemmaTokenizer(vocab=vocab, merges=merges, model_max_length=SIGLIP_TEXT_LENGTH)
+    config = SiglipConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "max_position_embeddings": SIGLIP_TEXT_LENGTH,
+            "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": image_size,
+            "patch_size": 8,
+        },
+    )
+    torch.manual_seed(seed)
+    SiglipModel(config).save_pretrained(out)
+    image_processor = SiglipImageProcessor(size={"height": image_size, "width": image_size}, resample=2)
+    SiglipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
+    return out
+
+
 def _qwen_tokenizer(model_max_length: int = 1024) -> Any:
     from transformers import Qwen2Tokenizer
 
