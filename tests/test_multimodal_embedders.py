@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import copy
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from haystack.document_stores.in_memory import InMemoryDocumentStore
 from haystack.utils import ComponentDevice, Secret
 from PIL import Image
 
+from haystack_integrations.common.multimodal_rag.backends.loading import checkpoint_fingerprint
 from haystack_integrations.common.multimodal_rag.errors import DocumentProcessingError, MediaError, ModelLoadError
 from haystack_integrations.common.multimodal_rag.inputs import planning
 from haystack_integrations.components.embedders.multimodal import (
@@ -74,7 +76,7 @@ def test_mixed_batches_keep_input_order(tiny_siglip: str, corpus_dir: Path) -> N
     docs = []
     for i in range(7):
         docs.append(Document(content=f"text number {i}"))
-        docs.append(Document(meta={"file_path": str(corpus_dir / "report.pdf"), "page_number": 1 + i % 3}))
+        docs.append(Document(meta={"file_path": str(corpus_dir / "report.pdf"), "page_number": 1 + i % 3, "n": i}))
     out = _embedder(tiny_siglip, batch_size=3).run(docs)
     assert [d.id for d in out["documents"]] == [d.id for d in docs]
     # Each output equals the embedding of the same document embedded alone.
@@ -416,3 +418,57 @@ def test_an_image_that_only_fails_when_decoded_joins_the_single_error(
     assert [d.id for d in out["documents"]] == ["fine"]
     assert {d.id for d in out["failed_documents"]} == {"late", "early"}
     assert decodes == [1, 1]  # each readable-looking image decoded once, in its batch
+
+
+def test_duplicate_ids_in_one_batch_are_named_or_returned_as_failures(tiny_siglip: str) -> None:
+    docs = [
+        Document(id="a", content="first text"),
+        Document(id="b", content="second text"),
+        Document(id="a", content="a different text with the same id"),
+        Document(id="a", content="and a third"),
+    ]
+    with pytest.raises(DocumentProcessingError) as info:
+        _embedder(tiny_siglip).run(docs)
+    assert [doc_id for doc_id, _ in info.value.failures] == ["a", "a"]
+    assert "duplicate document id" in str(info.value)
+    assert "position 0" in str(info.value)
+
+    out = _embedder(tiny_siglip, on_error="skip").run(docs)
+    assert [d.content for d in out["documents"]] == ["first text", "second text"]
+    assert [d.content for d in out["failed_documents"]] == ["a different text with the same id", "and a third"]
+    assert all("duplicate document id" in d.meta["embedding_error"] for d in out["failed_documents"])
+    assert len(out["documents"]) + len(out["failed_documents"]) == len(docs)
+
+
+def test_truncated_texts_are_named_in_a_warning(tiny_siglip: str, caplog: pytest.LogCaptureFixture) -> None:
+    long_text = " ".join(["the quick brown fox jumps over the lazy dog"] * 20)
+    docs = [Document(id="short", content="a short note"), Document(id="long", content=long_text)]
+    with caplog.at_level(logging.WARNING):
+        out = _embedder(tiny_siglip).run(docs)
+    assert len(out["documents"]) == 2
+    assert "'long'" in caplog.text
+    assert "'short'" not in caplog.text
+    assert "truncated" in caplog.text
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        _embedder(tiny_siglip).run([Document(id="short", content="a short note")])
+        MultimodalTextEmbedder(tiny_siglip).run(text="a short query")
+    assert "truncated" not in caplog.text
+    assert "tokens" not in caplog.text
+
+    with caplog.at_level(logging.WARNING):
+        MultimodalTextEmbedder(tiny_siglip).run(text=long_text)
+    assert "only its beginning is embedded" in caplog.text
+
+
+def test_every_embedded_document_records_its_model(tiny_siglip: str, corpus_dir: Path) -> None:
+    docs = [Document(content="a text"), Document(meta={"file_path": str(corpus_dir / "red.png")})]
+    out = _embedder(tiny_siglip, normalize_embeddings=False).run(docs)["documents"]
+    fingerprint = checkpoint_fingerprint(tiny_siglip)
+    assert fingerprint.startswith("sha256:")
+    for doc in out:
+        assert doc.meta["embedding_model"] == tiny_siglip
+        assert doc.meta["embedding_model_fingerprint"] == fingerprint
+        assert doc.meta["embedding_dimension"] == len(doc.embedding)
+        assert doc.meta["embedding_normalized"] is False

@@ -81,7 +81,15 @@ def _ask(pipe: Pipeline, question: str) -> dict:
 def test_shipped_yaml_pipelines_load_as_shipped() -> None:
     indexing = Pipeline.loads((PIPELINES / "indexing.yaml").read_text())
     rag = Pipeline.loads((PIPELINES / "rag.yaml").read_text())
-    assert set(indexing.to_dict()["components"]) == {"converter", "dense_embedder", "colpali_embedder", "writer"}
+    assert set(indexing.to_dict()["components"]) == {
+        "converter",
+        "router",
+        "splitter",
+        "joiner",
+        "dense_embedder",
+        "colpali_embedder",
+        "writer",
+    }
     assert list(rag.to_dict()["components"]) == [
         "text_embedder",
         "retriever",
@@ -149,6 +157,37 @@ def test_index_then_answer_end_to_end_and_reload_in_the_same_process(
         include_outputs_from={"calibrator"},
     )
     assert {d.meta["modality"] for d in filtered["calibrator"]["documents"]} == {"text"}
+
+
+def test_long_text_is_split_into_chunks_the_dense_encoder_reads_and_visual_documents_pass_untouched(
+    tmp_path: Path, models: dict[str, str]
+) -> None:
+    corpus = tmp_path / "corpus"
+    make_image(corpus / "chart.png", color="green")
+    make_pdf(corpus / "slides.pdf", pages=2)
+    long_text = " ".join(f"Sentence {i} says revenue grew in region {i % 7} this quarter." for i in range(60))
+    (corpus / "long.txt").write_text(long_text)
+    workdir = tmp_path / "work"
+    result = _index(workdir, corpus, models)
+    store = QdrantDocumentStore(path=str(workdir / "index" / "qdrant"), index="multimodal", embedding_dim=32)
+    try:
+        stored = store.filter_documents()
+    finally:
+        store.close()
+    texts = [d for d in stored if d.meta["modality"] == "text"]
+    visual = [d for d in stored if d.meta["modality"] in ("image", "page")]
+    assert len(texts) >= 20  # 600 words in chunks of 32 (overlap 4)
+    assert result["writer"]["documents_written"] == len(texts) + 3
+    assert max(len(d.content.split()) for d in texts) <= 32
+    assert {d.meta["file_path"].rsplit("/", 1)[-1] for d in texts} == {"long.txt"}
+    assert sorted((d.meta["file_path"].rsplit("/", 1)[-1], d.meta.get("page_number")) for d in visual) == [
+        ("chart.png", None),
+        ("slides.pdf", 1),
+        ("slides.pdf", 2),
+    ]
+    assert all(d.content is None for d in visual)
+    # Every word of the file is in some chunk: splitting loses nothing.
+    assert set(long_text.split()) == {word for d in texts for word in d.content.split()}
 
 
 def test_indexing_twice_leaves_the_same_documents_and_multivectors(

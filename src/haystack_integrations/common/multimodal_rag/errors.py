@@ -57,6 +57,15 @@ class DriftStateError(MultimodalRAGError, RuntimeError):
     """The drift monitor's state file cannot be read or written; the message names the file."""
 
 
+class EmbeddingModelMismatchError(MultimodalRAGError, ValueError):
+    """
+    A document store holds vectors of another embedding model than the component's.
+
+    Vectors of different models live in different spaces: mixing them in one index, or querying an index with
+    another model, silently returns wrong results. The message names both models and how to migrate.
+    """
+
+
 class PipelineLoadError(MultimodalRAGError, ValueError):
     """A pipeline YAML cannot be loaded safely (for example an alias bomb); the message says why."""
 
@@ -65,6 +74,7 @@ __all__ = [
     "ConversionError",
     "DocumentProcessingError",
     "DriftStateError",
+    "EmbeddingModelMismatchError",
     "MediaError",
     "ModelLoadError",
     "MultiVectorStoreError",

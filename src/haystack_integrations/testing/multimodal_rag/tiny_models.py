@@ -117,20 +117,46 @@ def _train_bpe(
     return vocab, merges
 
 
+#: Text length of the SigLIP family's released checkpoints (`"model_max_length": 64`, text config
+#: `max_position_embeddings: 64`, e.g. google/siglip-so400m-patch14-384).
+SIGLIP_TEXT_LENGTH = 64
+#: CLIP's text length (openai/clip-vit-base-patch32 tokenizer_config `"model_max_length": 77`).
+CLIP_TEXT_LENGTH = 77
+
+
+def _siglip_tokenizer(spiece: Path) -> Any:
+    """A SigLIP v1 tokenizer configured like the released checkpoints' tokenizer_config.json.
+
+    google/siglip-so400m-patch14-384 (commit 7067f6db) declares `"model_max_length": 64`, `"do_lower_case": true`,
+    `"pad_token": "</s>"`, `"model_input_names": ["input_ids"]` (no attention mask) and no `padding_side` (right).
+    """
+    from transformers import SiglipTokenizer
+
+    return SiglipTokenizer(
+        vocab_file=str(spiece),
+        model_max_length=SIGLIP_TEXT_LENGTH,
+        do_lower_case=True,
+        model_input_names=["input_ids"],
+        padding_side="right",
+    )
+
+
 def build_tiny_siglip(path: str | Path, *, image_size: int = 32, seed: int = 0) -> Path:
     """
     Write a tiny random SigLIP dual encoder (SentencePiece tokenizer) to `path`.
+
+    The tokenizer mirrors the real checkpoints' config: `input_ids` only, right padding, 64 tokens.
 
     :param path: Output directory.
     :param image_size: Input resolution of the vision tower.
     :param seed: Random seed of the weights.
     :returns: The directory.
     """
-    from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel, SiglipProcessor, SiglipTokenizer
+    from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel, SiglipProcessor
 
     out = Path(path)
     spiece = _train_sentencepiece(out)
-    tokenizer = SiglipTokenizer(vocab_file=str(spiece), model_max_length=16)
+    tokenizer = _siglip_tokenizer(spiece)
     config = SiglipConfig(
         text_config={
             "vocab_size": len(tokenizer),
@@ -138,7 +164,7 @@ def build_tiny_siglip(path: str | Path, *, image_size: int = 32, seed: int = 0) 
             "intermediate_size": 64,
             "num_hidden_layers": 2,
             "num_attention_heads": 2,
-            "max_position_embeddings": 16,
+            "max_position_embeddings": SIGLIP_TEXT_LENGTH,
             **_SPM_TOKEN_IDS,
         },
         vision_config={
@@ -167,11 +193,11 @@ def build_siglip_base_random(path: str | Path, *, seed: int = 0) -> Path:
     :param seed: Random seed.
     :returns: The directory.
     """
-    from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel, SiglipProcessor, SiglipTokenizer
+    from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel, SiglipProcessor
 
     out = Path(path)
     spiece = _train_sentencepiece(out)
-    tokenizer = SiglipTokenizer(vocab_file=str(spiece), model_max_length=64)
+    tokenizer = _siglip_tokenizer(spiece)
     config = SiglipConfig(text_config=_SPM_TOKEN_IDS)
     torch.manual_seed(seed)
     SiglipModel(config).save_pretrained(out)
@@ -197,7 +223,7 @@ def build_tiny_clip(path: str | Path, *, image_size: int = 32, seed: int = 0) ->
     specials = ["<|startoftext|>", "<|endoftext|>"]
     # CLIP's BPE is byte-level and marks word ends with "</w>".
     vocab, merges = _train_bpe(specials, end_of_word_suffix="</w>")
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=16)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=CLIP_TEXT_LENGTH)
     config = CLIPConfig(
         text_config={
             "vocab_size": len(tokenizer),
@@ -205,7 +231,7 @@ def build_tiny_clip(path: str | Path, *, image_size: int = 32, seed: int = 0) ->
             "intermediate_size": 64,
             "num_hidden_layers": 2,
             "num_attention_heads": 2,
-            "max_position_embeddings": 16,
+            "max_position_embeddings": CLIP_TEXT_LENGTH,
             "bos_token_id": tokenizer.bos_token_id,
             "eos_token_id": tokenizer.eos_token_id,
             "pad_token_id": tokenizer.pad_token_id,
@@ -233,6 +259,8 @@ def build_tiny_siglip2(path: str | Path, *, seed: int = 0) -> Path:
     """
     Write a tiny random SigLIP 2 (NaFlex, variable resolution) dual encoder to `path`.
 
+    The tokenizer lowercases (as `Siglip2Tokenizer` does), pads right to 64 tokens and returns `input_ids` only.
+
     :param path: Output directory.
     :param seed: Random seed of the weights.
     :returns: The directory.
@@ -243,7 +271,17 @@ def build_tiny_siglip2(path: str | Path, *, seed: int = 0) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
     vocab, merges = _train_bpe(specials, byte_level=False)
-    tokenizer = Siglip2Tokenizer(vocab=vocab, merges=merges, model_max_length=16)
+    # The Gemma-based SigLIP 2 tokenizer as SigLIP 2 was trained: right padding to 64 tokens, no attention
+    # mask (transformers docs/source/en/model_doc/siglip2.md: "pass padding="max_length" and max_length=64 as
+    # that's how the model was trained"; Siglip2Processor text defaults padding="max_length", max_length=64).
+    # Siglip2Tokenizer pads LEFT by class default (tokenization_siglip2.py:37), hence the explicit side.
+    tokenizer = Siglip2Tokenizer(
+        vocab=vocab,
+        merges=merges,
+        model_max_length=SIGLIP_TEXT_LENGTH,
+        padding_side="right",
+        model_input_names=["input_ids"],
+    )
     config = Siglip2Config(
         text_config={
             "vocab_size": len(tokenizer),
@@ -251,7 +289,7 @@ def build_tiny_siglip2(path: str | Path, *, seed: int = 0) -> Path:
             "intermediate_size": 64,
             "num_hidden_layers": 2,
             "num_attention_heads": 2,
-            "max_position_embeddings": 16,
+            "max_position_embeddings": SIGLIP_TEXT_LENGTH,
             "pad_token_id": tokenizer.pad_token_id,
             "bos_token_id": tokenizer.bos_token_id,
             "eos_token_id": tokenizer.eos_token_id,
@@ -269,6 +307,57 @@ def build_tiny_siglip2(path: str | Path, *, seed: int = 0) -> Path:
     Siglip2Model(config).save_pretrained(out)
     image_processor = Siglip2ImageProcessor(patch_size=8, max_num_patches=16)
     Siglip2Processor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
+    return out
+
+
+def build_tiny_siglip2_fixres(path: str | Path, *, image_size: int = 32, seed: int = 0) -> Path:
+    """
+    Write a tiny random SigLIP 2 FixRes-style dual encoder to `path`: SigLIP architecture, Gemma tokenizer.
+
+    Released FixRes SigLIP 2 checkpoints (e.g. google/siglip2-base-patch16-224) have `"model_type": "siglip"`, a
+    256k-token Gemma tokenizer and `SiglipProcessor` (mirror of google/siglip2-base-patch16-512 config; research notes
+    /tmp/research/vlm_siglip.md item 4). Their exact tokenizer_config values (padding side, input names) could not be
+    read offline, so the tokenizer keeps `GemmaTokenizer`'s class defaults (left padding, attention mask, no
+    lowercasing): the case where the embedders must impose SigLIP 2's recipe themselves (right padding to 64, no mask,
+    lowercased text).
+
+    :param path: Output directory.
+    :param image_size: Input resolution of the vision tower.
+    :param seed: Random seed of the weights.
+    :returns: The directory.
+    """
+    from transformers import GemmaTokenizer, SiglipConfig, SiglipImageProcessor, SiglipModel, SiglipProcessor
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
+    vocab, merges = _train_bpe(specials, byte_level=False)
+    tokenizer = GemmaTokenizer(vocab=vocab, merges=merges, model_max_length=SIGLIP_TEXT_LENGTH)
+    config = SiglipConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "max_position_embeddings": SIGLIP_TEXT_LENGTH,
+            "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": image_size,
+            "patch_size": 8,
+        },
+    )
+    torch.manual_seed(seed)
+    SiglipModel(config).save_pretrained(out)
+    image_processor = SiglipImageProcessor(size={"height": image_size, "width": image_size}, resample=2)
+    SiglipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
     return out
 
 

@@ -6,6 +6,7 @@ Rule (see DESIGN.md): every bad input gets an error naming the document id and t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Literal
 
@@ -55,3 +56,25 @@ def check_documents_input(component: str, documents: object) -> None:
             "To embed a single string, use the matching text embedder."
         )
         raise TypeError(msg)
+
+
+def duplicate_id_failures(documents: Sequence[Document]) -> dict[int, str]:
+    """
+    The positions of documents whose id already appeared earlier in the same batch, with the reason.
+
+    A document store keeps one document per id, so without this check all but one of them would vanish
+    silently when written.
+
+    :param documents: The input documents.
+    :returns: Reason per position of every later duplicate (the first occurrence is not a failure).
+    """
+    first: dict[str, int] = {}
+    failures: dict[int, str] = {}
+    for i, doc in enumerate(documents):
+        j = first.setdefault(doc.id, i)
+        if j != i:
+            failures[i] = (
+                f"duplicate document id: the document at position {j} of this batch has the same id, and a "
+                "document store keeps one document per id (give each document a unique id, or drop the duplicate)"
+            )
+    return failures

@@ -5,12 +5,18 @@ from typing import Any
 
 import numpy as np
 from haystack import Document, component, default_from_dict, default_to_dict, logging
+from haystack.document_stores.types import DocumentStore
 from haystack.utils import ComponentDevice, Secret
 from tqdm import tqdm
 
 from haystack_integrations.common.multimodal_rag.backends.dense import DenseEncoder
 from haystack_integrations.common.multimodal_rag.backends.loading import LoadSpec, serialize_loading_params
-from haystack_integrations.common.multimodal_rag.inputs.failures import check_documents_input, validate_on_error
+from haystack_integrations.common.multimodal_rag.index_guard import IndexModelGuard, model_record
+from haystack_integrations.common.multimodal_rag.inputs.failures import (
+    check_documents_input,
+    duplicate_id_failures,
+    validate_on_error,
+)
 from haystack_integrations.common.multimodal_rag.inputs.media import MODALITY_META_KEY
 from haystack_integrations.common.multimodal_rag.inputs.planning import (
     iter_image_batches,
@@ -35,9 +41,19 @@ class MultimodalDocumentEmbedder:
     `meta["page_number"]`, 1-based) go through the vision tower. A text query embedded with
     `MultimodalTextEmbedder` and the same model can then retrieve images and pages.
 
-    Each output document gets `embedding`, `meta["modality"]` (`"text"`, `"image"` or `"page"`) and
-    `meta["embedding_source"]`. Documents are batched per modality; images are decoded one batch at a
-    time, so memory is bounded by `batch_size`, not by the corpus.
+    Each output document gets `embedding`, `meta["modality"]` (`"text"`, `"image"` or `"page"`),
+    `meta["embedding_source"]` and the record of the model that embedded it: `meta["embedding_model"]` (id or
+    path), `meta["embedding_model_fingerprint"]` (content fingerprint of the checkpoint),
+    `meta["embedding_dimension"]` and `meta["embedding_normalized"]`. Documents are batched per modality; images
+    are decoded one batch at a time, so memory is bounded by `batch_size`, not by the corpus.
+
+    The text tower reads a bounded number of tokens (64 for SigLIP / SigLIP 2, 77 for CLIP); longer texts are
+    truncated, and a warning names the documents that were. Split long texts first (Haystack's
+    `DocumentSplitter`, as the shipped `indexing.yaml` does).
+
+    Embedding-model guard: given the index's `document_store`, `warm_up()` refuses (with
+    `EmbeddingModelMismatchError`, naming both models) to embed for an index that already holds vectors of
+    another model. The check runs once per store.
 
     Bad input (missing, corrupt or zero-byte files, truncated PDFs, pages beyond the PDF, paths outside
     `root_path`, decompression bombs, unsupported MIME types, documents with neither text nor image):
@@ -56,7 +72,7 @@ class MultimodalDocumentEmbedder:
         Document(meta={"file_path": "charts/revenue.png"}),
         Document(meta={"file_path": "reports/annual.pdf", "page_number": 3}),
     ])
-    print([d.meta["modality"] for d in result["documents"]])  # ['text', 'image', 'document']
+    print([d.meta["modality"] for d in result["documents"]])  # ['text', 'image', 'page']
     ```
     """
 
@@ -74,6 +90,7 @@ class MultimodalDocumentEmbedder:
         local_files_only: bool = False,
         model_kwargs: dict[str, Any] | None = None,
         on_error: str = "raise",
+        document_store: DocumentStore | None = None,
     ) -> None:
         """
         Create the embedder. Nothing is loaded until `warm_up()`.
@@ -87,9 +104,14 @@ class MultimodalDocumentEmbedder:
         :param progress_bar: Show a progress bar.
         :param normalize_embeddings: L2-normalise embeddings (use cosine or dot-product retrieval).
         :param local_files_only: Only use a local path or the local Hugging Face cache.
-        :param model_kwargs: Extra keyword arguments for `AutoModel.from_pretrained` (e.g. `{"dtype": "bfloat16"}`).
+        :param model_kwargs: Extra keyword arguments for `AutoModel.from_pretrained` (e.g. `{"dtype": "float32"}`).
+            Without a `dtype`: bfloat16 on CUDA (float16 if the checkpoint records it), float32 on the CPU unless
+            the checkpoint records bfloat16 and the CPU computes bfloat16 natively.
         :param on_error: `"raise"` (one error naming every bad document) or `"skip"` (return them in
-            `failed_documents`).
+            `failed_documents`). Bad inputs include a document id that repeats within one batch (a store would
+            keep only one of them): the later duplicates fail, naming the id.
+        :param document_store: The document store this embedder's documents are written to (the writer's). When
+            given, `warm_up()` refuses an index that holds vectors of another model. `None` disables the check.
         :raises ValueError: On an invalid `batch_size` or `on_error`.
         """
         check_positive_int("batch_size", batch_size)
@@ -105,16 +127,24 @@ class MultimodalDocumentEmbedder:
         self.local_files_only = local_files_only
         self.model_kwargs = model_kwargs
         self.on_error = on_error
+        self.document_store = document_store
         self._encoder: DenseEncoder | None = None
+        self._guard = (
+            IndexModelGuard(document_store, component=type(self).__name__) if document_store is not None else None
+        )
 
     def warm_up(self) -> None:
         """
-        Load the model and processor (idempotent).
+        Load the model and processor (idempotent), then check the index's model when a `document_store` is set.
 
         :raises ModelLoadError: When the model cannot be loaded; the message says how to fix it.
+        :raises EmbeddingModelMismatchError: When the document store holds vectors of another model.
         """
         if self._encoder is None:
             self._encoder = DenseEncoder.get(LoadSpec.of(self))
+        identity = self._encoder.identity()  # computed once per loaded model; recorded on every document
+        if self._guard is not None:
+            self._guard.check(identity, role="write")
 
     def to_dict(self) -> dict[str, Any]:
         """
@@ -131,6 +161,7 @@ class MultimodalDocumentEmbedder:
             progress_bar=self.progress_bar,
             normalize_embeddings=self.normalize_embeddings,
             on_error=self.on_error,
+            document_store=self.document_store,
         )
 
     @classmethod
@@ -151,12 +182,14 @@ class MultimodalDocumentEmbedder:
         :param documents: The documents; they are not modified.
         :returns: A dictionary with:
             - `documents`: the embedded documents, in input order, with `embedding`, `meta["modality"]` and
-              `meta["embedding_source"]`.
+              `meta["embedding_source"]` and the embedding-model record (`meta["embedding_model"]`,
+              `meta["embedding_model_fingerprint"]`, `meta["embedding_dimension"]`, `meta["embedding_normalized"]`).
             - `failed_documents`: with `on_error="skip"`, the documents that could not be embedded, each
               with `meta["embedding_error"]`; always empty with `on_error="raise"`.
         :raises TypeError: If `documents` is not a list of Documents.
         :raises DocumentProcessingError: With `on_error="raise"`, when any document cannot be embedded.
         :raises ModelLoadError: When the model cannot be loaded.
+        :raises EmbeddingModelMismatchError: When `document_store` holds vectors of another model.
         """
         component_name = type(self).__name__
         check_documents_input(component_name, documents)
@@ -171,7 +204,11 @@ class MultimodalDocumentEmbedder:
         plan = plan_documents(
             documents, file_path_meta_field=self.file_path_meta_field, root_path=self.root_path, probe_pixels=False
         )
+        for i, reason in duplicate_id_failures(documents).items():
+            plan.failures.setdefault(i, reason)
         failures = dict(plan.failures)
+        record = model_record(encoder.identity(), normalized=self.normalize_embeddings)
+        truncated: list[tuple[str, int]] = []
 
         def doomed() -> bool:
             # With on_error="raise" and a failure known, the rest is only decoded, to name every bad file.
@@ -189,9 +226,11 @@ class MultimodalDocumentEmbedder:
             for chunk in batched(text_indices, self.batch_size):
                 if doomed():
                     break
-                vectors = encoder.embed_texts(
-                    [documents[i].content or "" for i in chunk], normalize=self.normalize_embeddings
-                )
+                texts = [documents[i].content or "" for i in chunk]
+                for i, count in zip(chunk, encoder.token_counts(texts), strict=True):
+                    if count > encoder.max_length:
+                        truncated.append((documents[i].id, count))
+                vectors = encoder.embed_texts(texts, normalize=self.normalize_embeddings)
                 embeddings.update(zip(chunk, vectors, strict=True))
                 bar.update(len(chunk))
             for positions, images, failed in iter_image_batches(plan, visual_indices, self.batch_size):
@@ -204,6 +243,20 @@ class MultimodalDocumentEmbedder:
                 bar.update(len(positions) + len(failed))
         if self.on_error == "raise":
             raise_if_failed(component_name, documents, failures)
+        if truncated:
+            shown = ", ".join(f"'{doc_id}' ({count} tokens)" for doc_id, count in truncated[:10])
+            more = f" and {len(truncated) - 10} more" if len(truncated) > 10 else ""
+            logger.warning(
+                "{component}: {count} text document(s) are longer than the {max_length} tokens the text tower of "
+                "'{model}' reads and were truncated (only their beginning is embedded): {ids}{more}. Split long "
+                "texts first, e.g. with Haystack's DocumentSplitter as examples/pipelines/indexing.yaml does.",
+                component=component_name,
+                count=len(truncated),
+                max_length=encoder.max_length,
+                model=encoder.model_id,
+                ids=shown,
+                more=more,
+            )
 
         def make_output(i: int, doc: Document) -> Document:
             modality = plan.modalities[i]
@@ -218,6 +271,7 @@ class MultimodalDocumentEmbedder:
                     if source is not None and source.path is not None
                     else None,
                 },
+                **record,
             }
             return replace(doc, embedding=embeddings[i].tolist(), meta=meta)
 

@@ -6,11 +6,13 @@ from typing import Any
 
 from haystack import Document, component, default_from_dict, default_to_dict
 from haystack.dataclasses import ByteStream, ImageContent
+from haystack.document_stores.types import DocumentStore
 from haystack.utils import ComponentDevice, Secret
 
 from haystack_integrations.common.multimodal_rag.backends.dense import DenseEncoder
 from haystack_integrations.common.multimodal_rag.backends.loading import LoadSpec, serialize_loading_params
 from haystack_integrations.common.multimodal_rag.errors import MediaError
+from haystack_integrations.common.multimodal_rag.index_guard import IndexModelGuard
 from haystack_integrations.common.multimodal_rag.inputs.media import VISUAL_MODALITIES, classify, load_image, locate
 
 
@@ -21,6 +23,7 @@ class MultimodalImageEmbedder:
 
     The image may be a file path, a `ByteStream` or a Haystack `ImageContent`; a single-page PDF is
     rendered. The vector lives in the same space as `MultimodalDocumentEmbedder`'s documents.
+    Given the index's `document_store`, it refuses (once, not per query) an index built with another model.
 
     ### Usage example
     ```python
@@ -41,6 +44,7 @@ class MultimodalImageEmbedder:
         normalize_embeddings: bool = True,
         local_files_only: bool = False,
         model_kwargs: dict[str, Any] | None = None,
+        document_store: DocumentStore | None = None,
     ) -> None:
         """
         Create the embedder. Nothing is loaded until `warm_up()`.
@@ -52,6 +56,10 @@ class MultimodalImageEmbedder:
         :param normalize_embeddings: L2-normalise the embedding.
         :param local_files_only: Only use a local path or the local Hugging Face cache.
         :param model_kwargs: Extra keyword arguments for `AutoModel.from_pretrained`.
+        :param document_store: The document store the retriever searches. When given, the embedder checks once
+            (at `warm_up()`, or at the first run that finds documents) that the index was built with the same
+            model, and otherwise fails with `EmbeddingModelMismatchError` naming both models. `None` disables
+            the check.
         """
         self.model = model
         self.root_path = root_path
@@ -60,16 +68,23 @@ class MultimodalImageEmbedder:
         self.normalize_embeddings = normalize_embeddings
         self.local_files_only = local_files_only
         self.model_kwargs = model_kwargs
+        self.document_store = document_store
         self._encoder: DenseEncoder | None = None
+        self._guard = (
+            IndexModelGuard(document_store, component=type(self).__name__) if document_store is not None else None
+        )
 
     def warm_up(self) -> None:
         """
-        Load the model and processor (idempotent).
+        Load the model and processor (idempotent), then check the index's model when a `document_store` is set.
 
         :raises ModelLoadError: When the model cannot be loaded; the message says how to fix it.
+        :raises EmbeddingModelMismatchError: When the document store holds vectors of another model.
         """
         if self._encoder is None:
             self._encoder = DenseEncoder.get(LoadSpec.of(self))
+        if self._guard is not None:
+            self._guard.check(self._encoder.identity(), role="query")
 
     def to_dict(self) -> dict[str, Any]:
         """
@@ -82,6 +97,7 @@ class MultimodalImageEmbedder:
             **serialize_loading_params(self),
             root_path=self.root_path,
             normalize_embeddings=self.normalize_embeddings,
+            document_store=self.document_store,
         )
 
     @classmethod

@@ -2,12 +2,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from haystack import component, default_from_dict, default_to_dict
+from haystack import component, default_from_dict, default_to_dict, logging
+from haystack.document_stores.types import DocumentStore
 from haystack.utils import ComponentDevice, Secret
 
 from haystack_integrations.common.multimodal_rag.backends.dense import DenseEncoder
 from haystack_integrations.common.multimodal_rag.backends.loading import LoadSpec, serialize_loading_params
+from haystack_integrations.common.multimodal_rag.index_guard import IndexModelGuard
 from haystack_integrations.common.multimodal_rag.validation import check_query
+
+logger = logging.getLogger(__name__)
 
 
 @component
@@ -17,6 +21,10 @@ class MultimodalTextEmbedder:
 
     Use it with `MultimodalDocumentEmbedder` and the same model: the query vector lives in the same space
     as the text, image and PDF-page documents, so a text query retrieves images.
+
+    The text tower reads a bounded number of tokens (64 for SigLIP / SigLIP 2, 77 for CLIP): a longer query is
+    truncated, with a warning. Given the index's `document_store`, it refuses (once, not per query) an index
+    built with another model.
 
     ### Usage example
     ```python
@@ -36,6 +44,7 @@ class MultimodalTextEmbedder:
         normalize_embeddings: bool = True,
         local_files_only: bool = False,
         model_kwargs: dict[str, Any] | None = None,
+        document_store: DocumentStore | None = None,
     ) -> None:
         """
         Create the embedder. Nothing is loaded until `warm_up()`.
@@ -46,6 +55,10 @@ class MultimodalTextEmbedder:
         :param normalize_embeddings: L2-normalise the embedding.
         :param local_files_only: Only use a local path or the local Hugging Face cache.
         :param model_kwargs: Extra keyword arguments for `AutoModel.from_pretrained`.
+        :param document_store: The document store the retriever searches. When given, the embedder checks once
+            (at `warm_up()`, or at the first run that finds documents) that the index was built with the same
+            model, and otherwise fails with `EmbeddingModelMismatchError` naming both models. `None` disables
+            the check.
         """
         self.model = model
         self.device = device
@@ -53,16 +66,23 @@ class MultimodalTextEmbedder:
         self.normalize_embeddings = normalize_embeddings
         self.local_files_only = local_files_only
         self.model_kwargs = model_kwargs
+        self.document_store = document_store
         self._encoder: DenseEncoder | None = None
+        self._guard = (
+            IndexModelGuard(document_store, component=type(self).__name__) if document_store is not None else None
+        )
 
     def warm_up(self) -> None:
         """
-        Load the model and processor (idempotent).
+        Load the model and processor (idempotent), then check the index's model when a `document_store` is set.
 
         :raises ModelLoadError: When the model cannot be loaded; the message says how to fix it.
+        :raises EmbeddingModelMismatchError: When the document store holds vectors of another model.
         """
         if self._encoder is None:
             self._encoder = DenseEncoder.get(LoadSpec.of(self))
+        if self._guard is not None:
+            self._guard.check(self._encoder.identity(), role="query")
 
     def to_dict(self) -> dict[str, Any]:
         """
@@ -74,6 +94,7 @@ class MultimodalTextEmbedder:
             self,
             **serialize_loading_params(self),
             normalize_embeddings=self.normalize_embeddings,
+            document_store=self.document_store,
         )
 
     @classmethod
@@ -95,9 +116,20 @@ class MultimodalTextEmbedder:
         :returns: `{"embedding": list[float]}`.
         :raises TypeError: If `text` is not a string.
         :raises ValueError: If `text` is empty or only whitespace.
+        :raises EmbeddingModelMismatchError: When `document_store` holds vectors of another model.
         """
         check_query(type(self).__name__, text)
         self.warm_up()
         assert self._encoder is not None
+        count = self._encoder.token_counts([text])[0]
+        if count > self._encoder.max_length:
+            logger.warning(
+                "{component}: the query has {count} tokens; the text tower of '{model}' reads {max_length}, so only "
+                "its beginning is embedded.",
+                component=type(self).__name__,
+                count=count,
+                model=self._encoder.model_id,
+                max_length=self._encoder.max_length,
+            )
         vector = self._encoder.embed_texts([text], normalize=self.normalize_embeddings)[0]
         return {"embedding": vector.tolist()}

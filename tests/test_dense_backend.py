@@ -1,0 +1,212 @@
+"""The dense (CLIP-family) backend: text inputs as each family was trained, token counts, default dtype."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+from haystack_integrations.common.multimodal_rag.backends import dense
+from haystack_integrations.common.multimodal_rag.backends.dense import DenseEncoder, choose_default_dtype
+from haystack_integrations.common.multimodal_rag.backends.loading import LoadSpec
+from haystack_integrations.testing.multimodal_rag.tiny_models import build_tiny_siglip2_fixres
+
+TEXT = "A Bar Chart of Quarterly Revenue by Region"
+
+
+def _encoder(model: str, **model_kwargs) -> DenseEncoder:
+    return DenseEncoder.get(
+        LoadSpec(
+            model=model,
+            component="test",
+            device="cpu",
+            token=None,
+            local_files_only=True,
+            model_kwargs=model_kwargs or None,
+        )
+    )
+
+
+@pytest.mark.parametrize("family", ["siglip", "siglip2"])
+def test_siglip_text_inputs_equal_the_trained_recipe(family: str, request: pytest.FixtureRequest) -> None:
+    # Reference recipe (transformers modeling_siglip.py:507/691/770; docs model_doc/siglip2.md; Siglip2Processor
+    # text defaults): tokenizer(text, padding="max_length", max_length=64) with the checkpoint's tokenizer, which
+    # (like the released ones) returns input_ids only and pads right.
+    path = request.getfixturevalue(f"tiny_{family}")
+    reference = AutoTokenizer.from_pretrained(path)(TEXT, padding="max_length", max_length=64, return_tensors="pt")
+    assert list(reference.keys()) == ["input_ids"]
+
+    ours = _encoder(path).text_inputs([TEXT])
+    assert list(ours) == ["input_ids"]  # no attention mask
+    assert ours["input_ids"].shape == (1, 64)
+    assert torch.equal(ours["input_ids"], reference["input_ids"])
+    # Right padding: the text comes first, the pad token fills the end (the pooled last position is a pad).
+    ids = ours["input_ids"][0].tolist()
+    pad = AutoTokenizer.from_pretrained(path).pad_token_id
+    assert ids[-1] == pad
+    assert ids[0] != pad
+
+
+@pytest.mark.parametrize("family", ["siglip", "siglip2"])
+def test_siglip_embedding_equals_the_reference_forward_pass_without_mask(
+    family: str, request: pytest.FixtureRequest
+) -> None:
+    path = request.getfixturevalue(f"tiny_{family}")
+    model = AutoModel.from_pretrained(path).eval()
+    ids = AutoTokenizer.from_pretrained(path)(
+        TEXT, padding="max_length", max_length=64, return_attention_mask=True, return_tensors="pt"
+    )
+    assert 0 < int(ids["attention_mask"].sum()) < 64
+    with torch.inference_mode():
+        reference = model.get_text_features(input_ids=ids["input_ids"]).pooler_output
+        masked = model.get_text_features(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).pooler_output
+    reference = torch.nn.functional.normalize(reference, dim=-1).numpy()[0]
+    ours = _encoder(path).embed_texts([TEXT], normalize=True)[0]
+    np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-6)
+    # A mask changes the embedding, so the comparison above would catch one being passed.
+    assert not np.allclose(torch.nn.functional.normalize(masked, dim=-1).numpy()[0], reference, atol=1e-4)
+
+
+def test_siglip2_pads_right_without_mask_even_when_the_tokenizer_config_says_left(
+    tiny_siglip2: str, tmp_path: Path
+) -> None:
+    # Siglip2Tokenizer's class default is left padding with a mask (tokenization_siglip2.py:37-38): a checkpoint
+    # whose tokenizer_config does not override it must still be fed as SigLIP 2 was trained.
+    copy = Path(shutil.copytree(tiny_siglip2, tmp_path / "siglip2_left"))
+    config_path = copy / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["padding_side"] = "left"
+    config.pop("model_input_names", None)
+    config_path.write_text(json.dumps(config))
+    left = AutoTokenizer.from_pretrained(copy)(TEXT, padding="max_length", max_length=64)
+    assert "attention_mask" in left
+    assert left["input_ids"][0] == AutoTokenizer.from_pretrained(copy).pad_token_id  # really left-padded
+
+    ours = _encoder(str(copy)).text_inputs([TEXT])
+    expected = AutoTokenizer.from_pretrained(tiny_siglip2)(TEXT, padding="max_length", max_length=64)
+    assert list(ours) == ["input_ids"]
+    assert ours["input_ids"][0].tolist() == expected["input_ids"]
+
+
+def test_siglip2_text_is_lowercased_and_siglip_v1_tokenizer_lowercases_itself(
+    tiny_siglip: str, tiny_siglip2: str
+) -> None:
+    v2 = _encoder(tiny_siglip2)
+    assert v2.lowercase  # SigLIP 2 was trained on lowercased text (docs/source/en/model_doc/siglip2.md)
+    assert torch.equal(v2.text_inputs([TEXT])["input_ids"], v2.text_inputs([TEXT.lower()])["input_ids"])
+    v1 = _encoder(tiny_siglip)
+    assert not v1.lowercase  # SiglipTokenizer(do_lower_case=True) canonicalizes itself
+    assert torch.equal(v1.text_inputs([TEXT])["input_ids"], v1.text_inputs([TEXT.lower()])["input_ids"])
+
+
+def test_clip_keeps_its_attention_mask_and_77_tokens(tiny_clip: str) -> None:
+    encoder = _encoder(tiny_clip)
+    inputs = encoder.text_inputs([TEXT])
+    assert set(inputs) == {"input_ids", "attention_mask"}
+    assert inputs["input_ids"].shape == (1, 77)
+    reference = AutoTokenizer.from_pretrained(tiny_clip)(TEXT, padding="max_length", max_length=77, truncation=True)
+    assert inputs["input_ids"][0].tolist() == reference["input_ids"]
+    assert inputs["attention_mask"][0].tolist() == reference["attention_mask"]
+    assert not encoder.lowercase
+
+
+@pytest.mark.parametrize("family", ["siglip", "siglip2", "clip"])
+def test_token_counts_are_taken_before_truncation(family: str, request: pytest.FixtureRequest) -> None:
+    encoder = _encoder(request.getfixturevalue(f"tiny_{family}"))
+    long_text = " ".join(["revenue grew in the third quarter"] * 40)
+    short, long = encoder.token_counts(["a cat", long_text])
+    assert short <= 8
+    assert long > encoder.max_length
+    assert encoder.text_inputs([long_text])["input_ids"].shape[1] == encoder.max_length
+
+
+@pytest.mark.parametrize(
+    ("device", "recorded", "cuda_bf16", "cpu_bf16", "expected"),
+    [
+        ("cuda:0", None, True, False, "bfloat16"),
+        ("cuda:0", "float32", True, False, "bfloat16"),
+        ("cuda:0", "float16", True, False, "float16"),
+        ("cuda:0", "bfloat16", False, False, "float32"),
+        ("cpu", None, False, True, "float32"),
+        ("cpu", "bfloat16", False, False, "float32"),
+        ("cpu", "bfloat16", False, True, "bfloat16"),
+        ("cpu", "float16", False, True, "float32"),
+        ("mps", "bfloat16", False, True, "float32"),
+    ],
+)
+def test_default_dtype_rule(device: str, recorded: str | None, cuda_bf16: bool, cpu_bf16: bool, expected: str) -> None:
+    assert choose_default_dtype(device, recorded, cuda_bf16=cuda_bf16, cpu_bf16=cpu_bf16) == expected
+
+
+def _bf16_checkpoint(source: str, target: Path) -> str:
+    copy = Path(shutil.copytree(source, target))
+    config = json.loads((copy / "config.json").read_text())
+    config["dtype"] = "bfloat16"
+    (copy / "config.json").write_text(json.dumps(config))
+    return str(copy)
+
+
+def test_a_bf16_checkpoint_loads_in_float32_on_a_cpu_without_native_bf16(
+    tiny_siglip: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(dense, "cpu_has_native_bf16", lambda: False)
+    path = _bf16_checkpoint(tiny_siglip, tmp_path / "bf16_no_native")
+    assert AutoModel.from_pretrained(path).dtype == torch.bfloat16  # what transformers' dtype="auto" would do
+    assert _encoder(path).dtype == torch.float32
+
+
+def test_a_bf16_checkpoint_stays_bf16_on_a_cpu_with_native_bf16(
+    tiny_siglip: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(dense, "cpu_has_native_bf16", lambda: True)
+    path = _bf16_checkpoint(tiny_siglip, tmp_path / "bf16_native")
+    assert _encoder(path).dtype == torch.bfloat16
+
+
+def test_an_explicit_dtype_wins_and_emulated_bf16_is_warned_about(
+    tiny_siglip: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(dense, "cpu_has_native_bf16", lambda: False)
+    path = str(shutil.copytree(tiny_siglip, tmp_path / "explicit"))
+    with caplog.at_level(logging.WARNING):
+        encoder = _encoder(path, dtype="bfloat16")
+    assert encoder.dtype == torch.bfloat16
+    assert "SLOWER than float32" in caplog.text
+
+
+def test_cpu_bf16_detection_reads_the_cpu_flags() -> None:
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    expected = any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+    if "aarch64" in flags or not flags:
+        pytest.skip("x86 Linux only")
+    assert dense.cpu_has_native_bf16() is expected
+
+
+@pytest.fixture(scope="module")
+def tiny_siglip2_fixres(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """SigLIP architecture with a Gemma tokenizer at its class defaults (left padding, mask, no lowercasing)."""
+    return str(build_tiny_siglip2_fixres(tmp_path_factory.mktemp("fixres") / "siglip2_fixres"))
+
+
+def test_siglip2_fixres_with_a_gemma_tokenizer_gets_the_siglip2_recipe(tiny_siglip2_fixres: str) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_siglip2_fixres)
+    assert type(tokenizer).__name__ == "GemmaTokenizer"
+    assert tokenizer.padding_side == "left"
+    encoder = _encoder(tiny_siglip2_fixres)
+    assert encoder.family == "siglip"
+    assert encoder.lowercase  # a Gemma tokenizer does not lowercase; SigLIP 2 was trained on lowercased text
+    # The recipe: lowercased text, padding="max_length", max_length=64, right side, input_ids only.
+    expected = tokenizer(
+        TEXT.lower(), padding="max_length", max_length=64, padding_side="right", return_attention_mask=False
+    )
+    ours = encoder.text_inputs([TEXT])
+    assert list(ours) == ["input_ids"]
+    assert ours["input_ids"][0].tolist() == expected["input_ids"]
+    assert ours["input_ids"][0, -1].item() == tokenizer.pad_token_id
+    assert ours["input_ids"][0].tolist() != tokenizer(TEXT, padding="max_length", max_length=64)["input_ids"]
