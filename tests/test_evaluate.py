@@ -286,3 +286,18 @@ def test_a_corrupt_corpus_image_stops_the_cli_with_one_line_naming_the_document(
     assert len(errors) == 1
     assert "img-blue" in errors[0]
     assert "images/blue.png" in errors[0]
+
+
+def test_chunks_of_one_corpus_document_count_once_with_their_best_score() -> None:
+    from haystack import Document
+
+    from haystack_integrations.evaluation.multimodal_rag.evaluate import _ranking
+
+    docs = [
+        Document(id="chunk-b", content="x", meta={"source_id": "doc-1"}, score=0.9),
+        Document(id="img-1", meta={"modality": "image"}, score=0.7),
+        Document(id="chunk-a", content="y", meta={"source_id": "doc-1"}, score=0.4),
+    ]
+    assert _ranking(docs) == {"doc-1": 0.9, "img-1": 0.7}
+    unscored = [Document(id="c1", content="a", meta={"source_id": "d"}), Document(id="c2", content="b")]
+    assert _ranking(unscored) == {"d": 2.0, "c2": 1.0}

@@ -226,14 +226,26 @@ def _query_inputs(
     return inputs
 
 
+def _corpus_id(document: Document) -> str:
+    # A chunk made by Haystack's DocumentSplitter (the shipped indexing.yaml splits text for the dense encoder)
+    # has a new id and records its corpus document in meta["source_id"].
+    source_id = document.meta.get("source_id")
+    return source_id if isinstance(source_id, str) and source_id else document.id
+
+
 def _ranking(documents: list[Document]) -> dict[str, float]:
-    """`{doc_id: score}` of one query; rank-derived scores when the stage returns none."""
-    if any(d.score is None for d in documents):
-        scores = {d.id: float(len(documents) - i) for i, d in enumerate(documents)}
-    else:
-        scores = {}
-        for d in documents:
-            scores[d.id] = max(float(d.score), scores.get(d.id, float("-inf")))  # type: ignore[arg-type]
+    """
+    `{corpus_doc_id: score}` of one query; rank-derived scores when the stage returns none.
+
+    Chunks of one corpus document are scored by their best chunk (max-passage, as BEIR-style evaluations of
+    passage retrievers do).
+    """
+    scores: dict[str, float] = {}
+    use_rank = any(d.score is None for d in documents)
+    for i, d in enumerate(documents):
+        value = float(len(documents) - i) if use_rank else float(d.score)  # type: ignore[arg-type]
+        key = _corpus_id(d)
+        scores[key] = max(value, scores.get(key, float("-inf")))
     return scores
 
 
