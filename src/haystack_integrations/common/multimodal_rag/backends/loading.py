@@ -391,7 +391,7 @@ def preflight(spec: LoadSpec) -> LoadSpec:
         return dataclasses.replace(spec, local_files_only=True)
     msg = (
         f"{spec.component} could not load '{spec.model}': the Hugging Face Hub at {endpoint} did not answer "
-        f"within {timeout:g} s ({reason}) and the model is not in the local cache. Check your network or proxy "
+        f"({reason}; timeout {timeout:g} s) and the model is not in the local cache. Check your network or proxy "
         "(HF_ENDPOINT for a mirror), download the model once where the Hub is reachable, or pass a local "
         "directory as `model`."
     )
