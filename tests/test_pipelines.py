@@ -20,6 +20,8 @@ import yaml
 from haystack import Document, Pipeline
 from haystack.core.errors import PipelineRuntimeError
 
+from haystack_integrations.common.multimodal_rag.backends.dense import DenseEncoder
+from haystack_integrations.common.multimodal_rag.backends.loading import LoadSpec
 from haystack_integrations.common.multimodal_rag.errors import (
     DocumentProcessingError,
     MediaError,
@@ -27,6 +29,7 @@ from haystack_integrations.common.multimodal_rag.errors import (
     PipelineLoadError,
 )
 from haystack_integrations.common.multimodal_rag.inputs.media import resolve_path
+from haystack_integrations.components.embedders.multimodal import MultimodalTextEmbedder
 from haystack_integrations.document_stores.multivector import QdrantMultiVectorStore, SQLiteMultiVectorStore
 from haystack_integrations.document_stores.qdrant import QdrantDocumentStore
 from haystack_integrations.pipelines.multimodal_rag import (
@@ -35,6 +38,7 @@ from haystack_integrations.pipelines.multimodal_rag import (
     rewrite_pipeline_dict,
 )
 from haystack_integrations.pipelines.multimodal_rag.loader import READS_FILES
+from haystack_integrations.pipelines.multimodal_rag.pipeline import dense_output_dim
 from tests.helpers import COLORS, make_corrupt_image, make_image, make_pdf
 
 REPO = Path(__file__).resolve().parents[1]
@@ -219,6 +223,16 @@ def test_ordinary_anchors_still_load(tmp_path: Path) -> None:
     assert "*policy" in text
     pipe = load_pipeline(text, base_dir=tmp_path)
     assert pipe.metadata == {"on_error": "raise"}
+
+
+@pytest.mark.parametrize("family", ["siglip", "siglip2", "clip"])
+def test_the_dense_size_read_from_the_config_is_the_size_the_embedder_makes(
+    family: str, request: pytest.FixtureRequest
+) -> None:
+    embedder = MultimodalTextEmbedder(model=str(request.getfixturevalue(f"tiny_{family}")))
+    embedder.warm_up()
+    made = len(embedder.run(text="a bar chart")["embedding"])
+    assert dense_output_dim(DenseEncoder.get(LoadSpec.of(embedder))) == made
 
 
 def test_a_query_pipeline_without_an_index_warns_at_load_and_refuses_to_run_creating_nothing(

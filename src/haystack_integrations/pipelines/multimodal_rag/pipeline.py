@@ -166,7 +166,9 @@ class MultimodalRAGPipeline(Pipeline):
     # ------------------------------------------------------------------------------------------- warm-up
     def warm_up(self) -> None:
         """
-        Check the stores, warm every component up, then check the dense vector sizes (the checks run once).
+        Check the stores, warm the dense embedders up and check their vector size, then warm up the rest.
+
+        The checks run once (the first call that passes them); later calls are `Pipeline.warm_up`.
 
         :raises PipelineLoadError: On a missing index in a query pipeline, a Qdrant folder held by another
             process, or a vector size that does not match the store.
