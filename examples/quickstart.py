@@ -14,6 +14,8 @@ otherwise. Set QDRANT_URL (and QDRANT_API_KEY) to index into a Qdrant server or 
 
     python examples/quickstart.py            # real models
     python examples/quickstart.py --tiny     # offline, tiny random models
+
+Haystack's telemetry is off in this process unless HAYSTACK_TELEMETRY_ENABLED is set.
 """
 
 from __future__ import annotations
@@ -23,10 +25,9 @@ import os
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, ImageDraw
-
-from haystack_integrations.common.multimodal_rag.errors import ModelLoadError
 
 HERE = Path(__file__).resolve().parent
 PIPELINES = HERE / "pipelines"
@@ -125,9 +126,18 @@ def _root_cause(error: BaseException) -> BaseException:
     return error
 
 
+def _quiet_transformers() -> None:
+    """Keep transformers to errors: no per-load progress bars or config notices between the results."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+
+
 def run(args: argparse.Namespace) -> int:
     from haystack_integrations.pipelines.multimodal_rag import load_pipeline
 
+    _quiet_transformers()
     workdir = Path(args.workdir).resolve()
     models: dict[str, str] = {}
     embedding_dim = None
@@ -143,11 +153,12 @@ def run(args: argparse.Namespace) -> int:
     sources = build_corpus(workdir / "data")
     indexing = load_pipeline(PIPELINES / "indexing.yaml", base_dir=workdir, models=models, embedding_dim=embedding_dim)
     print(f"Indexing {len(sources)} sources into {workdir / 'index'} ...")
-    indexing.warm_up()
-    result = indexing.run({"converter": {"sources": [str(s) for s in sources]}})
+    try:
+        result = indexing.run({"converter": {"sources": [str(s) for s in sources]}})
+    finally:
+        # Releases the embedded Qdrant folder for the query pipeline.
+        indexing.close()
     print(f"Indexed {result['writer']['documents_written']} documents (images, PDF pages, text).")
-    # Release the embedded Qdrant folder held by the indexing pipeline's writer.
-    indexing.get_component("writer").document_store.close()
 
     rag = load_pipeline(
         PIPELINES / "rag.yaml", base_dir=workdir, models=models, embedding_dim=embedding_dim, generator=generator
@@ -155,32 +166,37 @@ def run(args: argparse.Namespace) -> int:
     if args.tiny:
         # Keep generation short: random weights produce random tokens.
         rag.get_component("generator").generation_kwargs = {"max_new_tokens": 16}
-    rag.warm_up()
-    questions = args.question or list(QUESTIONS)
-    for question in questions:
-        out = rag.run(
-            {
-                "text_embedder": {"text": question},
-                "ranker": {"query": question},
-                "calibrator": {"query": question},
-                "prompt_builder": {"query": question},
-            },
-            include_outputs_from={"prompt_builder", "monitor"},
-        )
-        print(f"\nQ: {question}")
-        print("   sources:")
-        for source in out["prompt_builder"]["sources"]:
-            if not source["included"]:
-                continue
-            page = f", page {source['page_number']}" if source["page_number"] else ""
-            file_name = Path(source["file_path"]).name if source["file_path"] else "-"
-            score = f"{source['score']:.3f}" if source["score"] is not None else "n/a"
-            print(f"   [{source['number']}] {source['modality']:<8} score {score}  {file_name}{page}")
-        answer = out["generator"]["replies"][0].text or ""
-        print("A: " + textwrap.fill(answer, width=100, subsequent_indent="   "))
-        drift = out["monitor"]["drift_report"]
-        print(f"   (drift monitor: {drift['status']}, {drift['samples']} scores in window)")
+    try:
+        for question in args.question or list(QUESTIONS):
+            _answer(rag, question)
+    finally:
+        rag.close()
     return 0
+
+
+def _answer(rag: Any, question: str) -> None:
+    out = rag.run(
+        {
+            "text_embedder": {"text": question},
+            "ranker": {"query": question},
+            "calibrator": {"query": question},
+            "prompt_builder": {"query": question},
+        },
+        include_outputs_from={"prompt_builder", "monitor"},
+    )
+    print(f"\nQ: {question}")
+    print("   sources:")
+    for source in out["prompt_builder"]["sources"]:
+        if not source["included"]:
+            continue
+        page = f", page {source['page_number']}" if source["page_number"] else ""
+        file_name = Path(source["file_path"]).name if source["file_path"] else "-"
+        score = f"{source['score']:.3f}" if source["score"] is not None else "n/a"
+        print(f"   [{source['number']}] {source['modality']:<8} score {score}  {file_name}{page}")
+    answer = out["generator"]["replies"][0].text or ""
+    print("A: " + textwrap.fill(answer, width=100, subsequent_indent="   "))
+    drift = out["monitor"]["drift_report"]
+    print(f"   (drift monitor: {drift['status']}, {drift['samples']} scores in window)")
 
 
 def main() -> int:
@@ -189,19 +205,26 @@ def main() -> int:
     parser.add_argument("--workdir", default=str(HERE), help="where data/, index/ and tiny_models/ are written")
     parser.add_argument("--question", action="append", help="ask this instead of the built-in questions")
     args = parser.parse_args()
+    # Set before Haystack is imported: no telemetry (it retries against an unreachable server when offline),
+    # unless the user chose; with --tiny no model hub either.
+    os.environ.setdefault("HAYSTACK_TELEMETRY_ENABLED", "False")
     if args.tiny:
-        # Offline: no model hub, no telemetry (set before Haystack is imported).
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("HAYSTACK_TELEMETRY_ENABLED", "False")
+    from haystack_integrations.common.multimodal_rag.errors import ModelLoadError, PipelineLoadError
+
     try:
         return run(args)
     except Exception as error:
-        cause = _root_cause(error)
-        if isinstance(cause, ModelLoadError) or isinstance(error, ModelLoadError):
-            message = str(cause if isinstance(cause, ModelLoadError) else error).splitlines()[0]
-            print(f"error: {message} Or run offline with: python examples/quickstart.py --tiny", file=sys.stderr)
-            return 2
-        raise
+        known = next(
+            (e for e in (error, _root_cause(error)) if isinstance(e, (ModelLoadError, PipelineLoadError))), None
+        )
+        if known is None:
+            raise
+        message = str(known).splitlines()[0]
+        if isinstance(known, ModelLoadError):
+            message += " Or run offline with: python examples/quickstart.py --tiny"
+        print(f"error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

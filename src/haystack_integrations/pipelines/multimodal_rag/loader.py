@@ -4,7 +4,10 @@
 `index/`, real model ids). `load_pipeline` applies, on the serialized form and before any component is
 built, what usually differs:
 
-- `base_dir`: relative store paths (`index/...`) are resolved against it;
+- `base_dir`: relative store paths (`index/...`) and relative `root_path`s are resolved against it;
+- `root_path` (default: `base_dir`): every component that reads files (converter, embedders, rankers, prompt
+  builder) is confined to it, so a stored document's `file_path` cannot send an arbitrary file on disk to a
+  model or a remote generator. A YAML that sets none gets it; one that sets `null` keeps it (with a warning);
 - `models`: `{"dense": ..., "colpali": ..., "vlm": ...}` replace the model ids of the matching components;
 - `embedding_dim`: the dense vector size of the Qdrant document store (1152 for SigLIP so400m);
 - `qdrant_url` (default: the `QDRANT_URL` environment variable): switch every embedded Qdrant document store
@@ -12,6 +15,9 @@ built, what usually differs:
   `QdrantMultiVectorStore` on the same server: how the same pipelines scale past one machine;
 - `generator="openai"`: replace the local VLM with Haystack's `OpenAIChatGenerator` (its default model,
   `OPENAI_API_KEY`).
+
+The YAML is parsed with a bound on its alias-expanded size (`bounded_yaml.py`), and the result is a
+`MultimodalRAGPipeline`, which checks its stores at `warm_up` before any model runs (`pipeline.py`).
 """
 
 from __future__ import annotations
@@ -21,10 +27,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
-from haystack import Pipeline
+from haystack import logging
 from haystack.core.serialization import generate_qualified_class_name
 
+from haystack_integrations.common.multimodal_rag.errors import PipelineLoadError
+from haystack_integrations.components.builders.multimodal import MultimodalChatPromptBuilder
+from haystack_integrations.components.converters.multimodal import MultimodalFileToDocument
 from haystack_integrations.components.embedders.colpali import ColPaliDocumentEmbedder, ColPaliTextEmbedder
 from haystack_integrations.components.embedders.multimodal import (
     MultimodalDocumentEmbedder,
@@ -37,6 +45,10 @@ from haystack_integrations.components.rankers.vlm import VisionLanguageRanker
 from haystack_integrations.document_stores.multivector import QdrantMultiVectorStore, SQLiteMultiVectorStore
 from haystack_integrations.document_stores.multivector.qdrant_sharing import share_embedded_qdrant_document_stores
 from haystack_integrations.document_stores.qdrant import QdrantDocumentStore
+from haystack_integrations.pipelines.multimodal_rag.bounded_yaml import load_yaml
+from haystack_integrations.pipelines.multimodal_rag.pipeline import MultimodalRAGPipeline
+
+logger = logging.getLogger(__name__)
 
 
 def _names(*classes: type) -> frozenset[str]:
@@ -47,6 +59,17 @@ def _names(*classes: type) -> frozenset[str]:
 _DENSE = _names(MultimodalDocumentEmbedder, MultimodalTextEmbedder, MultimodalImageEmbedder)
 _COLPALI = _names(ColPaliDocumentEmbedder, ColPaliTextEmbedder, ColPaliRanker)
 _VLM = _names(LocalVLMChatGenerator, VisionLanguageRanker)
+# Every component of the package that opens files named by documents or sources (they all take `root_path`).
+READS_FILES: tuple[type, ...] = (
+    MultimodalFileToDocument,
+    MultimodalDocumentEmbedder,
+    MultimodalImageEmbedder,
+    ColPaliDocumentEmbedder,
+    ColPaliRanker,
+    VisionLanguageRanker,
+    MultimodalChatPromptBuilder,
+)
+_READS_FILES = _names(*READS_FILES)
 _LOCAL_GENERATOR = generate_qualified_class_name(LocalVLMChatGenerator)
 _QDRANT_STORE = generate_qualified_class_name(QdrantDocumentStore)
 _SQLITE_STORE = generate_qualified_class_name(SQLiteMultiVectorStore)
@@ -91,6 +114,22 @@ def _rewrite_store(
     return store
 
 
+def _confine(name: str, params: dict[str, Any], *, base: Path | None, root: str | None) -> None:
+    if root is not None:
+        params["root_path"] = root
+    elif "root_path" not in params:
+        if base is not None:
+            params["root_path"] = str(base)
+    elif params["root_path"] is None:
+        logger.warning(
+            "Component '{component}' has root_path: null, so a document's file_path can make it read any file "
+            "on disk (and send it to a model). Set root_path to the folder of your files.",
+            component=name,
+        )
+    else:
+        params["root_path"] = _absolute(str(params["root_path"]), base)
+
+
 def rewrite_pipeline_dict(
     data: dict[str, Any],
     *,
@@ -99,16 +138,20 @@ def rewrite_pipeline_dict(
     embedding_dim: int | None = None,
     qdrant_url: str | None = None,
     generator: str | None = None,
+    root_path: str | Path | None = None,
 ) -> dict[str, Any]:
     """
     Apply `load_pipeline`'s settings to a serialized pipeline (returns a modified copy).
 
     :param data: The pipeline as a dict (e.g. `yaml.safe_load` of a shipped YAML).
-    :param base_dir: Directory relative store paths are resolved against.
+    :param base_dir: Directory relative store paths and relative `root_path`s are resolved against.
     :param models: `{"dense": id, "colpali": id, "vlm": id}`; missing keys keep the YAML's models.
     :param embedding_dim: Dense vector size for Qdrant document stores.
     :param qdrant_url: Qdrant server/cluster URL; `None` keeps the embedded stores.
     :param generator: `"openai"` swaps the local VLM generator for `OpenAIChatGenerator`.
+    :param root_path: Directory every file-reading component is confined to; replaces the YAML's values.
+        `None`: a component without a `root_path` gets `base_dir` (when given), a relative one is resolved
+        against `base_dir`, an explicit `null` is kept (with a warning).
     :returns: The rewritten dict.
     :raises ValueError: On an unknown `generator` value.
     """
@@ -117,10 +160,13 @@ def rewrite_pipeline_dict(
         raise ValueError(msg)
     out = copy.deepcopy(data)
     base = Path(base_dir).expanduser().resolve() if base_dir is not None else None
+    root = str(Path(root_path).expanduser().resolve()) if root_path is not None else None
     models = models or {}
-    for component in out.get("components", {}).values():
+    for name, component in out.get("components", {}).items():
         ctype = component.get("type")
         params = component.setdefault("init_parameters", {})
+        if ctype in _READS_FILES:
+            _confine(name, params, base=base, root=root)
         if ctype in _DENSE and "dense" in models:
             params["model"] = models["dense"]
         if ctype in _COLPALI and "colpali" in models:
@@ -152,21 +198,33 @@ def load_pipeline(
     embedding_dim: int | None = None,
     qdrant_url: str | None = None,
     generator: str | None = None,
-) -> Pipeline:
+    root_path: str | Path | None = None,
+) -> MultimodalRAGPipeline:
     """
     Load a YAML pipeline (a file path, or YAML text) with machine-specific settings applied.
 
+    The YAML is parsed safely with a bound on its alias-expanded size. The pipeline checks its stores when it
+    warms up, before any model runs (a query pipeline without an index, a Qdrant folder held by another
+    process, a wrong `embedding_dim`: see `MultimodalRAGPipeline`); loading a query pipeline whose index does
+    not exist yet logs a warning naming the folder.
+
     :param source: Path of a YAML file, or the YAML text itself.
-    :param base_dir: Directory relative store paths (`index/...`) are resolved against; defaults to the
-        working directory.
+    :param base_dir: Directory relative store paths (`index/...`) and relative `root_path`s are resolved
+        against; defaults to the working directory.
     :param models: `{"dense": id, "colpali": id, "vlm": id}` to replace the YAML's model ids.
     :param embedding_dim: Dense vector size of the Qdrant document store (when the dense model changes).
     :param qdrant_url: Qdrant server or cluster URL; defaults to the `QDRANT_URL` environment variable.
     :param generator: `"openai"` to use `OpenAIChatGenerator` instead of the local VLM.
+    :param root_path: Directory every component that reads files is confined to (documents' relative
+        `file_path`s resolve in it); defaults to `base_dir`. Index and query with the same one.
     :returns: The pipeline (components are not warmed up yet).
+    :raises PipelineLoadError: On an alias bomb, invalid YAML, or YAML that is not a pipeline.
     """
     text = Path(source).read_text(encoding="utf-8") if _looks_like_path(source) else str(source)
-    data = yaml.safe_load(text)
+    data = load_yaml(text)
+    if not isinstance(data, dict):
+        msg = f"a pipeline YAML is a mapping with 'components' and 'connections', got {type(data).__name__}"
+        raise PipelineLoadError(msg)
     if qdrant_url is None:
         qdrant_url = os.environ.get("QDRANT_URL") or None
     rewritten = rewrite_pipeline_dict(
@@ -176,11 +234,25 @@ def load_pipeline(
         embedding_dim=embedding_dim,
         qdrant_url=qdrant_url,
         generator=generator,
+        root_path=root_path,
     )
     # Several components of one pipeline (writer, retriever, ...) open the same embedded Qdrant folder, which
     # Qdrant's local mode locks per client: make them share one client (see qdrant_sharing.py).
     share_embedded_qdrant_document_stores()
-    return Pipeline.from_dict(rewritten)
+    pipeline = MultimodalRAGPipeline.from_dict(rewritten)
+    for path in pipeline.missing_indexes():
+        logger.warning(
+            "No index at {path}: this pipeline only reads it, so it will refuse to run until an indexing pipeline "
+            "has written there (base_dir is {base_dir}; check it if the index should already exist).",
+            path=str(path),
+            base_dir=str(Path(base_dir).expanduser().resolve() if base_dir is not None else Path.cwd()),
+        )
+    if not pipeline.missing_indexes():
+        for path in pipeline.missing_multivector_files():
+            logger.warning(
+                "No multi-vector file at {path}: the ranker will encode pages at query time.", path=str(path)
+            )
+    return pipeline
 
 
 def _looks_like_path(source: str | Path) -> bool:

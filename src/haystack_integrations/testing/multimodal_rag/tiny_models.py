@@ -107,6 +107,8 @@ def _train_bpe(
         vocab_size=vocab_size,
         special_tokens=special_tokens,
         initial_alphabet=alphabet,
+        # The trainer's progress display prints bare newlines when stdout is not a terminal.
+        show_progress=False,
         **suffix_kwargs,
     )
     bpe.train_from_iterator(_corpus(), trainer)

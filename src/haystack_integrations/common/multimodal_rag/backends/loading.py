@@ -2,26 +2,33 @@
 
 One function turns any loading failure into a message that names the model and says how to fix it;
 one function builds the keyword arguments every `from_pretrained` call gets (token, offline flag,
-safetensors only, no remote code unless asked for).
+safetensors only, no remote code unless asked for); one pre-flight check (`preflight`) makes the first load
+fail fast, in one line, when the model path does not exist or the Hugging Face Hub does not answer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import json
 import os
 import threading
+import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Self, TypeVar, cast
 
 import torch
+from haystack import logging
 from haystack.utils import ComponentDevice, Secret
 from haystack.utils.hf import deserialize_hf_model_kwargs, serialize_hf_model_kwargs
 
 from haystack_integrations.common.multimodal_rag.errors import ModelLoadError
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -94,7 +101,7 @@ def describe_fix(model: str, local_files_only: bool) -> str:
             f"'{model}' is a local path: check that it holds a complete checkpoint saved with save_pretrained "
             "(config.json, safetensors weights and the processor/tokenizer files)."
         )
-    if local_files_only or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+    if local_files_only or hub_offline():
         return (
             f"Loading is restricted to local files and '{model}' is not in the Hugging Face cache: download it "
             "once with network access, or pass a local directory path as `model`."
@@ -224,6 +231,173 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else repr(e)
 
 
+def hub_offline() -> bool:
+    """
+    Whether Hugging Face Hub access is switched off (`HF_HUB_OFFLINE`, read now or when `huggingface_hub` loaded).
+
+    :returns: True in offline mode.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover - a dependency of transformers
+        return False
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def looks_like_local_path(model: str) -> bool:
+    """
+    Whether a `model` string can only be a directory, never a Hugging Face Hub id.
+
+    Hub ids are `name` or `namespace/name` (`huggingface_hub.utils.validate_repo_id`): a string that is absolute,
+    starts with `.` or `~`, holds a backslash or more than one `/` cannot be one.
+
+    :param model: The configured model.
+    :returns: True when it can only be a local path.
+    """
+    return model.startswith((".", "~")) or Path(model).is_absolute() or "\\" in model or model.count("/") > 1
+
+
+# One verdict per Hub endpoint, reused for a few minutes: a pipeline with three models waits for one probe.
+_HUB_VERDICT_TTL_S = 300.0
+_hub_verdicts: dict[str, tuple[float, str | None]] = {}
+_hub_lock = threading.Lock()
+
+
+def hub_unreachable() -> tuple[str, float, str | None]:
+    """
+    Probe the Hugging Face Hub endpoint once, with a short timeout.
+
+    Needed because a load from the Hub can wait without any timeout: transformers resolves the revision with
+    `HfApi.model_info(...)`, whose shared `httpx` client has `timeout=None` (huggingface_hub `utils/_http.py`,
+    `default_client_factory`), so an endpoint that accepts connections and never answers hangs the load for
+    good; and an endpoint that refuses connections gets five retries per file. One `HEAD` request with
+    `HF_HUB_ETAG_TIMEOUT` (10 s unless set) through huggingface_hub's own session (so a user's proxy or client
+    factory applies) answers the question "is the Hub there?" before any of that starts. Any HTTP answer,
+    errors included, counts as reachable; only a network error or a timeout does not.
+
+    :returns: `(endpoint, timeout_s, reason)`; `reason` is `None` when the endpoint answered.
+    """
+    from huggingface_hub import constants, get_session
+
+    endpoint = constants.ENDPOINT
+    timeout = float(constants.HF_HUB_ETAG_TIMEOUT)
+    with _hub_lock:
+        verdict = _hub_verdicts.get(endpoint)
+        if verdict is not None and time.monotonic() - verdict[0] < _HUB_VERDICT_TTL_S:
+            return endpoint, timeout, verdict[1]
+        reason: str | None = None
+        try:
+            get_session().head(endpoint + "/", timeout=timeout, follow_redirects=False)
+        except Exception as e:
+            reason = f"{type(e).__name__}: {_first_line(e)}"
+        _hub_verdicts[endpoint] = (time.monotonic(), reason)
+        return endpoint, timeout, reason
+
+
+def _in_hub_cache(spec: LoadSpec) -> bool:
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(
+            spec.model,
+            token=spec.token.resolve_value() if spec.token is not None else None,
+            local_files_only=True,
+            allow_patterns=["*.json"],
+        )
+    except Exception:
+        return False
+    return True
+
+
+_offline_depth = 0
+_offline_saved = False
+
+
+@contextlib.contextmanager
+def hub_switched_off() -> Iterator[None]:
+    """
+    Switch huggingface_hub to offline mode for the duration of a load from the cache (nested use is counted).
+
+    `local_files_only=True` alone does not keep transformers off the network: `AutoModel.from_pretrained` looks
+    for a PEFT adapter config without passing it on (transformers `models/auto/auto_factory.py`,
+    `find_adapter_config_file`), and that request waits 10 s per try, with retries. huggingface_hub's
+    offline flag (`constants.HF_HUB_OFFLINE`, read at every request by its session's request hook and by
+    transformers through `is_offline_mode()`) stops every request at once. Used only when the Hub did not
+    answer, so other threads lose nothing they could have had.
+    """
+    global _offline_depth, _offline_saved
+    from huggingface_hub import constants
+
+    with _hub_lock:
+        if _offline_depth == 0:
+            _offline_saved = constants.HF_HUB_OFFLINE
+        _offline_depth += 1
+        constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        with _hub_lock:
+            _offline_depth -= 1
+            if _offline_depth == 0:
+                constants.HF_HUB_OFFLINE = _offline_saved
+
+
+def preflight(spec: LoadSpec) -> LoadSpec:
+    """
+    Check, before any loading starts, that a model can be found; fail fast with one line when it cannot.
+
+    - A path that does not exist is reported as such (not as huggingface_hub's "Repo id must be in the form").
+    - A Hub id, when the Hub is not switched off: the endpoint is probed once (`hub_unreachable`). When it does
+      not answer, a model in the local Hugging Face cache is loaded from there (`local_files_only=True`, with a
+      warning; load it inside `hub_switched_off()`); a model that is not cached raises at once, naming the
+      model, the endpoint and the fix.
+
+    :param spec: What is about to be loaded.
+    :returns: The spec to load with (`local_files_only` set when falling back to the cache).
+    :raises ModelLoadError: When the model path does not exist, or the Hub is unreachable and the model is not
+        cached.
+    """
+    path = Path(spec.model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            msg = (
+                f"{spec.component} could not load '{spec.model}': it is a file, not a directory. Pass the folder "
+                "a checkpoint was saved to with save_pretrained (config.json, safetensors weights, processor files)."
+            )
+            raise ModelLoadError(msg)
+        return spec
+    if looks_like_local_path(spec.model):
+        msg = (
+            f"{spec.component} could not load '{spec.model}': no such directory ({path.absolute()}). Pass the "
+            "folder a checkpoint was saved to with save_pretrained, or a Hugging Face model id (namespace/name)."
+        )
+        raise ModelLoadError(msg)
+    if spec.local_files_only or hub_offline():
+        return spec
+    endpoint, timeout, reason = hub_unreachable()
+    if reason is None:
+        return spec
+    if _in_hub_cache(spec):
+        logger.warning(
+            "The Hugging Face Hub at {endpoint} did not answer ({reason}): {component} loads '{model}' from the "
+            "local cache.",
+            endpoint=endpoint,
+            reason=reason,
+            component=spec.component,
+            model=spec.model,
+        )
+        return dataclasses.replace(spec, local_files_only=True)
+    msg = (
+        f"{spec.component} could not load '{spec.model}': the Hugging Face Hub at {endpoint} did not answer "
+        f"({reason}; timeout {timeout:g} s) and the model is not in the local cache. Check your network or proxy "
+        "(HF_ENDPOINT for a mirror), download the model once where the Hub is reachable, or pass a local "
+        "directory as `model`."
+    )
+    raise ModelLoadError(msg)
+
+
 @dataclass(frozen=True)
 class LoadSpec:
     """
@@ -296,6 +470,9 @@ class CachedModel:
         Load the model described by `spec`, or return the one already loaded with the same settings.
 
         :param spec: What to load and how.
+        Before loading, `preflight` checks that the model can be found (a missing directory or an unreachable
+        Hub fails at once, in one line).
+
         :returns: The loaded model wrapper.
         :raises ModelLoadError: When loading fails; the message names the model and says how to fix it.
         """
@@ -304,7 +481,12 @@ class CachedModel:
             cached = cls._loaded.get(key)
             if cached is not None:
                 return cast(Self, cached)
-            loaded = cls._load(spec)
+            checked = preflight(spec)
+            if checked.local_files_only and not spec.local_files_only:
+                with hub_switched_off():
+                    loaded = cls._load(checked)
+            else:
+                loaded = cls._load(checked)
             cls._loaded[key] = loaded
             return loaded
 
