@@ -226,7 +226,7 @@ def test_a_recursive_alias_and_a_non_mapping_are_refused() -> None:
 
 def test_ordinary_anchors_still_load(tmp_path: Path) -> None:
     text = (PIPELINES / "indexing.yaml").read_text()
-    text = text.replace("      on_error: raise\n  dense_embedder:", "      on_error: &policy raise\n  dense_embedder:")
+    text = text.replace("on_error: raise", "on_error: &policy raise", 1)
     text = text.replace("metadata: {}", "metadata: {on_error: *policy}")
     assert "*policy" in text
     pipe = load_pipeline(text, base_dir=tmp_path)

@@ -40,8 +40,10 @@ from haystack_integrations.components.embedders.multimodal import (
     MultimodalTextEmbedder,
 )
 from haystack_integrations.components.generators.local_vlm import LocalVLMChatGenerator
+from haystack_integrations.components.preprocessors.multimodal import PageQualityFilter
 from haystack_integrations.components.rankers.colpali import ColPaliRanker
 from haystack_integrations.components.rankers.vlm import VisionLanguageRanker
+from haystack_integrations.components.writers.multimodal import StaleDocumentPruner
 from haystack_integrations.document_stores.multivector import QdrantMultiVectorStore, SQLiteMultiVectorStore
 from haystack_integrations.document_stores.multivector.qdrant_sharing import share_embedded_qdrant_document_stores
 from haystack_integrations.document_stores.qdrant import QdrantDocumentStore
@@ -68,6 +70,8 @@ READS_FILES: tuple[type, ...] = (
     ColPaliRanker,
     VisionLanguageRanker,
     MultimodalChatPromptBuilder,
+    PageQualityFilter,
+    StaleDocumentPruner,
 )
 _READS_FILES = _names(*READS_FILES)
 _LOCAL_GENERATOR = generate_qualified_class_name(LocalVLMChatGenerator)
