@@ -371,76 +371,214 @@ class LateInteractionEncoder(CachedModel):
             return []
         vectors = self._forward(batch if batch is not None else self.processor.process_images(images))
         if pool_factor is not None and pool_factor > 1:
-            vectors = [pool_tensor(v, pool_factor) for v in vectors]
+            vectors = pool_tensors(vectors, pool_factor)
         return [v.float().cpu().numpy() for v in vectors]
 
 
-def _ward_labels(embedding: torch.Tensor, n_clusters: int) -> torch.Tensor:
+def _ward_labels(embeddings: list[torch.Tensor], n_clusters: list[int]) -> list[torch.Tensor]:
     """
-    Ward clustering of the rows of `1 - E Eᵀ` into `n_clusters`, like colpali-engine's pooler.
+    Ward clustering of the rows of `1 - E Eᵀ` of each page, like colpali-engine's pooler, all pages at once.
 
     `HierarchicalTokenPooler` passes the square matrix `1 - E Eᵀ` to `scipy.cluster.hierarchy.linkage(...,
     metric="euclidean", method="ward")`, i.e. as n observations of dimension n (not as a distance matrix), and cuts
     with `fcluster(criterion="maxclust")` (colpali_engine/compression/token_pooling/hierarchical_token_pooling.py:
-    118-123). This is the same greedy Ward merge sequence (Lance-Williams updates on squared Euclidean distances,
-    in float64 as scipy computes), stopped when `n_clusters` remain: Ward's merge heights are monotone, so that is
-    the maxclust cut.
+    118-123). Here: the same greedy Ward merge sequence (Lance-Williams updates of squared Euclidean distances, in
+    float64 as scipy computes), stopped when `n_clusters` remain, which is the maxclust cut because Ward's merge
+    heights are monotone. The squared distances come from the low-rank identity
+    `|S_a - S_b|^2 = (e_a - e_b)ᵀ (EᵀE) (e_a - e_b)` (S = E Eᵀ), O(n² d) instead of O(n³). Each row's nearest
+    neighbour is kept, so the closest pair costs O(n) per merge (Ward is reducible: only rows whose neighbour
+    merged need a new search), and the pages of a batch merge in lock-step (one kernel per step for all pages).
 
-    :param embedding: `(n, dim)` float tensor, any device.
-    :param n_clusters: Number of clusters, `1 <= n_clusters <= n`.
-    :returns: `(n,)` int64 labels in `[0, n_clusters)`, numbered by each cluster's first token.
+    :param embeddings: `(n_b, dim)` float tensors on one device, `n_b >= 2`.
+    :param n_clusters: Clusters per page, `1 <= n_clusters[b] <= n_b`.
+    :returns: Per page, `(n_b,)` int64 labels in `[0, n_clusters[b])`, numbered by each cluster's first token.
     """
-    n = embedding.shape[0]
-    similarities = embedding.float() @ embedding.float().T  # float32 like colpali-engine's torch.mm
-    features = (1.0 - similarities).double()
-    sq = (features * features).sum(dim=1)
-    dist = (sq[:, None] + sq[None, :] - 2.0 * (features @ features.T)).clamp_min_(0.0)
-    inf = torch.tensor(float("inf"), dtype=dist.dtype, device=dist.device)
-    dist.fill_diagonal_(float("inf"))
-    size = torch.ones(n, dtype=dist.dtype, device=dist.device)
-    labels = torch.arange(n, device=embedding.device)
-    for _ in range(n - n_clusters):
-        flat = int(torch.argmin(dist))
-        i, j = divmod(flat, n)
-        if i > j:
-            i, j = j, i
-        d_ij = dist[i, j]
-        n_i, n_j = size[i], size[j]
-        merged = ((n_i + size) * dist[i] + (n_j + size) * dist[j] - size * d_ij) / (n_i + n_j + size)
-        dist[i] = merged
-        dist[:, i] = merged
-        dist[i, i] = inf
-        dist[j] = inf
-        dist[:, j] = inf
-        size[i] = n_i + n_j
-        labels[labels == j] = i
-    _, compact = torch.unique(labels, sorted=True, return_inverse=True)
-    return compact
+    device = embeddings[0].device
+    count = len(embeddings)
+    sizes = [int(e.shape[0]) for e in embeddings]
+    width = max(sizes)
+    e = torch.zeros((count, width, embeddings[0].shape[1]), dtype=torch.float64, device=device)
+    for b, emb in enumerate(embeddings):
+        e[b, : sizes[b]] = emb.to(torch.float64)
+    # The merge loop is ~30 small operations per merge: on the CPU numpy runs them several times faster than torch
+    # (no dispatch or thread-pool wake-ups, which on a loaded 2-core machine made a torch CPU loop slower than
+    # scipy); on an accelerator torch keeps everything on the device. Both index and compute alike.
+    ops: _ArrayOps = _NumpyOps() if device.type == "cpu" else _TorchOps(device)
+    x = ops.asarray(e)
+    gram = x.swapaxes(1, 2) @ x  # (B, d, d); zero padding rows add nothing
+    m = x @ gram  # (B, N, d)
+    q = (m * x).sum(-1)  # (B, N)
+    dist = q[:, :, None] + q[:, None, :] - 2.0 * (m @ x.swapaxes(1, 2))
+    dist[dist < 0] = 0.0
+    valid = ops.arange(width)[None, :] < ops.tensor(sizes)[:, None]
+    dist[~(valid[:, :, None] & valid[:, None, :])] = float("inf")
+    diagonal = ops.arange(width)
+    dist[:, diagonal, diagonal] = float("inf")
+    steps = [sizes[b] - n_clusters[b] for b in range(count)]
+    labels = _ward_merge(ops, dist, valid, steps)
+    out = []
+    for b in range(count):
+        _, compact = torch.unique(torch.as_tensor(labels[b, : sizes[b]], device=device), return_inverse=True)
+        out.append(compact)
+    return out
 
 
-def pool_tensor(embedding: torch.Tensor, pool_factor: int) -> torch.Tensor:
+class _ArrayOps:
+    """The few array functions whose names differ between numpy and torch (both index and do arithmetic alike)."""
+
+    def asarray(self, x: torch.Tensor) -> Any:
+        raise NotImplementedError
+
+    def arange(self, n: int) -> Any:
+        raise NotImplementedError
+
+    def tensor(self, values: list[int]) -> Any:
+        raise NotImplementedError
+
+    def ones(self, shape: tuple[int, int]) -> Any:
+        raise NotImplementedError
+
+    def minimum(self, a: Any, b: Any) -> Any:
+        raise NotImplementedError
+
+    def maximum(self, a: Any, b: Any) -> Any:
+        raise NotImplementedError
+
+    def where(self, cond: Any, a: Any, b: Any) -> Any:
+        raise NotImplementedError
+
+    def nonzero(self, mask: Any) -> tuple[Any, Any]:
+        raise NotImplementedError
+
+
+class _NumpyOps(_ArrayOps):
+    def asarray(self, x: torch.Tensor) -> Any:
+        return x.numpy()
+
+    def arange(self, n: int) -> Any:
+        return np.arange(n)
+
+    def tensor(self, values: list[int]) -> Any:
+        return np.asarray(values, dtype=np.int64)
+
+    def ones(self, shape: tuple[int, int]) -> Any:
+        return np.ones(shape, dtype=np.float64)
+
+    def minimum(self, a: Any, b: Any) -> Any:
+        return np.minimum(a, b)
+
+    def maximum(self, a: Any, b: Any) -> Any:
+        return np.maximum(a, b)
+
+    def where(self, cond: Any, a: Any, b: Any) -> Any:
+        return np.where(cond, a, b)
+
+    def nonzero(self, mask: Any) -> tuple[Any, Any]:
+        rows, cols = np.nonzero(mask)
+        return rows, cols
+
+
+class _TorchOps(_ArrayOps):
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def asarray(self, x: torch.Tensor) -> Any:
+        return x
+
+    def arange(self, n: int) -> Any:
+        return torch.arange(n, device=self.device)
+
+    def tensor(self, values: list[int]) -> Any:
+        return torch.tensor(values, device=self.device)
+
+    def ones(self, shape: tuple[int, int]) -> Any:
+        return torch.ones(shape, dtype=torch.float64, device=self.device)
+
+    def minimum(self, a: Any, b: Any) -> Any:
+        return torch.minimum(a, b)
+
+    def maximum(self, a: Any, b: Any) -> Any:
+        return torch.maximum(a, b)
+
+    def where(self, cond: Any, a: Any, b: Any) -> Any:
+        return torch.where(cond, a, b)
+
+    def nonzero(self, mask: Any) -> tuple[Any, Any]:
+        rows, cols = mask.nonzero(as_tuple=True)
+        return rows, cols
+
+
+def _ward_merge(ops: _ArrayOps, dist: Any, valid: Any, steps: list[int]) -> Any:
+    """Run `steps[b]` Ward merges on page b's squared-distance matrix `dist[b]` (modified); return the labels."""
+    inf = float("inf")
+    count, width = dist.shape[0], dist.shape[1]
+    size = ops.ones((count, width))
+    labels = ops.arange(width)[None, :] + 0 * ops.arange(count)[:, None]
+    nn_idx = dist.argmin(2)
+    all_rows = ops.arange(count)[:, None]
+    nn_dist = dist[all_rows, ops.arange(width)[None, :], nn_idx]
+    nn_idx = ops.where(valid, nn_idx, -1)
+    all_pages = ops.arange(count)
+    for step in range(max(steps)):
+        active = [b for b in range(count) if steps[b] > step]
+        pages = all_pages if len(active) == count else ops.tensor(active)
+        local = ops.arange(len(active))
+        first = nn_dist[pages].argmin(1)
+        second = nn_idx[pages, first]
+        i, j = ops.minimum(first, second), ops.maximum(first, second)
+        s = size[pages]
+        n_i, n_j = size[pages, i][:, None], size[pages, j][:, None]
+        d_ij = dist[pages, i, j][:, None]
+        merged = ((n_i + s) * dist[pages, i] + (n_j + s) * dist[pages, j] - s * d_ij) / (n_i + n_j + s)
+        merged[local, i] = inf
+        dist[pages, i] = merged
+        dist[pages, :, i] = merged
+        dist[pages, j] = inf
+        dist[pages, :, j] = inf
+        size[pages, i] = (n_i + n_j)[:, 0]
+        page_labels = labels[pages]
+        labels[pages] = ops.where(page_labels == j[:, None], i[:, None], page_labels)
+        page_nn = nn_idx[pages]
+        stale = (page_nn == i[:, None]) | (page_nn == j[:, None])
+        stale[local, i] = True
+        stale[local, j] = False
+        stale_page, stale_row = ops.nonzero(stale)
+        stale_page = pages[stale_page]
+        best = dist[stale_page, stale_row].argmin(1)
+        nn_idx[stale_page, stale_row] = best
+        nn_dist[stale_page, stale_row] = dist[stale_page, stale_row, best]
+        nn_dist[pages, j] = inf
+        nn_idx[pages, j] = -1  # a merged-away row is never searched again
+    return labels
+
+
+def pool_tensors(embeddings: list[torch.Tensor], pool_factor: int) -> list[torch.Tensor]:
     """
-    Hierarchical token pooling of one page's multi-vector on its own device.
+    Hierarchical token pooling of page multi-vectors on their own device.
 
     Keeps colpali-engine's `HierarchicalTokenPooler` results: the same Ward clusters of `1 - E Eᵀ`,
     `max(n // pool_factor, 1)` of them, each the L2-normalised mean of its vectors. Only the ORDER of the pooled
-    vectors may differ (ours: by each cluster's first token; MaxSim does not depend on it).
+    vectors may differ (ours: by each cluster's first token; MaxSim does not depend on it). Pages with fewer than
+    2 vectors are returned as they are (colpali-engine raises on them).
 
-    :param embedding: `(n, dim)` tensor (padding removed).
-    :param pool_factor: At least 1; 1 returns the input.
-    :returns: `(max(n // pool_factor, 1), dim)` tensor, the input's dtype and device.
+    :param embeddings: `(n_b, dim)` tensors (padding removed), all on one device.
+    :param pool_factor: At least 1; 1 returns the inputs.
+    :returns: Per page a `(max(n_b // pool_factor, 1), dim)` tensor, the input's dtype and device.
     """
-    n = embedding.shape[0]
-    if pool_factor <= 1 or n < 2:
-        return embedding
-    n_clusters = max(n // pool_factor, 1)
-    labels = _ward_labels(embedding, n_clusters)
-    values = embedding.float()
-    sums = torch.zeros((n_clusters, values.shape[1]), dtype=values.dtype, device=values.device)
-    sums.index_add_(0, labels, values)
-    counts = torch.bincount(labels, minlength=n_clusters).to(values.dtype)
-    pooled = torch.nn.functional.normalize(sums / counts[:, None], p=2, dim=-1)
-    return pooled.to(embedding.dtype)
+    if pool_factor <= 1:
+        return list(embeddings)
+    todo = [b for b, emb in enumerate(embeddings) if emb.shape[0] >= 2]
+    out = list(embeddings)
+    if not todo:
+        return out
+    n_clusters = [max(int(embeddings[b].shape[0]) // pool_factor, 1) for b in todo]
+    all_labels = _ward_labels([embeddings[b] for b in todo], n_clusters)
+    for b, k, labels in zip(todo, n_clusters, all_labels, strict=True):
+        values = embeddings[b].float()
+        members = (labels[None, :] == torch.arange(k, device=values.device)[:, None]).to(values.dtype)  # (k, n)
+        means = (members @ values) / members.sum(dim=1, keepdim=True)
+        out[b] = torch.nn.functional.normalize(means, p=2, dim=-1).to(embeddings[b].dtype)
+    return out
 
 
 def pool_multivectors(vectors: list[np.ndarray], pool_factor: int, *, device: str = "cpu") -> list[np.ndarray]:
@@ -452,8 +590,5 @@ def pool_multivectors(vectors: list[np.ndarray], pool_factor: int, *, device: st
     :param device: Torch device to cluster on (e.g. the model's).
     :returns: The pooled arrays, `float32`, L2-normalised rows (unchanged arrays when `pool_factor <= 1`).
     """
-    out: list[np.ndarray] = []
-    for array in vectors:
-        tensor = torch.as_tensor(np.asarray(array, dtype=np.float32), device=device)
-        out.append(pool_tensor(tensor, pool_factor).cpu().numpy().astype(np.float32, copy=False))
-    return out
+    tensors = [torch.as_tensor(np.asarray(array, dtype=np.float32), device=device) for array in vectors]
+    return [t.cpu().numpy() for t in pool_tensors(tensors, pool_factor)] if tensors else []
