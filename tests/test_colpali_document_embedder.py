@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from haystack_integrations.common.multimodal_rag.errors import (
     MultiVectorStoreError,
 )
 from haystack_integrations.components.embedders.colpali import ColPaliDocumentEmbedder
+from haystack_integrations.components.embedders.colpali.document_embedder import document_has_multivector_field
 from haystack_integrations.components.rankers.colpali import ColPaliRanker
 from haystack_integrations.document_stores.multivector import InMemoryMultiVectorStore
 from tests.helpers import COLORS, make_corrupt_image, make_image, make_pdf
@@ -112,3 +114,124 @@ def test_store_with_another_dim_is_refused(tiny_colqwen2: str) -> None:
     store.write({"x": np.ones((3, 64))})
     with pytest.raises(MultiVectorStoreError, match=r"dim 64.*produces dim 128"):
         ColPaliDocumentEmbedder(tiny_colqwen2, multivector_store=store).warm_up()
+
+
+# --- Bad inputs: repeated ids, pages the processor refuses, all-or-nothing writes ----------------------------------
+
+
+def test_duplicate_ids_raise_naming_them_and_nothing_is_written(tiny_colqwen2: str, pages_dir: Path) -> None:
+    docs = _page_docs(pages_dir)[:3]
+    twin = Document(id=docs[0].id, meta={"file_path": str(pages_dir / "page4.png")})
+    store = InMemoryMultiVectorStore()
+    with pytest.raises(DocumentProcessingError, match="duplicate document id") as info:
+        _embed_pages(tiny_colqwen2, [*docs, twin], store)
+    assert [doc_id for doc_id, _ in info.value.failures] == [docs[0].id]
+    assert store.count() == 0
+
+
+def test_duplicate_ids_with_skip_return_the_later_ones_as_failures(tiny_colqwen2: str, pages_dir: Path) -> None:
+    docs = _page_docs(pages_dir)[:3]
+    twin = Document(id=docs[1].id, meta={"file_path": str(pages_dir / "page4.png")})
+    store = InMemoryMultiVectorStore()
+    out = _embed_pages(tiny_colqwen2, [*docs, twin], store, on_error="skip")
+    assert len(out["documents"]) + len(out["failed_documents"]) == 4
+    [failed] = out["failed_documents"]
+    assert failed.meta["file_path"] == str(pages_dir / "page4.png")  # the LATER one
+    assert "duplicate document id" in failed.meta["embedding_error"]
+    assert "position 1" in failed.meta["embedding_error"]
+    assert store.count() == 3
+    first = ColPaliDocumentEmbedder(tiny_colqwen2, multivector_store=InMemoryMultiVectorStore(), progress_bar=False)
+    alone = first.run(docs[1:2])["documents"][0]
+    assert store.get([docs[1].id])[docs[1].id].shape[0] == alone.meta["multivector_count"]
+
+
+def _banner(pages_dir: Path) -> Document:
+    make_image(pages_dir / "banner.png", size=(1600, 6), color="green")
+    return Document(id="banner", meta={"file_path": str(pages_dir / "banner.png")})
+
+
+def test_image_the_processor_refuses_is_a_named_failure_and_nothing_is_written(
+    tiny_colqwen2: str, pages_dir: Path
+) -> None:
+    # Qwen2-VL's smart_resize refuses aspect ratios of 200 or more (image_processing_qwen2_vl.py:75-78); the
+    # banner comes in the LAST batch, after two batches that encoded fine.
+    docs = [*_page_docs(pages_dir)[:4], _banner(pages_dir)]
+    store = InMemoryMultiVectorStore()
+    with pytest.raises(DocumentProcessingError) as info:
+        _embed_pages(tiny_colqwen2, docs, store, batch_size=2)
+    [(doc_id, reason)] = info.value.failures
+    assert doc_id == "banner"
+    assert "1600x6" in reason
+    assert "aspect ratio" in reason
+    assert store.count() == 0  # all or nothing
+
+
+def test_image_the_processor_refuses_is_skipped_and_its_batch_mates_are_kept(
+    tiny_colqwen2: str, pages_dir: Path
+) -> None:
+    docs = [*_page_docs(pages_dir)[:3], _banner(pages_dir)]
+    store = InMemoryMultiVectorStore()
+    out = _embed_pages(tiny_colqwen2, docs, store, batch_size=4, on_error="skip")
+    assert [d.id for d in out["failed_documents"]] == ["banner"]
+    assert "aspect ratio" in out["failed_documents"][0].meta["embedding_error"]
+    assert [d.id for d in out["documents"]] == [d.id for d in docs[:3]]
+    assert store.count() == 3
+
+
+# --- Options ---------------------------------------------------------------------------------------------------
+
+
+def test_fill_multivector_embedding_needs_a_haystack_with_that_field(tiny_colqwen2: str) -> None:
+    import haystack
+
+    if document_has_multivector_field():
+        embedder = ColPaliDocumentEmbedder(
+            tiny_colqwen2, multivector_store=InMemoryMultiVectorStore(), fill_multivector_embedding=True
+        )
+        assert embedder.fill_multivector_embedding
+        return
+    with pytest.raises(ValueError, match=rf"multivector_embedding.*Haystack {haystack.__version__}"):
+        ColPaliDocumentEmbedder(
+            tiny_colqwen2, multivector_store=InMemoryMultiVectorStore(), fill_multivector_embedding=True
+        )
+
+
+@dataclasses.dataclass
+class _DocumentWithMultivector(Document):
+    """Haystack 3.5's `Document` shape (the installed Haystack may predate the field)."""
+
+    multivector_embedding: list[list[float]] | None = None
+
+
+def test_fill_multivector_embedding_sets_the_stored_vectors_on_the_documents(
+    tiny_colqwen2: str, pages_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from haystack_integrations.components.embedders.colpali import document_embedder
+
+    monkeypatch.setattr(document_embedder, "document_has_multivector_field", lambda: True)
+    docs = [_DocumentWithMultivector(meta=d.meta) for d in _page_docs(pages_dir)[:2]]
+    text = _DocumentWithMultivector(content="text stays as it is")
+    store = InMemoryMultiVectorStore()
+    out = _embed_pages(tiny_colqwen2, [text, *docs], store, fill_multivector_embedding=True)
+    assert out["documents"][0] is text
+    stored = store.get([d.id for d in docs])
+    for doc in out["documents"][1:]:
+        vectors = np.asarray(doc.multivector_embedding, dtype=np.float32)
+        assert vectors.shape == (doc.meta["multivector_count"], 128)
+        np.testing.assert_allclose(vectors, stored[doc.id].astype(np.float32), atol=1e-3)  # store keeps float16
+    assert all(d.multivector_embedding is None for d in docs)  # inputs untouched
+
+
+def test_to_dict_round_trip_keeps_the_new_options(tmp_path: Path) -> None:
+    embedder = ColPaliDocumentEmbedder(
+        "m",
+        multivector_store=InMemoryMultiVectorStore(),
+        processor_kwargs={"max_num_visual_tokens": 512},
+        on_error="skip",
+    )
+    data = embedder.to_dict()
+    assert data["init_parameters"]["processor_kwargs"] == {"max_num_visual_tokens": 512}
+    assert data["init_parameters"]["fill_multivector_embedding"] is False
+    restored = ColPaliDocumentEmbedder.from_dict(data)
+    assert restored.processor_kwargs == {"max_num_visual_tokens": 512}
+    assert restored.on_error == "skip"
