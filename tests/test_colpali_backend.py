@@ -278,3 +278,17 @@ def test_stored_pages_are_pooled_like_pool_multivectors(
     for f, p in zip(full, pooled, strict=True):
         np.testing.assert_allclose(p, pool_multivectors([f], 2)[0], atol=1e-5)
         assert p.shape[0] == max(f.shape[0] // 2, 1)
+
+
+def test_the_accelerator_merge_loop_gives_the_same_clusters(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The torch loop (used on GPUs) run on CPU tensors, against the numpy loop used on the CPU.
+    from haystack_integrations.common.multimodal_rag.backends import colpali as backend
+
+    generator = torch.Generator().manual_seed(1)
+    pages = [torch.nn.functional.normalize(torch.randn(n, 64, generator=generator), dim=-1) for n in (50, 61, 33)]
+    clusters = [n // 3 for n in (50, 61, 33)]
+    numpy_labels = _ward_labels(pages, clusters)
+    monkeypatch.setattr(backend, "_NumpyOps", lambda: backend._TorchOps(torch.device("cpu")))
+    torch_labels = _ward_labels(pages, clusters)
+    for a, b in zip(numpy_labels, torch_labels, strict=True):
+        assert torch.equal(a, b)

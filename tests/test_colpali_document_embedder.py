@@ -235,3 +235,23 @@ def test_to_dict_round_trip_keeps_the_new_options(tmp_path: Path) -> None:
     restored = ColPaliDocumentEmbedder.from_dict(data)
     assert restored.processor_kwargs == {"max_num_visual_tokens": 512}
     assert restored.on_error == "skip"
+
+
+def test_a_refusal_the_size_check_does_not_know_is_still_a_named_failure(
+    tiny_colqwen2: str, pages_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Should a processor refuse an image for a reason `check_image` does not model, the batch is split to find it.
+    from haystack_integrations.common.multimodal_rag.backends.colpali import LateInteractionEncoder
+
+    monkeypatch.setattr(LateInteractionEncoder, "check_image", lambda self, image: None)
+    docs = [*_page_docs(pages_dir)[:2], _banner(pages_dir), _page_docs(pages_dir)[2]]
+    store = InMemoryMultiVectorStore()
+    out = _embed_pages(tiny_colqwen2, docs, store, batch_size=4, on_error="skip")
+    assert [d.id for d in out["failed_documents"]] == ["banner"]
+    assert (
+        "Qwen2Processor refused the 1600x6 image of document 'banner'"
+        in (out["failed_documents"][0].meta["embedding_error"])
+    )
+    assert store.count() == 3
+    with pytest.raises(DocumentProcessingError, match="'banner'"):
+        _embed_pages(tiny_colqwen2, docs, InMemoryMultiVectorStore(), batch_size=4)

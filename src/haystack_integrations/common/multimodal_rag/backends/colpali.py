@@ -343,6 +343,35 @@ class LateInteractionEncoder(CachedModel):
         batch = self.query_inputs(texts, query_prefix=query_prefix, max_query_tokens=max_query_tokens)
         return [v.float().cpu().numpy() for v in self._forward(batch)]
 
+    def check_image(self, image: Image.Image) -> None:
+        """
+        Raise the error the processor would raise for this image's size, without processing its pixels.
+
+        Of the colpali-engine processors only the Qwen family refuses images by size: transformers' `smart_resize`
+        raises for an aspect ratio of 200 or more (TF/models/qwen2_vl/image_processing_qwen2_vl.py:75-78; Qwen2.5-VL
+        and Qwen3-VL use the same image processor). PaliGemma resizes every image to a fixed square and Idefics3
+        tiles any size (checked with 1600x6, 6x1600, 1x1 and 5000x3 images). The check calls that same function with
+        the processor's own settings, so it refuses exactly what the processor refuses.
+
+        :param image: The image.
+        :raises ValueError: When the processor would refuse it.
+        """
+        image_processor = getattr(self.processor, "image_processor", None)
+        patch_size = getattr(image_processor, "patch_size", None)
+        merge_size = getattr(image_processor, "merge_size", None)
+        size = getattr(image_processor, "size", None)
+        if patch_size is None or merge_size is None or size is None:
+            return
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+        smart_resize(
+            image.height,
+            image.width,
+            factor=int(patch_size) * int(merge_size),
+            min_pixels=size["shortest_edge"],
+            max_pixels=size["longest_edge"],
+        )
+
     def process_images(self, images: list[Image.Image]) -> Any:
         """
         The processor's page batch for `images`.

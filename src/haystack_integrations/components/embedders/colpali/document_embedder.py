@@ -4,7 +4,6 @@ import dataclasses
 from dataclasses import replace
 from typing import Any
 
-import numpy as np
 from haystack import Document, component, default_from_dict, default_to_dict, logging
 from haystack.utils import ComponentDevice, Secret
 from tqdm import tqdm
@@ -78,10 +77,10 @@ class ColPaliDocumentEmbedder:
     768 visual tokens per page unless `processor_kwargs` says otherwise).
 
     Bad inputs: unreadable files, pages the model's processor refuses (e.g. a 1600x6 banner: Qwen processors refuse
-    aspect ratios of 200 or more) and repeated document ids are named failures. With `on_error="raise"` nothing is
-    written when any document fails: vectors are computed for the whole call first, then written (they are held in
-    memory until then, about 0.4 MB per 768-vector page; index a large corpus in several calls). With
-    `on_error="skip"` each batch is written as soon as it is encoded.
+    aspect ratios of 200 or more) and repeated document ids are named failures. With `on_error="raise"` every
+    document is checked (decoded, and its size checked against the processor's rules) before any model work, so
+    nothing is written when any document fails; batches are then written as they are encoded (memory bounded by the
+    batch, and an interrupted run keeps what it wrote).
 
     ### Usage example
     ```python
@@ -242,19 +241,20 @@ class ColPaliDocumentEmbedder:
         assert self._encoder is not None
         encoder = self._encoder
 
-        # Every image is decoded once up front (cheap next to the model) so that, with on_error="raise", a bad
-        # file is reported before any model work.
+        # With on_error="raise" every image is decoded and checked against the processor's size rules up front,
+        # one batch at a time, so that no bad document is discovered after earlier batches were written.
         plan = plan_documents(
-            documents, file_path_meta_field=self.file_path_meta_field, root_path=self.root_path, probe_pixels=True
+            documents, file_path_meta_field=self.file_path_meta_field, root_path=self.root_path, probe_pixels=False
         )
         failures = {**plan.failures, **duplicates}
+        visual = [i for i in plan.visual_indices() if i not in duplicates]
         if self.on_error == "raise":
+            raise_if_failed(component_name, documents, failures)
+            failures.update(self._validate(encoder, documents, plan, visual))
             raise_if_failed(component_name, documents, failures)
 
         counts: dict[int, int] = {}
         filled: dict[int, list[list[float]]] = {}  # only with fill_multivector_embedding=True
-        pending: dict[str, np.ndarray] = {}  # on_error="raise": written only when every document succeeded
-        visual = [i for i in plan.visual_indices() if i not in duplicates]
         with tqdm(
             total=len(visual), disable=not self.progress_bar, desc=f"{component_name} ({encoder.model_id})", unit="page"
         ) as bar:
@@ -268,20 +268,16 @@ class ColPaliDocumentEmbedder:
                     if positions:
                         kept = [images[k] for k in batch.kept]
                         vectors = encoder.embed_images(kept, pool_factor=self.pool_factor, batch=batch.inputs)
-                        encoded = {documents[i].id: v for i, v in zip(positions, vectors, strict=True)}
+                        self.multivector_store.write(
+                            {documents[i].id: v for i, v in zip(positions, vectors, strict=True)}
+                        )
                         counts.update({i: int(v.shape[0]) for i, v in zip(positions, vectors, strict=True)})
                         if self.fill_multivector_embedding:
                             filled.update({i: v.tolist() for i, v in zip(positions, vectors, strict=True)})
-                        if self.on_error == "raise":
-                            pending.update(encoded)
-                        else:
-                            self.multivector_store.write(encoded)
                 finally:
                     for image in images:
                         image.close()
                 bar.update(len(positions) + len(failed))
-        if pending:
-            self.multivector_store.write(pending)
 
         def make_output(i: int, doc: Document) -> Document:
             if i not in counts:
@@ -296,6 +292,22 @@ class ColPaliDocumentEmbedder:
             return replace(doc, meta=meta)
 
         return split_outputs(documents, failures, make_output)
+
+    def _validate(
+        self, encoder: LateInteractionEncoder, documents: list[Document], plan: Any, visual: list[int]
+    ) -> dict[int, str]:
+        """Decode every visual document (batch by batch) and check it against the processor's size rules."""
+        failures: dict[int, str] = {}
+        for positions, images, failed in iter_image_batches(plan, visual, self.batch_size):
+            failures.update(failed)
+            for i, image in zip(positions, images, strict=True):
+                try:
+                    encoder.check_image(image)
+                except ValueError as e:
+                    failures[i] = _refusal(encoder, documents[i], image, e)
+                finally:
+                    image.close()
+        return failures
 
     @staticmethod
     def _process(
@@ -319,14 +331,18 @@ class ColPaliDocumentEmbedder:
                 encoder.process_images([image])
                 kept.append(k)
             except Exception as e:  # any refusal becomes this document's named failure
-                refused[i] = (
-                    f"the {encoder.family.processor_class} processor refused the {image.width}x{image.height} image "
-                    f"of document '{documents[i].id}': {type(e).__name__}: {e}"
-                )
+                refused[i] = _refusal(encoder, documents[i], image, e)
         if not kept:
             return _ProcessedBatch(None, []), [], refused
         inputs = encoder.process_images([images[k] for k in kept])
         return _ProcessedBatch(inputs, kept), [positions[k] for k in kept], refused
+
+
+def _refusal(encoder: LateInteractionEncoder, document: Document, image: Any, error: Exception) -> str:
+    return (
+        f"the {encoder.family.processor_class} processor refused the {image.width}x{image.height} image of document "
+        f"'{document.id}': {type(error).__name__}: {error}"
+    )
 
 
 @dataclasses.dataclass
