@@ -249,7 +249,7 @@ def test_a_refusal_the_size_check_does_not_know_is_still_a_named_failure(
     out = _embed_pages(tiny_colqwen2, docs, store, batch_size=4, on_error="skip")
     assert [d.id for d in out["failed_documents"]] == ["banner"]
     assert (
-        "Qwen2Processor refused the 1600x6 image of document 'banner'"
+        "ColQwen2Processor refused the 1600x6 image of document 'banner'"
         in (out["failed_documents"][0].meta["embedding_error"])
     )
     assert store.count() == 3

@@ -340,7 +340,7 @@ class ColPaliDocumentEmbedder:
 
 def _refusal(encoder: LateInteractionEncoder, document: Document, image: Any, error: Exception) -> str:
     return (
-        f"the {encoder.family.processor_class} processor refused the {image.width}x{image.height} image of document "
+        f"{encoder.family.processor_class} refused the {image.width}x{image.height} image of document "
         f"'{document.id}': {type(error).__name__}: {error}"
     )
 
