@@ -422,18 +422,25 @@ def _ward_labels(embeddings: list[torch.Tensor], n_clusters: list[int]) -> list[
     :param n_clusters: Clusters per page, `1 <= n_clusters[b] <= n_b`.
     :returns: Per page, `(n_b,)` int64 labels in `[0, n_clusters[b])`, numbered by each cluster's first token.
     """
-    device = embeddings[0].device
-    count = len(embeddings)
-    sizes = [int(e.shape[0]) for e in embeddings]
-    width = max(sizes)
-    e = torch.zeros((count, width, embeddings[0].shape[1]), dtype=torch.float64, device=device)
-    for b, emb in enumerate(embeddings):
-        e[b, : sizes[b]] = emb.to(torch.float64)
+    ops = _ops_for(embeddings[0].device)
+    labels = _ward_labels_with(ops, [ops.from_torch(e, float64=True) for e in embeddings], n_clusters)
+    return [ops.to_torch(label) for label in labels]
+
+
+def _ops_for(device: torch.device) -> _ArrayOps:
     # The merge loop is ~30 small operations per merge: on the CPU numpy runs them several times faster than torch
-    # (no dispatch or thread-pool wake-ups, which on a loaded 2-core machine made a torch CPU loop slower than
-    # scipy); on an accelerator torch keeps everything on the device. Both index and compute alike.
-    ops: _ArrayOps = _NumpyOps() if device.type == "cpu" else _TorchOps(device)
-    x = ops.asarray(e)
+    # (no dispatch or intra-op thread-pool wake-ups, which on a loaded 2-core machine made a torch CPU version 2-4x
+    # slower than scipy); on an accelerator torch keeps everything on the device. Both index and compute alike.
+    return _NumpyOps() if device.type == "cpu" else _TorchOps(device)
+
+
+def _ward_labels_with(ops: _ArrayOps, pages: list[Any], n_clusters: list[int]) -> list[Any]:
+    count = len(pages)
+    sizes = [int(page.shape[0]) for page in pages]
+    width = max(sizes)
+    x = ops.zeros((count, width, int(pages[0].shape[1])))
+    for b, page in enumerate(pages):
+        x[b, : sizes[b]] = page
     gram = x.swapaxes(1, 2) @ x  # (B, d, d); zero padding rows add nothing
     m = x @ gram  # (B, N, d)
     q = (m * x).sum(-1)  # (B, N)
@@ -445,11 +452,7 @@ def _ward_labels(embeddings: list[torch.Tensor], n_clusters: list[int]) -> list[
     dist[:, diagonal, diagonal] = float("inf")
     steps = [sizes[b] - n_clusters[b] for b in range(count)]
     labels = _ward_merge(ops, dist, valid, steps)
-    out = []
-    for b in range(count):
-        _, compact = torch.unique(torch.as_tensor(labels[b, : sizes[b]], device=device), return_inverse=True)
-        out.append(compact)
-    return out
+    return [ops.unique_inverse(labels[b, : sizes[b]]) for b in range(count)]
 
 
 class _ArrayOps:
@@ -479,6 +482,24 @@ class _ArrayOps:
     def nonzero(self, mask: Any) -> tuple[Any, Any]:
         raise NotImplementedError
 
+    def zeros(self, shape: tuple[int, ...]) -> Any:
+        raise NotImplementedError
+
+    def from_torch(self, x: torch.Tensor, *, float64: bool = False) -> Any:
+        raise NotImplementedError
+
+    def to_torch(self, x: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def unique_inverse(self, x: Any) -> Any:
+        raise NotImplementedError
+
+    def as_float32(self, x: Any) -> Any:
+        raise NotImplementedError
+
+    def sqrt(self, x: Any) -> Any:
+        raise NotImplementedError
+
 
 class _NumpyOps(_ArrayOps):
     def asarray(self, x: torch.Tensor) -> Any:
@@ -505,6 +526,25 @@ class _NumpyOps(_ArrayOps):
     def nonzero(self, mask: Any) -> tuple[Any, Any]:
         rows, cols = np.nonzero(mask)
         return rows, cols
+
+    def zeros(self, shape: tuple[int, ...]) -> Any:
+        return np.zeros(shape, dtype=np.float64)
+
+    def from_torch(self, x: torch.Tensor, *, float64: bool = False) -> Any:
+        array = x.detach().cpu().numpy()
+        return array.astype(np.float64 if float64 else np.float32, copy=False)
+
+    def to_torch(self, x: Any) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(x))
+
+    def unique_inverse(self, x: Any) -> Any:
+        return np.unique(x, return_inverse=True)[1].astype(np.int64)
+
+    def as_float32(self, x: Any) -> Any:
+        return x.astype(np.float32)
+
+    def sqrt(self, x: Any) -> Any:
+        return np.sqrt(x)
 
 
 class _TorchOps(_ArrayOps):
@@ -535,6 +575,24 @@ class _TorchOps(_ArrayOps):
     def nonzero(self, mask: Any) -> tuple[Any, Any]:
         rows, cols = mask.nonzero(as_tuple=True)
         return rows, cols
+
+    def zeros(self, shape: tuple[int, ...]) -> Any:
+        return torch.zeros(shape, dtype=torch.float64, device=self.device)
+
+    def from_torch(self, x: torch.Tensor, *, float64: bool = False) -> Any:
+        return x.to(device=self.device, dtype=torch.float64 if float64 else torch.float32)
+
+    def to_torch(self, x: Any) -> torch.Tensor:
+        return x
+
+    def unique_inverse(self, x: Any) -> Any:
+        return torch.unique(x, return_inverse=True)[1]
+
+    def as_float32(self, x: Any) -> Any:
+        return x.to(torch.float32)
+
+    def sqrt(self, x: Any) -> Any:
+        return torch.sqrt(x)
 
 
 def _ward_merge(ops: _ArrayOps, dist: Any, valid: Any, steps: list[int]) -> Any:
@@ -601,12 +659,16 @@ def pool_tensors(embeddings: list[torch.Tensor], pool_factor: int) -> list[torch
     if not todo:
         return out
     n_clusters = [max(int(embeddings[b].shape[0]) // pool_factor, 1) for b in todo]
-    all_labels = _ward_labels([embeddings[b] for b in todo], n_clusters)
+    ops = _ops_for(embeddings[todo[0]].device)
+    all_labels = _ward_labels_with(ops, [ops.from_torch(embeddings[b], float64=True) for b in todo], n_clusters)
     for b, k, labels in zip(todo, n_clusters, all_labels, strict=True):
-        values = embeddings[b].float()
-        members = (labels[None, :] == torch.arange(k, device=values.device)[:, None]).to(values.dtype)  # (k, n)
-        means = (members @ values) / members.sum(dim=1, keepdim=True)
-        out[b] = torch.nn.functional.normalize(means, p=2, dim=-1).to(embeddings[b].dtype)
+        values = ops.from_torch(embeddings[b])  # float32, like colpali-engine's means
+        members = ops.as_float32(labels[None, :] == ops.arange(k)[:, None])  # (k, n) one-hot
+        means = (members @ values) / members.sum(1)[:, None]
+        norms = ops.sqrt((means * means).sum(1))[:, None]
+        norms[norms < 1e-12] = 1e-12  # torch.nn.functional.normalize's eps
+        pooled = ops.to_torch(means / norms)
+        out[b] = pooled.to(device=embeddings[b].device, dtype=embeddings[b].dtype)
     return out
 
 
