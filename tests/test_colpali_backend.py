@@ -220,6 +220,18 @@ def test_explicit_processor_kwargs_replace_the_default_budget(tiny_colpali_famil
     assert small.embed_images([page])[0].shape[0] < default.embed_images([page])[0].shape[0]
 
 
+def test_empty_processor_kwargs_keep_the_checkpoints_own_processor_config(
+    tiny_colpali_family: Callable[[str], str],
+) -> None:
+    from colpali_engine.models import ColQwen2_5_Processor
+
+    model = tiny_colpali_family("ColQwen2_5")
+    own = ColQwen2_5_Processor.from_pretrained(model).image_processor.size["longest_edge"]
+    assert own != 768 * 28 * 28
+    encoder = LateInteractionEncoder.get(_spec(model, processor_kwargs={}))
+    assert encoder.processor.image_processor.size["longest_edge"] == own
+
+
 def test_families_without_a_trained_budget_keep_their_processor_config(
     tiny_colpali_family: Callable[[str], str],
 ) -> None:

@@ -2,20 +2,26 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from haystack import Document
+from PIL import Image
 
 from haystack_integrations.common.multimodal_rag.errors import (
     DocumentProcessingError,
     MultiVectorStoreError,
 )
+from haystack_integrations.common.multimodal_rag.inputs.planning import iter_image_batches, plan_documents
 from haystack_integrations.components.embedders.colpali import ColPaliDocumentEmbedder
 from haystack_integrations.components.embedders.colpali.document_embedder import document_has_multivector_field
 from haystack_integrations.components.rankers.colpali import ColPaliRanker
 from haystack_integrations.document_stores.multivector import InMemoryMultiVectorStore
+from haystack_integrations.testing.multimodal_rag.tiny_colpali import FAMILIES
+from tests.colpali_fixtures import tiny_colpali_family_fixture  # noqa: F401 - registers the fixture
 from tests.helpers import COLORS, make_corrupt_image, make_image, make_pdf
 
 
@@ -150,13 +156,25 @@ def _banner(pages_dir: Path) -> Document:
     return Document(id="banner", meta={"file_path": str(pages_dir / "banner.png")})
 
 
+def _loaded_aspect_ratio(doc: Document) -> float:
+    """The aspect ratio of a document's image as the shared loader hands it to the model."""
+    plan = plan_documents([doc], file_path_meta_field="file_path", root_path=None, probe_pixels=False)
+    [(_, [image], _)] = list(iter_image_batches(plan, [0], 1))
+    return max(image.size) / min(image.size)
+
+
 def test_image_the_processor_refuses_is_a_named_failure_and_nothing_is_written(
     tiny_colqwen2: str, pages_dir: Path
 ) -> None:
-    # Qwen2-VL's smart_resize refuses aspect ratios of 200 or more (image_processing_qwen2_vl.py:75-78); the
-    # banner comes in the LAST batch, after two batches that encoded fine.
-    docs = [*_page_docs(pages_dir)[:4], _banner(pages_dir)]
+    # Qwen2-VL's smart_resize refuses aspect ratios above 200 (image_processing_qwen2_vl.py:75-78); the
+    # banner comes in the LAST batch, after two batches that would encode fine.
+    banner = _banner(pages_dir)
+    docs = [*_page_docs(pages_dir)[:4], banner]
     store = InMemoryMultiVectorStore()
+    if _loaded_aspect_ratio(banner) < 200:  # the shared loader pads extreme aspect ratios: the page is kept
+        assert _embed_pages(tiny_colqwen2, docs, store, batch_size=2)["failed_documents"] == []
+        assert store.count() == 5
+        return
     with pytest.raises(DocumentProcessingError) as info:
         _embed_pages(tiny_colqwen2, docs, store, batch_size=2)
     [(doc_id, reason)] = info.value.failures
@@ -169,13 +187,101 @@ def test_image_the_processor_refuses_is_a_named_failure_and_nothing_is_written(
 def test_image_the_processor_refuses_is_skipped_and_its_batch_mates_are_kept(
     tiny_colqwen2: str, pages_dir: Path
 ) -> None:
-    docs = [*_page_docs(pages_dir)[:3], _banner(pages_dir)]
+    banner = _banner(pages_dir)
+    docs = [*_page_docs(pages_dir)[:3], banner]
     store = InMemoryMultiVectorStore()
     out = _embed_pages(tiny_colqwen2, docs, store, batch_size=4, on_error="skip")
+    if _loaded_aspect_ratio(banner) < 200:  # padded by the shared loader: nothing to refuse
+        assert out["failed_documents"] == []
+        assert store.count() == 4
+        return
     assert [d.id for d in out["failed_documents"]] == ["banner"]
     assert "aspect ratio" in out["failed_documents"][0].meta["embedding_error"]
     assert [d.id for d in out["documents"]] == [d.id for d in docs[:3]]
     assert store.count() == 3
+
+
+def _refuse_wide_images(monkeypatch: pytest.MonkeyPatch, *, in_check: bool) -> None:
+    """Make the processor refuse images wider than 20:1 (standing in for any refusal), optionally also `check_image`."""
+    from haystack_integrations.common.multimodal_rag.backends.colpali import LateInteractionEncoder
+
+    real = LateInteractionEncoder.process_images
+
+    def refuse(image: Any) -> None:
+        if image.width > 20 * image.height:
+            msg = f"this processor refuses {image.width}x{image.height}"
+            raise ValueError(msg)
+
+    def process_images(self: LateInteractionEncoder, images: list) -> Any:
+        for image in images:
+            refuse(image)
+        return real(self, images)
+
+    monkeypatch.setattr(LateInteractionEncoder, "process_images", process_images)
+    monkeypatch.setattr(
+        LateInteractionEncoder,
+        "check_image",
+        (lambda self, image: refuse(image)) if in_check else (lambda self, image: None),
+    )
+
+
+@pytest.mark.parametrize("known_to_the_check", [True, False])
+def test_a_refused_page_is_a_named_failure_and_its_batch_mates_are_kept(
+    tiny_colqwen2: str, pages_dir: Path, monkeypatch: pytest.MonkeyPatch, known_to_the_check: bool
+) -> None:
+    # Independent of the shared loader: the refusal is simulated (a processor refusing for its own reasons);
+    # unknown to `check_image`, the batch is split at encoding time to find the refused page.
+    _refuse_wide_images(monkeypatch, in_check=known_to_the_check)
+    make_image(pages_dir / "wide.png", size=(1000, 40), color="green")
+    wide = Document(id="wide", meta={"file_path": str(pages_dir / "wide.png")})
+    docs = [*_page_docs(pages_dir)[:2], wide, _page_docs(pages_dir)[2]]
+    store = InMemoryMultiVectorStore()
+    out = _embed_pages(tiny_colqwen2, docs, store, batch_size=4, on_error="skip")
+    assert [d.id for d in out["failed_documents"]] == ["wide"]
+    assert (
+        "ColQwen2Processor refused the 1000x40 image of document 'wide'"
+        in (out["failed_documents"][0].meta["embedding_error"])
+    )
+    assert store.count() == 3
+
+    store = InMemoryMultiVectorStore()
+    with pytest.raises(DocumentProcessingError, match="'wide'"):
+        _embed_pages(tiny_colqwen2, [*_page_docs(pages_dir)[:2], wide], store, batch_size=2)
+    if known_to_the_check:
+        assert store.count() == 0  # checked before any model work: all or nothing
+
+
+def test_check_image_refuses_exactly_what_each_processor_refuses(
+    tiny_colpali_family: Callable[[str], str],
+) -> None:
+    from haystack_integrations.common.multimodal_rag.backends.colpali import LateInteractionEncoder
+    from haystack_integrations.common.multimodal_rag.backends.loading import LoadSpec
+
+    shapes = [(1600, 6), (6, 1600), (400, 2), (398, 2), (1, 1), (120, 90)]
+    for family in FAMILIES:
+        encoder = LateInteractionEncoder.get(
+            LoadSpec(
+                model=tiny_colpali_family(family),
+                component="t",
+                device="cpu",
+                token=None,
+                local_files_only=True,
+                model_kwargs=None,
+            )
+        )
+        for size in shapes:
+            image = Image.new("RGB", size, "white")
+            try:
+                encoder.processor.process_images([image])
+                refused = False
+            except ValueError:
+                refused = True
+            if refused:
+                with pytest.raises(ValueError, match="aspect ratio"):
+                    encoder.check_image(image)
+            else:
+                encoder.check_image(image)
+            assert refused == (family.startswith("ColQwen") and max(size) / min(size) > 200), (family, size)
 
 
 # --- Options ---------------------------------------------------------------------------------------------------
@@ -235,23 +341,3 @@ def test_to_dict_round_trip_keeps_the_new_options(tmp_path: Path) -> None:
     restored = ColPaliDocumentEmbedder.from_dict(data)
     assert restored.processor_kwargs == {"max_num_visual_tokens": 512}
     assert restored.on_error == "skip"
-
-
-def test_a_refusal_the_size_check_does_not_know_is_still_a_named_failure(
-    tiny_colqwen2: str, pages_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Should a processor refuse an image for a reason `check_image` does not model, the batch is split to find it.
-    from haystack_integrations.common.multimodal_rag.backends.colpali import LateInteractionEncoder
-
-    monkeypatch.setattr(LateInteractionEncoder, "check_image", lambda self, image: None)
-    docs = [*_page_docs(pages_dir)[:2], _banner(pages_dir), _page_docs(pages_dir)[2]]
-    store = InMemoryMultiVectorStore()
-    out = _embed_pages(tiny_colqwen2, docs, store, batch_size=4, on_error="skip")
-    assert [d.id for d in out["failed_documents"]] == ["banner"]
-    assert (
-        "ColQwen2Processor refused the 1600x6 image of document 'banner'"
-        in (out["failed_documents"][0].meta["embedding_error"])
-    )
-    assert store.count() == 3
-    with pytest.raises(DocumentProcessingError, match="'banner'"):
-        _embed_pages(tiny_colqwen2, docs, InMemoryMultiVectorStore(), batch_size=4)

@@ -289,17 +289,23 @@ class LateInteractionEncoder(CachedModel):
 
     def _truncate_query(self, text: str, max_query_tokens: int) -> str:
         tokenizer = self.processor.tokenizer
-        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        offsets = encoded["offset_mapping"]
-        if len(offsets) <= max_query_tokens:
+        try:
+            offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+            n_tokens = len(offsets)
+            cut = None if n_tokens <= max_query_tokens else text[: offsets[max_query_tokens - 1][1]]
+        except NotImplementedError:  # a slow (Python) tokenizer has no offsets: decode the kept ids instead
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            n_tokens = len(ids)
+            cut = None if n_tokens <= max_query_tokens else tokenizer.decode(ids[:max_query_tokens])
+        if cut is None:
             return text
         logger.warning(
             "Query of {n_tokens} tokens truncated to its first {limit} tokens (max_query_tokens={limit}) for {model}.",
-            n_tokens=len(offsets),
+            n_tokens=n_tokens,
             limit=max_query_tokens,
             model=self.model_id,
         )
-        return text[: offsets[max_query_tokens - 1][1]]
+        return cut
 
     def query_inputs(
         self, texts: list[str], *, query_prefix: str | None = None, max_query_tokens: int = DEFAULT_MAX_QUERY_TOKENS
@@ -348,7 +354,7 @@ class LateInteractionEncoder(CachedModel):
         Raise the error the processor would raise for this image's size, without processing its pixels.
 
         Of the colpali-engine processors only the Qwen family refuses images by size: transformers' `smart_resize`
-        raises for an aspect ratio of 200 or more (TF/models/qwen2_vl/image_processing_qwen2_vl.py:75-78; Qwen2.5-VL
+        raises for an aspect ratio above 200 (TF/models/qwen2_vl/image_processing_qwen2_vl.py:75-78; Qwen2.5-VL
         and Qwen3-VL use the same image processor). PaliGemma resizes every image to a fixed square and Idefics3
         tiles any size (checked with 1600x6, 6x1600, 1x1 and 5000x3 images). The check calls that same function with
         the processor's own settings, so it refuses exactly what the processor refuses.
@@ -378,7 +384,7 @@ class LateInteractionEncoder(CachedModel):
 
         :param images: RGB images.
         :returns: The batch.
-        :raises ValueError: When the processor refuses an image (e.g. Qwen: aspect ratio of 200 or more).
+        :raises ValueError: When the processor refuses an image (e.g. Qwen: aspect ratio above 200).
         """
         return self.processor.process_images(images)
 

@@ -77,7 +77,7 @@ class ColPaliDocumentEmbedder:
     768 visual tokens per page unless `processor_kwargs` says otherwise).
 
     Bad inputs: unreadable files, pages the model's processor refuses (e.g. a 1600x6 banner: Qwen processors refuse
-    aspect ratios of 200 or more) and repeated document ids are named failures. With `on_error="raise"` every
+    aspect ratios above 200) and repeated document ids are named failures. With `on_error="raise"` every
     document is checked (decoded, and its size checked against the processor's rules) before any model work, so
     nothing is written when any document fails; batches are then written as they are encoded (memory bounded by the
     batch, and an interrupted run keeps what it wrote).
