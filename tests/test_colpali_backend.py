@@ -77,17 +77,25 @@ def test_peft_adapter_checkpoint_is_followed_to_its_base(tmp_path: Path) -> None
     assert family.model_class == "ColQwen2_5"
 
 
+@pytest.mark.parametrize("family", ["ColQwen2_5", "ColPali"])
 def test_a_peft_adapter_checkpoint_loads_through_the_components_and_applies(
-    tiny_colqwen2_5: str, tmp_path: Path
+    family: str, tiny_colpali_family: Callable[[str], str], tmp_path: Path
 ) -> None:
+    # vidore/colqwen2.5-v0.2 and vidore/colpali-v1.3 are both LoRA adapters on a base checkpoint.
     from haystack_integrations.testing.multimodal_rag.tiny_colpali import build_tiny_colpali_adapter
 
-    adapter = build_tiny_colpali_adapter(tmp_path / "adapter", tiny_colqwen2_5)
+    base_model = tiny_colpali_family(family)
+    adapter = build_tiny_colpali_adapter(tmp_path / "adapter", base_model)
     assert not (adapter / "config.json").exists()
     with_adapter = ColPaliTextEmbedder(str(adapter)).run(text="hello")["multivector_embedding"]
-    base = ColPaliTextEmbedder(tiny_colqwen2_5).run(text="hello")["multivector_embedding"]
+    base = ColPaliTextEmbedder(base_model).run(text="hello")["multivector_embedding"]
     assert np.asarray(with_adapter).shape == np.asarray(base).shape
     assert not np.allclose(with_adapter, base)
+    encoder = LateInteractionEncoder.get(_spec(str(adapter)))
+    assert encoder.family.model_class == family
+    assert not [name for name, p in encoder.model.named_parameters() if p.is_meta]
+    page = encoder.embed_images([Image.new("RGB", (50, 60), "red")])[0]
+    assert page.shape[1] == 128
 
 
 def test_a_dual_encoder_is_refused_as_colpali_model(tiny_siglip: str) -> None:

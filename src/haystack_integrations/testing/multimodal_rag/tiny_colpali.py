@@ -15,7 +15,7 @@ Families (colpali-engine 0.3.18, `colpali_engine/models/__init__.py`):
 | `build_tiny_colqwen("3")`     | `ColQwen3`           | `qwen3_vl`                | ColQwen3 checkpoints       |
 | `build_tiny_colidefics3`      | `ColIdefics3`        | `idefics3`                | vidore/colSmol-256M        |
 | `build_tiny_colmodernvbert`   | `ColModernVBert`     | `modernvbert`             | ModernVBERT/colmodernvbert |
-| `build_tiny_colpali_adapter`  | (PEFT LoRA adapter)  | base's                    | vidore/colqwen2.5-v0.2     |
+| `build_tiny_colpali_adapter`  | (PEFT LoRA adapter)  | base's                    | colqwen2.5-v0.2, colpali-v1.3 |
 """
 
 from __future__ import annotations
@@ -381,13 +381,13 @@ def build_tiny_colpali_family(path: str | Path, family: str, *, seed: int = 0) -
 
 def build_tiny_colpali_adapter(path: str | Path, base: str | Path, *, seed: int = 0) -> Path:
     """
-    Write a PEFT LoRA adapter checkpoint on top of a tiny ColQwen base, laid out like `vidore/colqwen2.5-v0.2`.
+    Write a PEFT LoRA adapter checkpoint on a tiny base, laid out like `vidore/colqwen2.5-v0.2` / `vidore/colpali-v1.3`.
 
     The folder holds `adapter_config.json` (naming `base` as `base_model_name_or_path`), the adapter weights
     and the processor files, but no `config.json`: loading it exercises the adapter-following path.
 
     :param path: Output directory.
-    :param base: A checkpoint written by `build_tiny_colqwen`.
+    :param base: A checkpoint written by `build_tiny_colqwen` or `build_tiny_colpali`.
     :param seed: Random seed of the adapter weights (non-zero, so the adapter changes the outputs).
     :returns: The directory.
     """
