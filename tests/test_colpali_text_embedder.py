@@ -123,9 +123,11 @@ def test_query_prefix_none_empty_and_custom(tiny_colpali_family: Callable[[str],
     assert len(ColPaliTextEmbedder(model).run(text=text)["multivector_embedding"]) > len(plain) + 10
 
 
-def test_query_prefix_must_be_a_string() -> None:
+def test_query_prefix_and_processor_kwargs_types_are_checked() -> None:
     with pytest.raises(TypeError, match="query_prefix"):
         ColPaliTextEmbedder("any", query_prefix=3)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="processor_kwargs must be a dict"):
+        ColPaliTextEmbedder("any", processor_kwargs=[("max_num_visual_tokens", 768)])  # type: ignore[arg-type]
 
 
 def test_long_query_is_truncated_with_a_warning_naming_the_limit(

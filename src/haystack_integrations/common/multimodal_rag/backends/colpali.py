@@ -85,6 +85,18 @@ QUERY_AUGMENTATION_TOKENS = 10
 DEFAULT_MAX_QUERY_TOKENS = 256
 
 
+def check_processor_kwargs(processor_kwargs: object) -> None:
+    """
+    Validate a `processor_kwargs` parameter.
+
+    :param processor_kwargs: The value.
+    :raises TypeError: When it is neither a dict nor `None`.
+    """
+    if processor_kwargs is not None and not isinstance(processor_kwargs, dict):
+        msg = f"processor_kwargs must be a dict or None, got {type(processor_kwargs).__name__}"
+        raise TypeError(msg)
+
+
 @dataclass(frozen=True)
 class ColPaliFamily:
     """

@@ -8,7 +8,7 @@ from haystack import Document, component, default_from_dict, default_to_dict, lo
 from haystack.utils import ComponentDevice, Secret
 from tqdm import tqdm
 
-from haystack_integrations.common.multimodal_rag.backends.colpali import LateInteractionEncoder
+from haystack_integrations.common.multimodal_rag.backends.colpali import LateInteractionEncoder, check_processor_kwargs
 from haystack_integrations.common.multimodal_rag.backends.loading import LoadSpec, serialize_loading_params
 from haystack_integrations.common.multimodal_rag.inputs.failures import (
     OnError,
@@ -136,6 +136,7 @@ class ColPaliDocumentEmbedder:
             output documents, for stores that keep multi-vectors in the document (needs Haystack >= 3.5).
         :param on_error: `"raise"` (one error naming every bad document; nothing is written) or `"skip"` (return
             them in `failed_documents`).
+        :raises TypeError: If `processor_kwargs` is neither a dict nor `None`.
         :raises ValueError: On invalid parameters, or `fill_multivector_embedding=True` with a Haystack whose
             `Document` has no `multivector_embedding` field.
         """
@@ -143,6 +144,7 @@ class ColPaliDocumentEmbedder:
         if pool_factor is not None:
             check_positive_int("pool_factor", pool_factor)
         validate_on_error(on_error)
+        check_processor_kwargs(processor_kwargs)
         if fill_multivector_embedding and not document_has_multivector_field():
             import haystack
 

@@ -8,6 +8,7 @@ from haystack.utils import ComponentDevice, Secret
 from haystack_integrations.common.multimodal_rag.backends.colpali import (
     DEFAULT_MAX_QUERY_TOKENS,
     LateInteractionEncoder,
+    check_processor_kwargs,
 )
 from haystack_integrations.common.multimodal_rag.backends.loading import LoadSpec, serialize_loading_params
 from haystack_integrations.common.multimodal_rag.validation import check_query
@@ -58,8 +59,9 @@ class ColPaliTextEmbedder:
             training recipe's settings (give the same value as the document embedder so both share one model).
         :param query_prefix: Text put before each query; `None` uses the family's trained prefix (see above),
             `""` none.
-        :raises TypeError: If `query_prefix` is neither a string nor `None`.
+        :raises TypeError: If `query_prefix` is neither a string nor `None`, or `processor_kwargs` not a dict.
         """
+        check_processor_kwargs(processor_kwargs)
         if query_prefix is not None and not isinstance(query_prefix, str):
             msg = f"query_prefix must be a string or None, got {type(query_prefix).__name__}"
             raise TypeError(msg)
