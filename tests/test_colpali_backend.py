@@ -312,3 +312,50 @@ def test_the_accelerator_merge_loop_gives_the_same_clusters(monkeypatch: pytest.
     torch_labels = _ward_labels(pages, clusters)
     for a, b in zip(numpy_labels, torch_labels, strict=True):
         assert torch.equal(a, b)
+
+
+def _v0_3_4_smart_resize(width: int, height: int) -> tuple[int, int]:
+    """colpali-engine v0.3.4 `ColQwen2Processor.smart_resize_helper` (the recipe colqwen2-v1.0 was trained with):
+    factor 28, min_pixels 4*28*28, max_pixels 768*28*28, max_ratio 200; returns (height, width)."""
+    import math
+
+    factor, min_pixels, max_pixels = 28, 4 * 28 * 28, 768 * 28 * 28
+    h_bar = max(factor, round(height / factor) * factor)
+    w_bar = max(factor, round(width / factor) * factor)
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = math.floor(height / beta / factor) * factor
+        w_bar = math.floor(width / beta / factor) * factor
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+@pytest.mark.parametrize("family", ["ColQwen2", "ColQwen2_5"])
+def test_page_inputs_equal_the_training_recipe(family: str, tiny_colpali_family: Callable[[str], str]) -> None:
+    # Training recipe (colpali-engine v0.3.4 ColQwen2Processor.process_images): resize each page with the helper
+    # above, then the Qwen2-VL processor with the prompt "<|im_start|>user\\n<|vision_start|><|image_pad|>
+    # <|vision_end|>Describe the image.<|im_end|><|endoftext|>". Ours: the 0.3.18 processor with the default
+    # processor_kwargs ({"max_num_visual_tokens": 768}) on the original page.
+    encoder = LateInteractionEncoder.get(_spec(tiny_colpali_family(family)))
+    processor = encoder.processor
+    prompt = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Describe the image.<|im_end|><|endoftext|>"
+    assert processor.visual_prompt_prefix == prompt
+    sizes = [(1024, 1365), (1240, 1754), (800, 600), (100, 100), (56, 3000), (3000, 40)]
+    noise = np.random.default_rng(0).integers(0, 256, (1365, 1024, 3), dtype=np.uint8)
+    pages = [Image.fromarray(noise), *(Image.new("RGB", size, "white") for size in sizes[1:])]
+    ours = encoder.process_images(pages)
+    resized = [page.resize(_v0_3_4_smart_resize(*page.size)[::-1]) for page in pages]
+    reference = processor(text=[prompt] * len(pages), images=resized, padding="longest", return_tensors="pt")
+    assert torch.equal(ours["image_grid_thw"], reference["image_grid_thw"])
+    assert torch.equal(ours["input_ids"], reference["input_ids"])
+    assert torch.equal(ours["attention_mask"], reference["attention_mask"])
+    # Pixels: one bicubic resize by the image processor vs PIL's resize then none; measured max |diff| 0.015 (in
+    # normalised units, range ~[-1.8, 2.1]) on this noise page.
+    # (colpali-engine pads each page's patches to (B, max_patches, D); the plain processor concatenates them.)
+    n_patches = int(ours["image_grid_thw"][0].prod())
+    assert float((ours["pixel_values"][0, :n_patches] - reference["pixel_values"][:n_patches]).abs().max()) < 0.05
+    image_tokens = (ours["input_ids"][0] == processor.image_token_id).sum()
+    assert int(image_tokens) == 744  # 1024x1365 -> 672x868 -> 24x31 merged patches (<= 768)
