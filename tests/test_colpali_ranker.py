@@ -51,7 +51,8 @@ def _reference_scores(model: str, query: str, store: InMemoryMultiVectorStore, i
         LoadSpec(model=model, component="t", device="cpu", token=None, local_files_only=True, model_kwargs=None)
     )
     with torch.inference_mode():
-        batch = encoder.processor.process_queries(texts=[query])
+        # The training recipe's query: the family's trained prefix (e.g. "Query: ") + query + 10 augmentation tokens.
+        batch = encoder.processor.process_queries(texts=[encoder.default_query_prefix + query])
         q = encoder.model(**batch)[0]
     q = q[batch["attention_mask"][0].bool()].float()
     pages = store.get(ids)

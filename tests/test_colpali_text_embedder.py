@@ -1,28 +1,160 @@
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+
+import numpy as np
 import pytest
+import torch
 from haystack import Document
 
 from haystack_integrations.common.multimodal_rag.backends.colpali import (
+    DEFAULT_MAX_QUERY_TOKENS,
+    QUERY_AUGMENTATION_TOKENS,
     LateInteractionEncoder,
 )
 from haystack_integrations.common.multimodal_rag.backends.loading import LoadSpec
 from haystack_integrations.components.embedders.colpali import ColPaliTextEmbedder
 from haystack_integrations.components.rankers.colpali import ColPaliRanker
+from tests.colpali_fixtures import tiny_colpali_family_fixture  # noqa: F401 - registers the fixture
+
+QUERIES = ["which slide shows the sales forecast", "invoice total"]  # two lengths: the batch is padded
 
 
-def test_text_embedder_uses_query_processing_with_augmentation_tokens(tiny_colqwen2: str) -> None:
-    out = ColPaliTextEmbedder(tiny_colqwen2).run(text="which slide shows the forecast")
-    vectors = out["multivector_embedding"]
-    assert isinstance(vectors, list)
-    assert all(isinstance(v, list) and len(v) == 128 for v in vectors)
-    encoder = LateInteractionEncoder.get(
-        LoadSpec(model=tiny_colqwen2, component="t", device="cpu", token=None, local_files_only=True, model_kwargs=None)
+def _encoder(model: str) -> LateInteractionEncoder:
+    return LateInteractionEncoder.get(
+        LoadSpec(model=model, component="t", device="cpu", token=None, local_files_only=True, model_kwargs=None)
     )
-    batch = encoder.processor.process_queries(texts=["which slide shows the forecast"])
-    plain = encoder.processor.process_texts(texts=["which slide shows the forecast"])
-    assert len(vectors) == int(batch["attention_mask"].sum())
-    assert len(vectors) >= int(plain["attention_mask"].sum()) + 10  # 10 augmentation tokens
+
+
+def _reference_query_inputs(encoder: LateInteractionEncoder, queries: list[str], prefix: str) -> dict:
+    """
+    The query ids of the TRAINING-era recipe, built from the tokenizer alone (not through our code):
+    `prefix + query + augmentation_token * 10`, padded to the longest query.
+
+    - ColPali (colpali-engine v0.3.11-v0.3.12 `ColPaliProcessor.process_texts` + `BaseVisualRetrieverProcessor.
+      process_queries`): `bos + prefix + query + "<pad>" * 10`, padded on the RIGHT (the training collator forces
+      right padding for PaliGemma: colpali_engine/collators/visual_retriever_collator.py:49-51).
+    - ColQwen2 / 2.5 (v0.3.4-v0.3.10 `ColQwen2Processor.process_queries`): `prefix + query + "<|endoftext|>" * 10`
+      through the processor's tokenizer, padded on the LEFT (the processor sets `padding_side = "left"`).
+    - ColIdefics3 (v0.3.6-v0.3.12): `prefix + query + "<end_of_utterance>" * 10`, LEFT padding (the trailing "\\n"
+      of v0.3.6-v0.3.10 was dropped in v0.3.11).
+    """
+    tokenizer = encoder.processor.tokenizer
+    family = encoder.family.model_class
+    augmentation = {"ColPali": tokenizer.pad_token, "ColIdefics3": "<end_of_utterance>"}.get(family, "<|endoftext|>")
+    bos = tokenizer.bos_token if family == "ColPali" else ""
+    texts = [bos + prefix + q + augmentation * QUERY_AUGMENTATION_TOKENS for q in queries]
+    side = "right" if family == "ColPali" else "left"
+    return tokenizer(texts, padding="longest", padding_side=side, return_tensors="pt", return_token_type_ids=False)
+
+
+@pytest.mark.parametrize(
+    ("family", "trained_prefix"),
+    [("ColPali", "Query: "), ("ColQwen2", "Query: "), ("ColQwen2_5", "Query: "), ("ColIdefics3", "Query: ")],
+)
+def test_query_inputs_equal_the_training_recipe(
+    family: str, trained_prefix: str, tiny_colpali_family: Callable[[str], str]
+) -> None:
+    encoder = _encoder(tiny_colpali_family(family))
+    assert encoder.default_query_prefix == trained_prefix
+    ours = encoder.query_inputs(QUERIES)
+    reference = _reference_query_inputs(encoder, QUERIES, trained_prefix)
+    assert torch.equal(ours["input_ids"], reference["input_ids"])
+    assert torch.equal(ours["attention_mask"], reference["attention_mask"])
+    padded_row = ours["attention_mask"][1]
+    assert int(padded_row.sum()) < padded_row.numel()  # the short query really is padded
+    first_real = 0 if family == "ColPali" else int(torch.nonzero(padded_row)[0])
+    assert (first_real == 0) == (family == "ColPali")  # ColPali pads right, the others left
+
+
+@pytest.mark.parametrize("family", ["ColQwen3", "ColModernVBert"])
+def test_families_trained_after_colpali_engine_0_3_13_get_no_prefix(
+    family: str, tiny_colpali_family: Callable[[str], str]
+) -> None:
+    encoder = _encoder(tiny_colpali_family(family))
+    assert encoder.default_query_prefix == ""
+    assert torch.equal(
+        encoder.query_inputs(QUERIES)["input_ids"], encoder.processor.process_queries(texts=QUERIES)["input_ids"]
+    )
+
+
+def test_colpali_queries_are_right_padded_even_when_the_tokenizer_pads_left(
+    tiny_colpali_family: Callable[[str], str],
+) -> None:
+    encoder = _encoder(tiny_colpali_family("ColPali"))
+    tokenizer = encoder.processor.tokenizer
+    tokenizer.padding_side = "left"  # e.g. transformers' GemmaTokenizer class default
+    try:
+        mask = encoder.query_inputs(QUERIES)["attention_mask"]
+        assert tokenizer.padding_side == "left"  # the shared processor is not changed
+    finally:
+        tokenizer.padding_side = "right"
+    assert int(mask[1, 0]) == 1
+    assert int(mask[1, -1]) == 0
+
+
+def test_text_embedder_encodes_prefix_query_and_augmentation_tokens(tiny_colpali_family: Callable[[str], str]) -> None:
+    model = tiny_colpali_family("ColQwen2_5")
+    encoder = _encoder(model)
+    vectors = ColPaliTextEmbedder(model).run(text=QUERIES[0])["multivector_embedding"]
+    assert all(isinstance(v, list) and len(v) == 128 for v in vectors)
+    assert len(vectors) == int(_reference_query_inputs(encoder, QUERIES[:1], "Query: ")["attention_mask"].sum())
+    with torch.inference_mode():
+        batch = encoder.query_inputs(QUERIES[:1])
+        expected = encoder.model(**batch)[0]
+    np.testing.assert_allclose(vectors, expected.numpy(), atol=1e-5)
+
+
+def test_query_prefix_none_empty_and_custom(tiny_colpali_family: Callable[[str], str]) -> None:
+    model = tiny_colpali_family("ColQwen2")
+    encoder = _encoder(model)
+    text = "invoice total"
+    for prefix, embedder in (
+        ("Query: ", ColPaliTextEmbedder(model)),
+        ("", ColPaliTextEmbedder(model, query_prefix="")),
+        ("Question: ", ColPaliTextEmbedder(model, query_prefix="Question: ")),
+    ):
+        vectors = embedder.run(text=text)["multivector_embedding"]
+        expected_ids = _reference_query_inputs(encoder, [text], prefix)["input_ids"]
+        assert torch.equal(encoder.query_inputs([text], query_prefix=embedder.query_prefix)["input_ids"], expected_ids)
+        assert len(vectors) == expected_ids.shape[1]
+    plain = encoder.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ColPaliTextEmbedder(model).run(text=text)["multivector_embedding"]) > len(plain) + 10
+
+
+def test_query_prefix_and_processor_kwargs_types_are_checked() -> None:
+    with pytest.raises(TypeError, match="query_prefix"):
+        ColPaliTextEmbedder("any", query_prefix=3)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="processor_kwargs must be a dict"):
+        ColPaliTextEmbedder("any", processor_kwargs=[("max_num_visual_tokens", 768)])  # type: ignore[arg-type]
+
+
+def test_long_query_is_truncated_with_a_warning_naming_the_limit(
+    tiny_colpali_family: Callable[[str], str], caplog: pytest.LogCaptureFixture
+) -> None:
+    model = tiny_colpali_family("ColQwen2_5")
+    long_query = "the quick brown fox jumps over the lazy dog " * 200
+    with caplog.at_level(logging.WARNING):
+        vectors = ColPaliTextEmbedder(model, query_prefix="").run(text=long_query)["multivector_embedding"]
+    assert f"max_query_tokens={DEFAULT_MAX_QUERY_TOKENS}" in caplog.text
+    assert len(vectors) <= DEFAULT_MAX_QUERY_TOKENS + QUERY_AUGMENTATION_TOKENS + 1
+    assert len(vectors) >= DEFAULT_MAX_QUERY_TOKENS + QUERY_AUGMENTATION_TOKENS - 1
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        ColPaliTextEmbedder(model).run(text="a short question")
+    assert "max_query_tokens" not in caplog.text
+
+
+def test_to_dict_round_trip_keeps_prefix_and_processor_kwargs() -> None:
+    embedder = ColPaliTextEmbedder("m", query_prefix="", processor_kwargs={"max_num_visual_tokens": 512})
+    data = embedder.to_dict()
+    assert data["init_parameters"]["query_prefix"] == ""
+    assert data["init_parameters"]["processor_kwargs"] == {"max_num_visual_tokens": 512}
+    restored = ColPaliTextEmbedder.from_dict(data)
+    assert restored.query_prefix == ""
+    assert restored.processor_kwargs == {"max_num_visual_tokens": 512}
+    assert ColPaliTextEmbedder.from_dict(ColPaliTextEmbedder("m").to_dict()).query_prefix is None
 
 
 @pytest.mark.parametrize("bad", ["", "   \n"])

@@ -8,12 +8,14 @@ Loaded encoders are shared between components asking for the same model on the s
 
 from __future__ import annotations
 
+import copy
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
+from haystack import logging
 from haystack.utils import Secret
 from PIL import Image
 
@@ -25,6 +27,8 @@ from haystack_integrations.common.multimodal_rag.backends.loading import (
     read_checkpoint_json,
 )
 from haystack_integrations.common.multimodal_rag.errors import ModelLoadError
+
+logger = logging.getLogger(__name__)
 
 # colpali-engine model class -> its processor class.
 _PROCESSORS: dict[str, str] = {
@@ -38,6 +42,59 @@ _PROCESSORS: dict[str, str] = {
     "ColGemma3": "ColGemmaProcessor3",
     "ColModernVBert": "ColModernVBertProcessor",
 }
+
+# The query prefix each family's published checkpoints were TRAINED with (`None`: whatever the installed
+# processor's `query_prefix` is). colpali-engine <= 0.3.12 added "Query: " in `process_queries` (v0.3.4-v0.3.10
+# per processor, v0.3.11-v0.3.12 in `BaseVisualRetrieverProcessor.query_prefix`); commit 174055b ("Vbert (#339)",
+# 2025-10-27, released in 0.3.13) set it to "". Every vidore checkpoint trained before that saw "Query: "
+# (colpali-v1.3, colqwen2-v1.0, colqwen2.5-v0.2, colSmol), and the vidore-benchmark wrappers that produced their
+# published ViDoRe scores add no prefix themselves: they relied on the processor's built-in "Query: "
+# (vidore-benchmark e0885ea, src/vidore_benchmark/retrievers/colqwen2_5_retriever.py:70-71). ColModernVBert was
+# added in that same commit and ColQwen3 later (3fdd490, 2026-01-03), both with prefix "".
+_TRAINED_QUERY_PREFIX: dict[str, str] = {
+    "ColPali": "Query: ",
+    "ColQwen2": "Query: ",
+    "ColQwen2_5": "Query: ",
+    "ColIdefics3": "Query: ",
+    "ColModernVBert": "",
+    "ColQwen3": "",
+}
+
+# Processor settings the published checkpoints were trained with, used when the user gives no `processor_kwargs`.
+# colqwen2-v1.0 and colqwen2.5-v0.2 were trained with colpali-engine v0.3.4-v0.3.8, whose ColQwen2Processor
+# resized every page to at most 768 visual tokens (`max_pixels = 768 * 28 * 28`, v0.3.4 processing_colqwen2.py:44-49);
+# 0.3.18 reproduces that only when `max_num_visual_tokens=768` is passed (processing_colqwen2_5.py:58-60), otherwise
+# the checkpoint's preprocessor config (Qwen default: up to 16384 tokens) applies.
+_TRAINED_PROCESSOR_KWARGS: dict[str, dict[str, Any]] = {
+    "ColQwen2": {"max_num_visual_tokens": 768},
+    "ColQwen2_5": {"max_num_visual_tokens": 768},
+}
+
+# ColPali queries are padded on the right, as in training (colpali_engine/collators/visual_retriever_collator.py:49-51
+# forces "right" for PaliGemma; CHANGELOG "Set padding side to right ... Fixes #12"). The other processors set "left"
+# themselves (e.g. processing_colqwen2_5.py:43, processing_colidefics3.py:42).
+_QUERY_PADDING_SIDE: dict[str, str] = {"ColPali": "right"}
+
+#: Number of query augmentation tokens appended to every query (colpali-engine `process_queries`: `token * 10`,
+#: the same in every version since 0.3.0).
+QUERY_AUGMENTATION_TOKENS = 10
+
+#: Default bound on the tokens of the query TEXT (prefix and augmentation tokens come on top). ViDoRe queries are
+#: one sentence; colpali-engine <= 0.3.10 cut ColPali queries at 50 tokens in total; a much longer "query" is almost
+#: always a pasted document, whose cost (and MaxSim sum) grows with its length.
+DEFAULT_MAX_QUERY_TOKENS = 256
+
+
+def check_processor_kwargs(processor_kwargs: object) -> None:
+    """
+    Validate a `processor_kwargs` parameter.
+
+    :param processor_kwargs: The value.
+    :raises TypeError: When it is neither a dict nor `None`.
+    """
+    if processor_kwargs is not None and not isinstance(processor_kwargs, dict):
+        msg = f"processor_kwargs must be a dict or None, got {type(processor_kwargs).__name__}"
+        raise TypeError(msg)
 
 
 @dataclass(frozen=True)
@@ -53,6 +110,22 @@ class ColPaliFamily:
     model_class: str
     processor_class: str
     model_type: str
+
+    @property
+    def trained_query_prefix(self) -> str | None:
+        """The query prefix the family's published checkpoints were trained with; `None` when not known."""
+        return _TRAINED_QUERY_PREFIX.get(self.model_class)
+
+    @property
+    def default_processor_kwargs(self) -> dict[str, Any] | None:
+        """Processor settings of the training recipe (e.g. the 768 visual-token budget of ColQwen2/2.5), or `None`."""
+        kwargs = _TRAINED_PROCESSOR_KWARGS.get(self.model_class)
+        return dict(kwargs) if kwargs is not None else None
+
+    @property
+    def query_padding_side(self) -> str | None:
+        """The padding side of query batches in training, when it differs from the processor's own."""
+        return _QUERY_PADDING_SIDE.get(self.model_class)
 
 
 def _families_by_model_type() -> dict[str, ColPaliFamily]:
@@ -124,11 +197,49 @@ def detect_family(model: str, *, token: Secret | None, local_files_only: bool, c
     return family_from_config(config, model=model)
 
 
+def _load_colpali_model(model_cls: Any, family: ColPaliFamily) -> Any:
+    """`from_pretrained` of a colpali-engine model class, with the fixes a checkpoint needs to be usable."""
+
+    def load(model: str, **kwargs: Any) -> Any:
+        hf_model = model_cls.from_pretrained(model, **kwargs)
+        if family.model_class == "ColPali":
+            _retie_paligemma_lm_head(hf_model)
+        return hf_model
+
+    return load
+
+
+def _retie_paligemma_lm_head(hf_model: Any) -> None:
+    """
+    Tie ColPali's (unused) PaliGemma lm_head to the input embeddings, so it is not left on the meta device.
+
+    Under transformers 5, `ColPali.from_pretrained` (colpali-engine 0.3.18) skips materialising
+    `model.lm_head.weight` because it is a tied key (TF/modeling_utils.py:4862), then calls `ColPali.tie_weights`,
+    which colpali-engine overrides to tie only the inner `GemmaModel` (modeling_colpali.py:98-99), which has no
+    head: the weight stays on `meta` and `.to(device)` raises "Cannot copy out of meta tensor". Checkpoints have no
+    lm_head key (it is tied; `vidore/colpali-v1.3` included). Pointing the head at the embedding matrix, as the
+    config's `tie_word_embeddings` says, costs no memory. Must run before `.to(device)`.
+    """
+    inner = getattr(hf_model, "model", None)
+    lm_head = getattr(inner, "lm_head", None)
+    if inner is None or lm_head is None or not getattr(lm_head.weight, "is_meta", False):
+        return
+    lm_head.weight = inner.get_input_embeddings().weight
+
+
 class LateInteractionEncoder(CachedModel):
     """
     A loaded ColPali-family model: queries and page images into multi-vectors (one vector per token).
 
-    Use `LateInteractionEncoder.get(LoadSpec(...))` to load (or reuse) one.
+    Use `LateInteractionEncoder.get(LoadSpec(...))` to load (or reuse) one. With `processor_kwargs=None` in the
+    spec, the family's trained processor settings apply (`ColPaliFamily.default_processor_kwargs`).
+
+    The API the components use:
+    - `embed_queries(texts, *, query_prefix=None, max_query_tokens=DEFAULT_MAX_QUERY_TOKENS)`: query multi-vectors;
+      `query_prefix=None` means the family's trained prefix (`default_query_prefix`), `""` none.
+    - `query_inputs(texts, ...)`: the exact model inputs `embed_queries` feeds (for conformance checks).
+    - `embed_images(images, *, pool_factor=None)`: page multi-vectors, pooled on the model's device.
+    - `default_query_prefix`, `dim`, `family`.
     """
 
     def __init__(self, model: Any, processor: Any, *, device: str, model_id: str, family: ColPaliFamily) -> None:
@@ -155,8 +266,10 @@ class LateInteractionEncoder(CachedModel):
         family = detect_family(
             spec.model, token=spec.token, local_files_only=spec.local_files_only, component=spec.component
         )
+        if spec.processor_kwargs is None and family.default_processor_kwargs is not None:
+            spec = replace(spec, processor_kwargs=family.default_processor_kwargs)
         hf_model, processor = load_model_and_processor(
-            getattr(col_models, family.model_class).from_pretrained,
+            _load_colpali_model(getattr(col_models, family.model_class), family),
             getattr(col_models, family.processor_class).from_pretrained,
             spec,
             model_what=f"{family.model_class} model",
@@ -164,58 +277,427 @@ class LateInteractionEncoder(CachedModel):
         )
         return cls(hf_model, processor, device=spec.device, model_id=spec.model, family=family)
 
-    def _forward(self, batch: Any) -> list[np.ndarray]:
-        inputs = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    @property
+    def default_query_prefix(self) -> str:
+        """The query prefix used when none is given: the family's trained prefix, else the processor's own."""
+        trained = self.family.trained_query_prefix
+        if trained is not None:
+            return trained
+        return str(getattr(self.processor, "query_prefix", ""))
+
+    def _forward(self, batch: Any) -> list[torch.Tensor]:
+        inputs = {
+            k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items() if k != "labels"
+        }
+        if self.family.model_class == "ColPali":
+            # ColPali runs the full PaliGemmaForConditionalGeneration and discards its logits (modeling_colpali.py:
+            # 65-66); `logits_to_keep=1` projects only the last position instead of (batch, seq, 257216) logits.
+            # The embeddings are unchanged (they come from hidden_states[-1]). "labels" (PaliGemmaProcessor adds
+            # them) would only add a loss over those logits.
+            inputs["logits_to_keep"] = 1
         embeddings = self.model(**inputs)  # (batch, seq, dim), padding rows zeroed by the model
         mask = inputs["attention_mask"].bool()
-        return [embeddings[i][mask[i]].float().cpu().numpy() for i in range(embeddings.shape[0])]
+        return [embeddings[i][mask[i]] for i in range(embeddings.shape[0])]
 
-    @torch.inference_mode()
-    def embed_queries(self, texts: list[str]) -> list[np.ndarray]:
+    def _truncate_query(self, text: str, max_query_tokens: int) -> str:
+        tokenizer = self.processor.tokenizer
+        try:
+            offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+            n_tokens = len(offsets)
+            cut = None if n_tokens <= max_query_tokens else text[: offsets[max_query_tokens - 1][1]]
+        except NotImplementedError:  # a slow (Python) tokenizer has no offsets: decode the kept ids instead
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            n_tokens = len(ids)
+            cut = None if n_tokens <= max_query_tokens else tokenizer.decode(ids[:max_query_tokens])
+        if cut is None:
+            return text
+        logger.warning(
+            "Query of {n_tokens} tokens truncated to its first {limit} tokens (max_query_tokens={limit}) for {model}.",
+            n_tokens=n_tokens,
+            limit=max_query_tokens,
+            model=self.model_id,
+        )
+        return cut
+
+    def query_inputs(
+        self, texts: list[str], *, query_prefix: str | None = None, max_query_tokens: int = DEFAULT_MAX_QUERY_TOKENS
+    ) -> Any:
         """
-        Encode queries with the model's query processing (prefix and augmentation tokens included).
+        The model inputs for queries: `query_prefix + text + augmentation_token * 10`, tokenized as in training.
 
         :param texts: The queries.
+        :param query_prefix: Text put before each query; `None` for `default_query_prefix`, `""` for none.
+        :param max_query_tokens: The query text is cut to this many tokens (with a warning) before the prefix and
+            the augmentation tokens are added.
+        :returns: The processor's batch (`input_ids`, `attention_mask`, ...).
+        """
+        prefix = self.default_query_prefix if query_prefix is None else query_prefix
+        suffix = self.processor.query_augmentation_token * QUERY_AUGMENTATION_TOKENS
+        prompts = [prefix + self._truncate_query(text, max_query_tokens) + suffix for text in texts]
+        padding_side = self.family.query_padding_side
+        if padding_side is not None and self.processor.tokenizer.padding_side != padding_side:
+            tokenizer = copy.copy(self.processor.tokenizer)  # never change the shared processor's state
+            tokenizer.padding_side = padding_side
+            processor = copy.copy(self.processor)
+            processor.tokenizer = tokenizer
+            return processor.process_texts(prompts)
+        return self.processor.process_texts(prompts)
+
+    @torch.inference_mode()
+    def embed_queries(
+        self, texts: list[str], *, query_prefix: str | None = None, max_query_tokens: int = DEFAULT_MAX_QUERY_TOKENS
+    ) -> list[np.ndarray]:
+        """
+        Encode queries as the checkpoint was trained: prefix, query, 10 augmentation tokens.
+
+        :param texts: The queries.
+        :param query_prefix: Text put before each query; `None` for the family's trained prefix
+            (`default_query_prefix`: `"Query: "` for ColPali, ColQwen2, ColQwen2.5, ColIdefics3), `""` for none.
+        :param max_query_tokens: Longer query texts are cut to this many tokens, with a warning.
         :returns: One `float32` array `(n_tokens, dim)` per query, padding removed.
         """
         if not texts:
             return []
-        return self._forward(self.processor.process_queries(texts=texts))
+        batch = self.query_inputs(texts, query_prefix=query_prefix, max_query_tokens=max_query_tokens)
+        return [v.float().cpu().numpy() for v in self._forward(batch)]
+
+    def check_image(self, image: Image.Image) -> None:
+        """
+        Raise the error the processor would raise for this image's size, without processing its pixels.
+
+        Of the colpali-engine processors only the Qwen family refuses images by size: transformers' `smart_resize`
+        raises for an aspect ratio above 200 (TF/models/qwen2_vl/image_processing_qwen2_vl.py:75-78; Qwen2.5-VL
+        and Qwen3-VL use the same image processor). PaliGemma resizes every image to a fixed square and Idefics3
+        tiles any size (checked with 1600x6, 6x1600, 1x1 and 5000x3 images). The check calls that same function with
+        the processor's own settings, so it refuses exactly what the processor refuses.
+
+        :param image: The image.
+        :raises ValueError: When the processor would refuse it.
+        """
+        image_processor = getattr(self.processor, "image_processor", None)
+        patch_size = getattr(image_processor, "patch_size", None)
+        merge_size = getattr(image_processor, "merge_size", None)
+        size = getattr(image_processor, "size", None)
+        if patch_size is None or merge_size is None or size is None:
+            return
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+        smart_resize(
+            image.height,
+            image.width,
+            factor=int(patch_size) * int(merge_size),
+            min_pixels=size["shortest_edge"],
+            max_pixels=size["longest_edge"],
+        )
+
+    def process_images(self, images: list[Image.Image]) -> Any:
+        """
+        The processor's page batch for `images`.
+
+        :param images: RGB images.
+        :returns: The batch.
+        :raises ValueError: When the processor refuses an image (e.g. Qwen: aspect ratio above 200).
+        """
+        return self.processor.process_images(images)
 
     @torch.inference_mode()
-    def embed_images(self, images: list[Image.Image], *, pool_factor: int | None = None) -> list[np.ndarray]:
+    def embed_images(
+        self, images: list[Image.Image], *, pool_factor: int | None = None, batch: Any | None = None
+    ) -> list[np.ndarray]:
         """
         Encode page images.
 
         :param images: RGB images.
-        :param pool_factor: Optional hierarchical token pooling factor (colpali-engine's pooler): about
-            `n_vectors / pool_factor` vectors are kept per page.
+        :param pool_factor: Optional hierarchical token pooling factor (colpali-engine's pooler, run on the
+            model's device): `max(n_vectors // pool_factor, 1)` vectors are kept per page.
+        :param batch: The processor batch of `images` when already computed (`process_images`).
         :returns: One `float32` array `(n_vectors, dim)` per image, padding removed.
+        :raises ValueError: When the processor refuses an image.
         """
         if not images:
             return []
-        vectors = self._forward(self.processor.process_images(images))
-        if pool_factor is None or pool_factor <= 1:
-            return vectors
-        return pool_multivectors(vectors, pool_factor)
+        vectors = self._forward(batch if batch is not None else self.processor.process_images(images))
+        if pool_factor is not None and pool_factor > 1:
+            vectors = pool_tensors(vectors, pool_factor)
+        return [v.float().cpu().numpy() for v in vectors]
 
 
-def pool_multivectors(vectors: list[np.ndarray], pool_factor: int) -> list[np.ndarray]:
+def _ward_labels(embeddings: list[torch.Tensor], n_clusters: list[int]) -> list[torch.Tensor]:
     """
-    Hierarchical token pooling of page multi-vectors (colpali-engine's `HierarchicalTokenPooler`).
+    Ward clustering of the rows of `1 - E Eᵀ` of each page, like colpali-engine's pooler, all pages at once.
+
+    `HierarchicalTokenPooler` passes the square matrix `1 - E Eᵀ` to `scipy.cluster.hierarchy.linkage(...,
+    metric="euclidean", method="ward")`, i.e. as n observations of dimension n (not as a distance matrix), and cuts
+    with `fcluster(criterion="maxclust")` (colpali_engine/compression/token_pooling/hierarchical_token_pooling.py:
+    118-123). Here: the same greedy Ward merge sequence (Lance-Williams updates of squared Euclidean distances, in
+    float64 as scipy computes), stopped when `n_clusters` remain, which is the maxclust cut because Ward's merge
+    heights are monotone. The squared distances come from the low-rank identity
+    `|S_a - S_b|^2 = (e_a - e_b)ᵀ (EᵀE) (e_a - e_b)` (S = E Eᵀ), O(n² d) instead of O(n³). Each row's nearest
+    neighbour is kept, so the closest pair costs O(n) per merge (Ward is reducible: only rows whose neighbour
+    merged need a new search), and the pages of a batch merge in lock-step (one kernel per step for all pages).
+
+    :param embeddings: `(n_b, dim)` float tensors on one device, `n_b >= 2`.
+    :param n_clusters: Clusters per page, `1 <= n_clusters[b] <= n_b`.
+    :returns: Per page, `(n_b,)` int64 labels in `[0, n_clusters[b])`, numbered by each cluster's first token.
+    """
+    ops = _ops_for(embeddings[0].device)
+    labels = _ward_labels_with(ops, [ops.from_torch(e, float64=True) for e in embeddings], n_clusters)
+    return [ops.to_torch(label) for label in labels]
+
+
+def _ops_for(device: torch.device) -> _ArrayOps:
+    # The merge loop is ~30 small operations per merge: on the CPU numpy runs them several times faster than torch
+    # (no dispatch or intra-op thread-pool wake-ups, which on a loaded 2-core machine made a torch CPU version 2-4x
+    # slower than scipy); on an accelerator torch keeps everything on the device. Both index and compute alike.
+    return _NumpyOps() if device.type == "cpu" else _TorchOps(device)
+
+
+def _ward_labels_with(ops: _ArrayOps, pages: list[Any], n_clusters: list[int]) -> list[Any]:
+    count = len(pages)
+    sizes = [int(page.shape[0]) for page in pages]
+    width = max(sizes)
+    x = ops.zeros((count, width, int(pages[0].shape[1])))
+    for b, page in enumerate(pages):
+        x[b, : sizes[b]] = page
+    gram = x.swapaxes(1, 2) @ x  # (B, d, d); zero padding rows add nothing
+    m = x @ gram  # (B, N, d)
+    q = (m * x).sum(-1)  # (B, N)
+    dist = q[:, :, None] + q[:, None, :] - 2.0 * (m @ x.swapaxes(1, 2))
+    dist[dist < 0] = 0.0
+    valid = ops.arange(width)[None, :] < ops.tensor(sizes)[:, None]
+    dist[~(valid[:, :, None] & valid[:, None, :])] = float("inf")
+    diagonal = ops.arange(width)
+    dist[:, diagonal, diagonal] = float("inf")
+    steps = [sizes[b] - n_clusters[b] for b in range(count)]
+    labels = _ward_merge(ops, dist, valid, steps)
+    return [ops.unique_inverse(labels[b, : sizes[b]]) for b in range(count)]
+
+
+class _ArrayOps:
+    """The few array functions whose names differ between numpy and torch (both index and do arithmetic alike)."""
+
+    def asarray(self, x: torch.Tensor) -> Any:
+        raise NotImplementedError
+
+    def arange(self, n: int) -> Any:
+        raise NotImplementedError
+
+    def tensor(self, values: list[int]) -> Any:
+        raise NotImplementedError
+
+    def ones(self, shape: tuple[int, int]) -> Any:
+        raise NotImplementedError
+
+    def minimum(self, a: Any, b: Any) -> Any:
+        raise NotImplementedError
+
+    def maximum(self, a: Any, b: Any) -> Any:
+        raise NotImplementedError
+
+    def where(self, cond: Any, a: Any, b: Any) -> Any:
+        raise NotImplementedError
+
+    def nonzero(self, mask: Any) -> tuple[Any, Any]:
+        raise NotImplementedError
+
+    def zeros(self, shape: tuple[int, ...]) -> Any:
+        raise NotImplementedError
+
+    def from_torch(self, x: torch.Tensor, *, float64: bool = False) -> Any:
+        raise NotImplementedError
+
+    def to_torch(self, x: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def unique_inverse(self, x: Any) -> Any:
+        raise NotImplementedError
+
+    def as_float32(self, x: Any) -> Any:
+        raise NotImplementedError
+
+    def sqrt(self, x: Any) -> Any:
+        raise NotImplementedError
+
+
+class _NumpyOps(_ArrayOps):
+    def asarray(self, x: torch.Tensor) -> Any:
+        return x.numpy()
+
+    def arange(self, n: int) -> Any:
+        return np.arange(n)
+
+    def tensor(self, values: list[int]) -> Any:
+        return np.asarray(values, dtype=np.int64)
+
+    def ones(self, shape: tuple[int, int]) -> Any:
+        return np.ones(shape, dtype=np.float64)
+
+    def minimum(self, a: Any, b: Any) -> Any:
+        return np.minimum(a, b)
+
+    def maximum(self, a: Any, b: Any) -> Any:
+        return np.maximum(a, b)
+
+    def where(self, cond: Any, a: Any, b: Any) -> Any:
+        return np.where(cond, a, b)
+
+    def nonzero(self, mask: Any) -> tuple[Any, Any]:
+        rows, cols = np.nonzero(mask)
+        return rows, cols
+
+    def zeros(self, shape: tuple[int, ...]) -> Any:
+        return np.zeros(shape, dtype=np.float64)
+
+    def from_torch(self, x: torch.Tensor, *, float64: bool = False) -> Any:
+        array = x.detach().cpu().numpy()
+        return array.astype(np.float64 if float64 else np.float32, copy=False)
+
+    def to_torch(self, x: Any) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(x))
+
+    def unique_inverse(self, x: Any) -> Any:
+        return np.unique(x, return_inverse=True)[1].astype(np.int64)
+
+    def as_float32(self, x: Any) -> Any:
+        return x.astype(np.float32)
+
+    def sqrt(self, x: Any) -> Any:
+        return np.sqrt(x)
+
+
+class _TorchOps(_ArrayOps):
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def asarray(self, x: torch.Tensor) -> Any:
+        return x
+
+    def arange(self, n: int) -> Any:
+        return torch.arange(n, device=self.device)
+
+    def tensor(self, values: list[int]) -> Any:
+        return torch.tensor(values, device=self.device)
+
+    def ones(self, shape: tuple[int, int]) -> Any:
+        return torch.ones(shape, dtype=torch.float64, device=self.device)
+
+    def minimum(self, a: Any, b: Any) -> Any:
+        return torch.minimum(a, b)
+
+    def maximum(self, a: Any, b: Any) -> Any:
+        return torch.maximum(a, b)
+
+    def where(self, cond: Any, a: Any, b: Any) -> Any:
+        return torch.where(cond, a, b)
+
+    def nonzero(self, mask: Any) -> tuple[Any, Any]:
+        rows, cols = mask.nonzero(as_tuple=True)
+        return rows, cols
+
+    def zeros(self, shape: tuple[int, ...]) -> Any:
+        return torch.zeros(shape, dtype=torch.float64, device=self.device)
+
+    def from_torch(self, x: torch.Tensor, *, float64: bool = False) -> Any:
+        return x.to(device=self.device, dtype=torch.float64 if float64 else torch.float32)
+
+    def to_torch(self, x: Any) -> torch.Tensor:
+        return x
+
+    def unique_inverse(self, x: Any) -> Any:
+        return torch.unique(x, return_inverse=True)[1]
+
+    def as_float32(self, x: Any) -> Any:
+        return x.to(torch.float32)
+
+    def sqrt(self, x: Any) -> Any:
+        return torch.sqrt(x)
+
+
+def _ward_merge(ops: _ArrayOps, dist: Any, valid: Any, steps: list[int]) -> Any:
+    """Run `steps[b]` Ward merges on page b's squared-distance matrix `dist[b]` (modified); return the labels."""
+    inf = float("inf")
+    count, width = dist.shape[0], dist.shape[1]
+    size = ops.ones((count, width))
+    labels = ops.arange(width)[None, :] + 0 * ops.arange(count)[:, None]
+    nn_idx = dist.argmin(2)
+    all_rows = ops.arange(count)[:, None]
+    nn_dist = dist[all_rows, ops.arange(width)[None, :], nn_idx]
+    nn_idx = ops.where(valid, nn_idx, -1)
+    all_pages = ops.arange(count)
+    for step in range(max(steps)):
+        active = [b for b in range(count) if steps[b] > step]
+        pages = all_pages if len(active) == count else ops.tensor(active)
+        local = ops.arange(len(active))
+        first = nn_dist[pages].argmin(1)
+        second = nn_idx[pages, first]
+        i, j = ops.minimum(first, second), ops.maximum(first, second)
+        s = size[pages]
+        n_i, n_j = size[pages, i][:, None], size[pages, j][:, None]
+        d_ij = dist[pages, i, j][:, None]
+        merged = ((n_i + s) * dist[pages, i] + (n_j + s) * dist[pages, j] - s * d_ij) / (n_i + n_j + s)
+        merged[local, i] = inf
+        dist[pages, i] = merged
+        dist[pages, :, i] = merged
+        dist[pages, j] = inf
+        dist[pages, :, j] = inf
+        size[pages, i] = (n_i + n_j)[:, 0]
+        page_labels = labels[pages]
+        labels[pages] = ops.where(page_labels == j[:, None], i[:, None], page_labels)
+        page_nn = nn_idx[pages]
+        stale = (page_nn == i[:, None]) | (page_nn == j[:, None])
+        stale[local, i] = True
+        stale[local, j] = False
+        stale_page, stale_row = ops.nonzero(stale)
+        stale_page = pages[stale_page]
+        best = dist[stale_page, stale_row].argmin(1)
+        nn_idx[stale_page, stale_row] = best
+        nn_dist[stale_page, stale_row] = dist[stale_page, stale_row, best]
+        nn_dist[pages, j] = inf
+        nn_idx[pages, j] = -1  # a merged-away row is never searched again
+    return labels
+
+
+def pool_tensors(embeddings: list[torch.Tensor], pool_factor: int) -> list[torch.Tensor]:
+    """
+    Hierarchical token pooling of page multi-vectors on their own device.
+
+    Keeps colpali-engine's `HierarchicalTokenPooler` results: the same Ward clusters of `1 - E Eᵀ`,
+    `max(n // pool_factor, 1)` of them, each the L2-normalised mean of its vectors. Only the ORDER of the pooled
+    vectors may differ (ours: by each cluster's first token; MaxSim does not depend on it). Pages with fewer than
+    2 vectors are returned as they are (colpali-engine raises on them).
+
+    :param embeddings: `(n_b, dim)` tensors (padding removed), all on one device.
+    :param pool_factor: At least 1; 1 returns the inputs.
+    :returns: Per page a `(max(n_b // pool_factor, 1), dim)` tensor, the input's dtype and device.
+    """
+    if pool_factor <= 1:
+        return list(embeddings)
+    todo = [b for b, emb in enumerate(embeddings) if emb.shape[0] >= 2]
+    out = list(embeddings)
+    if not todo:
+        return out
+    n_clusters = [max(int(embeddings[b].shape[0]) // pool_factor, 1) for b in todo]
+    ops = _ops_for(embeddings[todo[0]].device)
+    all_labels = _ward_labels_with(ops, [ops.from_torch(embeddings[b], float64=True) for b in todo], n_clusters)
+    for b, k, labels in zip(todo, n_clusters, all_labels, strict=True):
+        values = ops.from_torch(embeddings[b])  # float32, like colpali-engine's means
+        members = ops.as_float32(labels[None, :] == ops.arange(k)[:, None])  # (k, n) one-hot
+        means = (members @ values) / members.sum(1)[:, None]
+        norms = ops.sqrt((means * means).sum(1))[:, None]
+        norms[norms < 1e-12] = 1e-12  # torch.nn.functional.normalize's eps
+        pooled = ops.to_torch(means / norms)
+        out[b] = pooled.to(device=embeddings[b].device, dtype=embeddings[b].dtype)
+    return out
+
+
+def pool_multivectors(vectors: list[np.ndarray], pool_factor: int, *, device: str = "cpu") -> list[np.ndarray]:
+    """
+    Hierarchical token pooling of page multi-vectors, as `embed_images(..., pool_factor=...)` pools stored pages.
 
     :param vectors: `(n_vectors, dim)` arrays.
-    :param pool_factor: Keep about `n_vectors / pool_factor` vectors per page (at least 1).
-    :returns: The pooled arrays, `float32`, L2-normalised rows.
+    :param pool_factor: Keep `max(n_vectors // pool_factor, 1)` vectors per page; 1 keeps them all.
+    :param device: Torch device to cluster on (e.g. the model's).
+    :returns: The pooled arrays, `float32`, L2-normalised rows (unchanged arrays when `pool_factor <= 1`).
     """
-    from colpali_engine.compression.token_pooling import HierarchicalTokenPooler
-
-    pooler = HierarchicalTokenPooler()
-    out: list[np.ndarray] = []
-    for array in vectors:
-        if array.shape[0] < 2:
-            out.append(array)
-            continue
-        pooled = pooler.pool_embeddings([torch.from_numpy(array)], pool_factor=pool_factor)
-        out.append(np.asarray(pooled[0].float().numpy(), dtype=np.float32))
-    return out
+    tensors = [torch.as_tensor(np.asarray(array, dtype=np.float32), device=device) for array in vectors]
+    return [t.cpu().numpy() for t in pool_tensors(tensors, pool_factor)] if tensors else []

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import replace
 from typing import Any
 
@@ -7,9 +8,13 @@ from haystack import Document, component, default_from_dict, default_to_dict, lo
 from haystack.utils import ComponentDevice, Secret
 from tqdm import tqdm
 
-from haystack_integrations.common.multimodal_rag.backends.colpali import LateInteractionEncoder
+from haystack_integrations.common.multimodal_rag.backends.colpali import LateInteractionEncoder, check_processor_kwargs
 from haystack_integrations.common.multimodal_rag.backends.loading import LoadSpec, serialize_loading_params
-from haystack_integrations.common.multimodal_rag.inputs.failures import check_documents_input, validate_on_error
+from haystack_integrations.common.multimodal_rag.inputs.failures import (
+    OnError,
+    check_documents_input,
+    validate_on_error,
+)
 from haystack_integrations.common.multimodal_rag.inputs.media import MODALITY_META_KEY
 from haystack_integrations.common.multimodal_rag.inputs.planning import (
     iter_image_batches,
@@ -28,6 +33,34 @@ logger = logging.getLogger(__name__)
 
 MULTIVECTOR_COUNT_META_KEY = "multivector_count"
 
+#: The `Document` field Haystack 3.5 added for multi-vector embeddings.
+MULTIVECTOR_FIELD = "multivector_embedding"
+
+
+def document_has_multivector_field() -> bool:
+    """Whether the installed Haystack's `Document` has a `multivector_embedding` field (Haystack >= 3.5)."""
+    return any(f.name == MULTIVECTOR_FIELD for f in dataclasses.fields(Document))
+
+
+def duplicate_id_failures(documents: list[Document]) -> dict[int, str]:
+    """
+    The positions of documents whose id an EARLIER document of the batch already has, with the reason.
+
+    :param documents: The batch.
+    :returns: Reason per later duplicate (the first occurrence is kept).
+    """
+    first: dict[str, int] = {}
+    failures: dict[int, str] = {}
+    for i, doc in enumerate(documents):
+        if doc.id in first:
+            failures[i] = (
+                f"duplicate document id '{doc.id}' (also the id of the document at position {first[doc.id]} of "
+                "this batch): a store keeps one entry per id, so only the first is embedded"
+            )
+        else:
+            first[doc.id] = i
+    return failures
+
 
 @component
 class ColPaliDocumentEmbedder:
@@ -39,8 +72,15 @@ class ColPaliDocumentEmbedder:
     any page at query time. Documents are passed on with `meta["multivector_count"]`; text-only documents
     pass through untouched. Source rules and bad-input handling are those of `MultimodalDocumentEmbedder`.
 
-    The model family (ColPali, ColQwen2, ColQwen2.5, ColIdefics3/ColSmol, ...) is read from the checkpoint's
-    configuration.
+    The model family (ColPali, ColQwen2, ColQwen2.5, ColQwen3, ColIdefics3/ColSmol, ColModernVBert) is read from
+    the checkpoint's configuration; pages are processed as the checkpoint was trained (e.g. ColQwen2/2.5: at most
+    768 visual tokens per page unless `processor_kwargs` says otherwise).
+
+    Bad inputs: unreadable files, pages the model's processor refuses (e.g. a 1600x6 banner: Qwen processors refuse
+    aspect ratios above 200) and repeated document ids are named failures. With `on_error="raise"` every
+    document is checked (decoded, and its size checked against the processor's rules) before any model work, so
+    nothing is written when any document fails; batches are then written as they are encoded (memory bounded by the
+    batch, and an interrupted run keeps what it wrote).
 
     ### Usage example
     ```python
@@ -69,7 +109,9 @@ class ColPaliDocumentEmbedder:
         progress_bar: bool = True,
         local_files_only: bool = False,
         model_kwargs: dict[str, Any] | None = None,
-        on_error: str = "raise",
+        processor_kwargs: dict[str, Any] | None = None,
+        fill_multivector_embedding: bool = False,
+        on_error: OnError = "raise",
     ) -> None:
         """
         Create the embedder. Nothing is loaded until `warm_up()`.
@@ -87,14 +129,31 @@ class ColPaliDocumentEmbedder:
         :param local_files_only: Only use a local path or the local Hugging Face cache.
         :param model_kwargs: Extra keyword arguments for the model's `from_pretrained`
             (e.g. `{"dtype": "bfloat16", "attn_implementation": "sdpa"}`).
-        :param on_error: `"raise"` (one error naming every bad document) or `"skip"` (return them in
-            `failed_documents`).
-        :raises ValueError: On invalid parameters.
+        :param processor_kwargs: Extra keyword arguments for the processor's `from_pretrained`, e.g. a visual-token
+            budget `{"max_num_visual_tokens": 768}` (ColQwen2/2.5). `None` uses the training recipe's settings
+            (ColQwen2/2.5: 768 visual tokens per page; other families: the checkpoint's processor config).
+        :param fill_multivector_embedding: Also set `Document.multivector_embedding` (`list[list[float]]`) on the
+            output documents, for stores that keep multi-vectors in the document (needs Haystack >= 3.5).
+        :param on_error: `"raise"` (one error naming every bad document; nothing is written) or `"skip"` (return
+            them in `failed_documents`).
+        :raises TypeError: If `processor_kwargs` is neither a dict nor `None`.
+        :raises ValueError: On invalid parameters, or `fill_multivector_embedding=True` with a Haystack whose
+            `Document` has no `multivector_embedding` field.
         """
         check_positive_int("batch_size", batch_size)
         if pool_factor is not None:
             check_positive_int("pool_factor", pool_factor)
         validate_on_error(on_error)
+        check_processor_kwargs(processor_kwargs)
+        if fill_multivector_embedding and not document_has_multivector_field():
+            import haystack
+
+            msg = (
+                "ColPaliDocumentEmbedder(fill_multivector_embedding=True) needs a Haystack whose Document has a "
+                f"'{MULTIVECTOR_FIELD}' field (Haystack >= 3.5); the installed Haystack {haystack.__version__} has "
+                "none. Upgrade Haystack or leave fill_multivector_embedding=False (the vectors are in the store)."
+            )
+            raise ValueError(msg)
         if multivector_store is None:
             msg = "ColPaliDocumentEmbedder needs a multivector_store to write page multi-vectors to"
             raise ValueError(msg)
@@ -109,6 +168,8 @@ class ColPaliDocumentEmbedder:
         self.progress_bar = progress_bar
         self.local_files_only = local_files_only
         self.model_kwargs = model_kwargs
+        self.processor_kwargs = processor_kwargs
+        self.fill_multivector_embedding = fill_multivector_embedding
         self.on_error = on_error
         self._encoder: LateInteractionEncoder | None = None
 
@@ -141,6 +202,8 @@ class ColPaliDocumentEmbedder:
             batch_size=self.batch_size,
             pool_factor=self.pool_factor,
             progress_bar=self.progress_bar,
+            processor_kwargs=self.processor_kwargs,
+            fill_multivector_embedding=self.fill_multivector_embedding,
             on_error=self.on_error,
         )
 
@@ -162,45 +225,60 @@ class ColPaliDocumentEmbedder:
         :param documents: The documents; they are not modified.
         :returns: A dictionary with:
             - `documents`: every document that did not fail, in input order; image/page documents carry
-              `meta["multivector_count"]`, text documents are passed on untouched.
-            - `failed_documents`: with `on_error="skip"`, the documents that could not be encoded, each with
-              `meta["embedding_error"]`.
-        :raises DocumentProcessingError: With `on_error="raise"`, when any document cannot be encoded (raised
-            before anything is written).
+              `meta["multivector_count"]` (and `multivector_embedding` with `fill_multivector_embedding=True`),
+              text documents are passed on untouched.
+            - `failed_documents`: with `on_error="skip"`, the documents that could not be encoded (unreadable,
+              refused by the processor, or a repeated id), each with `meta["embedding_error"]`.
+        :raises DocumentProcessingError: With `on_error="raise"`, when any document cannot be encoded; nothing is
+            written to the store then.
         """
         component_name = type(self).__name__
         check_documents_input(component_name, documents)
         if not documents:
             return {"documents": [], "failed_documents": []}
+        duplicates = duplicate_id_failures(documents)
+        if self.on_error == "raise":
+            raise_if_failed(component_name, documents, duplicates)
         self.warm_up()
         assert self._encoder is not None
         encoder = self._encoder
 
-        # Every image is decoded once up front (cheap next to the model) so that, with on_error="raise", no bad
-        # file is discovered after earlier batches were written to the store.
+        # With on_error="raise" every image is decoded and checked against the processor's size rules up front,
+        # one batch at a time, so that no bad document is discovered after earlier batches were written.
         plan = plan_documents(
-            documents, file_path_meta_field=self.file_path_meta_field, root_path=self.root_path, probe_pixels=True
+            documents, file_path_meta_field=self.file_path_meta_field, root_path=self.root_path, probe_pixels=False
         )
-        failures = dict(plan.failures)
+        failures = {**plan.failures, **duplicates}
+        visual = [i for i in plan.visual_indices() if i not in duplicates]
         if self.on_error == "raise":
+            raise_if_failed(component_name, documents, failures)
+            failures.update(self._validate(encoder, documents, plan, visual))
             raise_if_failed(component_name, documents, failures)
 
         counts: dict[int, int] = {}
-        visual = plan.visual_indices()
+        filled: dict[int, list[list[float]]] = {}  # only with fill_multivector_embedding=True
         with tqdm(
             total=len(visual), disable=not self.progress_bar, desc=f"{component_name} ({encoder.model_id})", unit="page"
         ) as bar:
             for positions, images, failed in iter_image_batches(plan, visual, self.batch_size):
-                if failed and self.on_error == "raise":
-                    raise_if_failed(component_name, documents, failed)
-                failures.update(failed)
-                if images:
-                    vectors = encoder.embed_images(images, pool_factor=self.pool_factor)
-                    batch = {documents[i].id: v for i, v in zip(positions, vectors, strict=True)}
-                    self.multivector_store.write(batch)
-                    counts.update({i: int(v.shape[0]) for i, v in zip(positions, vectors, strict=True)})
-                for image in images:
-                    image.close()
+                try:
+                    batch, positions, refused = self._process(encoder, documents, positions, images)
+                    failed.update(refused)
+                    if failed and self.on_error == "raise":
+                        raise_if_failed(component_name, documents, failed)
+                    failures.update(failed)
+                    if positions:
+                        kept = [images[k] for k in batch.kept]
+                        vectors = encoder.embed_images(kept, pool_factor=self.pool_factor, batch=batch.inputs)
+                        self.multivector_store.write(
+                            {documents[i].id: v for i, v in zip(positions, vectors, strict=True)}
+                        )
+                        counts.update({i: int(v.shape[0]) for i, v in zip(positions, vectors, strict=True)})
+                        if self.fill_multivector_embedding:
+                            filled.update({i: v.tolist() for i, v in zip(positions, vectors, strict=True)})
+                finally:
+                    for image in images:
+                        image.close()
                 bar.update(len(positions) + len(failed))
 
         def make_output(i: int, doc: Document) -> Document:
@@ -210,6 +288,68 @@ class ColPaliDocumentEmbedder:
             modality = plan.modalities[i]
             if modality is not None:
                 meta.setdefault(MODALITY_META_KEY, modality)
+            if self.fill_multivector_embedding:
+                fields: dict[str, Any] = {"meta": meta, MULTIVECTOR_FIELD: filled[i]}
+                return replace(doc, **fields)
             return replace(doc, meta=meta)
 
         return split_outputs(documents, failures, make_output)
+
+    def _validate(
+        self, encoder: LateInteractionEncoder, documents: list[Document], plan: Any, visual: list[int]
+    ) -> dict[int, str]:
+        """Decode every visual document (batch by batch) and check it against the processor's size rules."""
+        failures: dict[int, str] = {}
+        for positions, images, failed in iter_image_batches(plan, visual, self.batch_size):
+            failures.update(failed)
+            for i, image in zip(positions, images, strict=True):
+                try:
+                    encoder.check_image(image)
+                except ValueError as e:
+                    failures[i] = _refusal(encoder, documents[i], image, e)
+                finally:
+                    image.close()
+        return failures
+
+    @staticmethod
+    def _process(
+        encoder: LateInteractionEncoder, documents: list[Document], positions: list[int], images: list[Any]
+    ) -> tuple[_ProcessedBatch, list[int], dict[int, str]]:
+        """
+        Run the processor on a batch; when it refuses the batch, find the images it refuses, one by one.
+
+        :returns: The processed batch of the accepted images, their positions, and the reason per refused position.
+        """
+        if not images:
+            return _ProcessedBatch(None, []), [], {}
+        try:
+            return _ProcessedBatch(encoder.process_images(images), list(range(len(images)))), positions, {}
+        except Exception:  # the processor's errors are not typed (ValueError, TypeError, ...): find the culprit
+            pass
+        kept: list[int] = []
+        refused: dict[int, str] = {}
+        for k, (i, image) in enumerate(zip(positions, images, strict=True)):
+            try:
+                encoder.process_images([image])
+                kept.append(k)
+            except Exception as e:  # any refusal becomes this document's named failure
+                refused[i] = _refusal(encoder, documents[i], image, e)
+        if not kept:
+            return _ProcessedBatch(None, []), [], refused
+        inputs = encoder.process_images([images[k] for k in kept])
+        return _ProcessedBatch(inputs, kept), [positions[k] for k in kept], refused
+
+
+def _refusal(encoder: LateInteractionEncoder, document: Document, image: Any, error: Exception) -> str:
+    return (
+        f"{encoder.family.processor_class} refused the {image.width}x{image.height} image of document "
+        f"'{document.id}': {type(error).__name__}: {error}"
+    )
+
+
+@dataclasses.dataclass
+class _ProcessedBatch:
+    """A processor batch and the indices (into the loaded images) of the images it holds."""
+
+    inputs: Any
+    kept: list[int]

@@ -1,0 +1,415 @@
+"""Tiny random-weight ColPali-family checkpoints, one per colpali-engine architecture, built locally for tests.
+
+Each builder writes a complete folder with `save_pretrained` (weights, `config.json` naming the colpali-engine
+class in `architectures`, the processor and tokenizer files), so the components load it through their real
+loading code, by path. The configs keep the real checkpoints' layout (the same `model_type`, sub-config types,
+special tokens, prompt tokens and padding side); only the sizes are tiny. Nothing here touches the network.
+
+Families (colpali-engine 0.3.18, `colpali_engine/models/__init__.py`):
+
+| builder                       | colpali-engine class | transformers `model_type` | real checkpoint it mirrors |
+|-------------------------------|----------------------|---------------------------|----------------------------|
+| `build_tiny_colpali`          | `ColPali`            | `paligemma`               | vidore/colpali-v1.3 (base) |
+| `build_tiny_colqwen("2")`     | `ColQwen2`           | `qwen2_vl`                | vidore/colqwen2-v1.0       |
+| `build_tiny_colqwen("2.5")`   | `ColQwen2_5`         | `qwen2_5_vl`              | vidore/colqwen2.5-v0.2     |
+| `build_tiny_colqwen("3")`     | `ColQwen3`           | `qwen3_vl`                | ColQwen3 checkpoints       |
+| `build_tiny_colidefics3`      | `ColIdefics3`        | `idefics3`                | vidore/colSmol-256M        |
+| `build_tiny_colmodernvbert`   | `ColModernVBert`     | `modernvbert`             | ModernVBERT/colmodernvbert |
+| `build_tiny_colpali_adapter`  | (PEFT LoRA adapter)  | base's                    | colqwen2.5-v0.2, colpali-v1.3 |
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from haystack_integrations.testing.multimodal_rag.tiny_models import _corpus, _train_bpe, build_tiny_qwen2_vl
+
+#: The families a tiny checkpoint can be built for, by colpali-engine class name.
+FAMILIES: tuple[str, ...] = ("ColPali", "ColQwen2", "ColQwen2_5", "ColQwen3", "ColIdefics3", "ColModernVBert")
+
+
+def _gemma_tokenizer() -> Any:
+    """A tiny Gemma tokenizer laid out like PaliGemma's: `<pad>`=0, `<eos>`=1, `<bos>`=2, `<unk>`=3, "▁" spaces."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import GemmaTokenizer
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
+    bpe = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    # The same normalizer / pre-tokenizer as transformers' GemmaTokenizer, so the trained merges apply.
+    bpe.normalizer = normalizers.Replace(" ", "▁")
+    bpe.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_previous", invert=False)
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=specials, initial_alphabet=["\n", "▁"])
+    bpe.train_from_iterator(_corpus(), trainer)
+    data = json.loads(bpe.to_str())
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in data["model"]["merges"]]
+    # PaliGemma's tokenizer pads on the right (transformers' GemmaTokenizer class default is "left");
+    # colpali-engine's training collator forces "right" for ColPali (CE/collators/visual_retriever_collator.py:49-51).
+    return GemmaTokenizer(vocab=data["model"]["vocab"], merges=merges, padding_side="right")  # type: ignore[arg-type]
+
+
+def build_tiny_colpali(path: str | Path, *, image_size: int = 28, seed: int = 0) -> Path:
+    """
+    Write a tiny random ColPali (PaliGemma: SigLIP vision tower + Gemma decoder with a tied lm_head) to `path`.
+
+    Like the real `vidore/colpali-v1.3` base, the saved weights have no `lm_head` key (it is tied to the input
+    embeddings), which is what leaves it on the meta device when colpali-engine 0.3.18 loads it under
+    transformers 5 (see `backends/colpali.py`).
+
+    :param path: Output directory.
+    :param image_size: SigLIP input resolution (patch size 14, so `(image_size / 14) ** 2` image tokens).
+    :param seed: Random seed of the weights.
+    :returns: The directory.
+    """
+    from colpali_engine.models import ColPali, ColPaliProcessor
+    from transformers import PaliGemmaConfig, SiglipImageProcessor
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = _gemma_tokenizer()
+    patch = 14
+    image_seq_length = (image_size // patch) ** 2
+    # Real PaliGemma-448: SigLIP resize to 448x448, rescale 1/255, mean = std = 0.5, image_seq_length 1024.
+    image_processor = SiglipImageProcessor(
+        size={"height": image_size, "width": image_size},
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+        image_seq_length=image_seq_length,
+    )
+    processor = ColPaliProcessor(image_processor=image_processor, tokenizer=tokenizer)  # adds the <image> token
+    vocab_size = len(tokenizer)
+    config = PaliGemmaConfig(
+        text_config={
+            "model_type": "gemma",
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 32,
+            "vocab_size": vocab_size,
+            "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+        },
+        vision_config={
+            "model_type": "siglip_vision_model",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": image_size,
+            "patch_size": patch,
+            "projection_dim": 64,
+        },
+        projection_dim=64,
+        image_token_index=processor.image_token_id,
+        vocab_size=vocab_size,
+    )
+    torch.manual_seed(seed)
+    ColPali(config).save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def _qwen3_tokenizer() -> Any:
+    from transformers import Qwen2Tokenizer
+
+    from haystack_integrations.testing.multimodal_rag.tiny_models import QWEN_SPECIAL_TOKENS
+
+    vocab, merges = _train_bpe(list(QWEN_SPECIAL_TOKENS), vocab_size=400)
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=1024)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIAL_TOKENS[1:])})
+    return tokenizer
+
+
+def build_tiny_colqwen3(path: str | Path, *, seed: int = 0) -> Path:
+    """
+    Write a tiny random ColQwen3 (Qwen3-VL backbone, 320-d projection) to `path`.
+
+    :param path: Output directory.
+    :param seed: Random seed of the weights.
+    :returns: The directory.
+    """
+    from colpali_engine.models import ColQwen3, ColQwen3Processor
+    from transformers import Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLVideoProcessor
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = _qwen3_tokenizer()
+    hidden = 32
+    config = Qwen3VLConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": hidden,
+            "intermediate_size": hidden * 2,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 16,
+            "max_position_embeddings": 2048,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [2, 3, 3],
+                "mrope_interleaved": True,
+            },
+            "pad_token_id": tokenizer.pad_token_id,
+        },
+        vision_config={
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "out_hidden_size": hidden,
+            "patch_size": 16,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "num_position_embeddings": 64,
+            "deepstack_visual_indexes": [1],
+        },
+        image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+        video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
+        vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
+        vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
+    )
+    torch.manual_seed(seed)
+    ColQwen3(config).save_pretrained(out)
+    # Qwen3-VL: patch 16, merge 2 -> 32-pixel factor (transformers' image_processing_auto maps qwen3_vl to the
+    # Qwen2-VL image processor); tiny pixel budgets keep the tests fast.
+    image_processor = Qwen2VLImageProcessor(
+        patch_size=16,
+        merge_size=2,
+        min_pixels=32 * 32 * 4,
+        max_pixels=32 * 32 * 16,
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+    )
+    ColQwen3Processor(
+        image_processor=image_processor, tokenizer=tokenizer, video_processor=Qwen3VLVideoProcessor()
+    ).save_pretrained(out)
+    return out
+
+
+def build_tiny_colqwen(path: str | Path, *, version: str = "2.5", seed: int = 0) -> Path:
+    """
+    Write a tiny random ColQwen2 / ColQwen2.5 / ColQwen3 checkpoint to `path`.
+
+    :param path: Output directory.
+    :param version: `"2"`, `"2.5"` or `"3"`.
+    :param seed: Random seed of the weights.
+    :returns: The directory.
+    :raises ValueError: On an unknown version.
+    """
+    if version == "3":
+        return build_tiny_colqwen3(path, seed=seed)
+    if version not in ("2", "2.5"):
+        msg = f"version must be '2', '2.5' or '3', got {version!r}"
+        raise ValueError(msg)
+    return build_tiny_qwen2_vl(path, kind="colpali", version=version, seed=seed)
+
+
+# Idefics3 / SmolVLM special tokens (transformers' Idefics3Processor looks up all of them; 6x6 is its row/col grid).
+_IDEFICS3_SPECIALS: tuple[str, ...] = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|begin_of_text|>",
+    "<end_of_utterance>",
+    "<image>",
+    "<fake_token_around_image>",
+    "<global-img>",
+    *(f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)),
+)
+
+
+def _idefics3_style_tokenizer() -> Any:
+    from transformers import GPT2Tokenizer
+
+    vocab, merges = _train_bpe(list(_IDEFICS3_SPECIALS[:1]), vocab_size=400)
+    tokenizer = GPT2Tokenizer(vocab=vocab, merges=merges, model_max_length=2048)
+    tokenizer.add_special_tokens(
+        {"pad_token": "<|endoftext|>", "additional_special_tokens": list(_IDEFICS3_SPECIALS[1:])}
+    )
+    return tokenizer
+
+
+def _idefics3_image_processor(tile: int) -> Any:
+    from transformers import Idefics3ImageProcessor
+
+    # SmolVLM / colSmol: longest_edge 2048, tiles of 512 (max_image_size), split into tiles + 1 global image
+    # (TF/models/idefics3/image_processing_idefics3.py); here 2 x 2 tiles at most.
+    return Idefics3ImageProcessor(
+        size={"longest_edge": 2 * tile},
+        max_image_size={"longest_edge": tile},
+        do_image_splitting=True,
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+    )
+
+
+def build_tiny_colidefics3(path: str | Path, *, tile: int = 28, seed: int = 0) -> Path:
+    """
+    Write a tiny random ColIdefics3 (the ColSmol layout: Idefics3 with a Llama decoder) to `path`.
+
+    :param path: Output directory.
+    :param tile: Tile size of the image splitting (= the SigLIP input size; patch 14, pixel shuffle 2).
+    :param seed: Random seed of the weights.
+    :returns: The directory.
+    """
+    from colpali_engine.models import ColIdefics3, ColIdefics3Processor
+    from transformers import Idefics3Config
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = _idefics3_style_tokenizer()
+    patch, scale = 14, 2
+    image_seq_len = (tile // patch) ** 2 // scale**2
+    config = Idefics3Config(
+        text_config={
+            "model_type": "llama",
+            "vocab_size": len(tokenizer),
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "max_position_embeddings": 2048,
+            "pad_token_id": tokenizer.pad_token_id,
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": tile,
+            "patch_size": patch,
+        },
+        scale_factor=scale,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+    )
+    torch.manual_seed(seed)
+    ColIdefics3(config).save_pretrained(out)
+    ColIdefics3Processor(
+        image_processor=_idefics3_image_processor(tile), tokenizer=tokenizer, image_seq_len=image_seq_len
+    ).save_pretrained(out)
+    return out
+
+
+def build_tiny_colmodernvbert(path: str | Path, *, tile: int = 28, seed: int = 0) -> Path:
+    """
+    Write a tiny random ColModernVBert (SigLIP vision + ModernBERT encoder, Idefics3-style processor) to `path`.
+
+    :param path: Output directory.
+    :param tile: Tile size of the image splitting (= the SigLIP input size; patch 14, pixel shuffle 2).
+    :param seed: Random seed of the weights.
+    :returns: The directory.
+    """
+    from colpali_engine.models import ColModernVBert, ColModernVBertProcessor
+    from transformers import ModernVBertConfig
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = _idefics3_style_tokenizer()
+    patch, shuffle = 14, 2
+    image_seq_len = (tile // patch) ** 2 // shuffle**2
+    config = ModernVBertConfig(
+        text_config={
+            "model_type": "modernbert",
+            "vocab_size": len(tokenizer),
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 2048,
+            "global_attn_every_n_layers": 1,
+            "local_attention": 16,
+            "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.convert_tokens_to_ids("<|begin_of_text|>"),
+            "eos_token_id": tokenizer.pad_token_id,
+            "cls_token_id": tokenizer.convert_tokens_to_ids("<|begin_of_text|>"),
+            "sep_token_id": tokenizer.pad_token_id,
+        },
+        vision_config={
+            "model_type": "siglip_vision_model",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": tile,
+            "patch_size": patch,
+        },
+        pixel_shuffle_factor=shuffle,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+    )
+    torch.manual_seed(seed)
+    ColModernVBert(config).save_pretrained(out)
+    ColModernVBertProcessor(
+        image_processor=_idefics3_image_processor(tile), tokenizer=tokenizer, image_seq_len=image_seq_len
+    ).save_pretrained(out)
+    return out
+
+
+def build_tiny_colpali_family(path: str | Path, family: str, *, seed: int = 0) -> Path:
+    """
+    Write a tiny checkpoint of one colpali-engine family.
+
+    :param path: Output directory.
+    :param family: One of `FAMILIES` (colpali-engine class names).
+    :param seed: Random seed of the weights.
+    :returns: The directory.
+    :raises ValueError: On an unknown family.
+    """
+    if family == "ColPali":
+        return build_tiny_colpali(path, seed=seed)
+    if family == "ColQwen2":
+        return build_tiny_colqwen(path, version="2", seed=seed)
+    if family == "ColQwen2_5":
+        return build_tiny_colqwen(path, version="2.5", seed=seed)
+    if family == "ColQwen3":
+        return build_tiny_colqwen(path, version="3", seed=seed)
+    if family == "ColIdefics3":
+        return build_tiny_colidefics3(path, seed=seed)
+    if family == "ColModernVBert":
+        return build_tiny_colmodernvbert(path, seed=seed)
+    msg = f"unknown family {family!r}; expected one of {FAMILIES}"
+    raise ValueError(msg)
+
+
+def build_tiny_colpali_adapter(path: str | Path, base: str | Path, *, seed: int = 0) -> Path:
+    """
+    Write a PEFT LoRA adapter checkpoint on a tiny base, laid out like `vidore/colqwen2.5-v0.2` / `vidore/colpali-v1.3`.
+
+    The folder holds `adapter_config.json` (naming `base` as `base_model_name_or_path`), the adapter weights
+    and the processor files, but no `config.json`: loading it exercises the adapter-following path.
+
+    :param path: Output directory.
+    :param base: A checkpoint written by `build_tiny_colqwen` or `build_tiny_colpali`.
+    :param seed: Random seed of the adapter weights (non-zero, so the adapter changes the outputs).
+    :returns: The directory.
+    """
+    import colpali_engine.models as col_models
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig
+
+    out = Path(path)
+    base = Path(base)
+
+    architecture = AutoConfig.from_pretrained(base).architectures[0]
+    model = getattr(col_models, architecture).from_pretrained(str(base))
+    torch.manual_seed(seed)
+    # The target modules of vidore/colqwen2.5-v0.2's adapter_config.json.
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=r"(.*(language_model).*(q_proj|v_proj).*$|.*(custom_text_proj).*$)",
+        init_lora_weights=False,
+    )
+    get_peft_model(model, config).save_pretrained(str(out))
+    for item in base.iterdir():
+        if item.name not in ("config.json", "model.safetensors") and item.is_file():
+            shutil.copy(item, out / item.name)
+    return out
