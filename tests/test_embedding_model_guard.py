@@ -173,7 +173,7 @@ def test_the_shipped_pipelines_with_the_guard_wired_refuse_a_second_model(
 
     def load(path: Path, dense: str) -> Pipeline:
         models = {"dense": dense, "colpali": tiny_colqwen2_5, "vlm": tiny_vlm}
-        return load_pipeline(path, base_dir=workdir, models=models, embedding_dim=32)
+        return load_pipeline(path, base_dir=workdir, models=models, embedding_dim=32, root_path=tmp_path)
 
     first = load(indexing, tiny_siglip)
     try:
