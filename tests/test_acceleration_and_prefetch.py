@@ -3,37 +3,71 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
 
 from haystack_integrations.common.multimodal_rag.backends import acceleration
-from haystack_integrations.common.multimodal_rag.backends.acceleration import accelerated_model_kwargs
+from haystack_integrations.common.multimodal_rag.backends.acceleration import with_device_defaults
+from haystack_integrations.common.multimodal_rag.backends.loading import LoadSpec
 from haystack_integrations.common.multimodal_rag.inputs.prefetch import prefetch
 
 
-def test_cpu_keeps_float32_and_the_default_attention() -> None:
-    assert accelerated_model_kwargs("cpu", None) == {}
-    assert accelerated_model_kwargs("cpu", {"dtype": "bfloat16"}) == {"dtype": "bfloat16"}
+def _spec(device: str, model_kwargs: dict | None = None, model: str = "no-such-org/no-such-model") -> LoadSpec:
+    return LoadSpec(
+        model=model, component="C", device=device, token=None, local_files_only=True, model_kwargs=model_kwargs
+    )
 
 
-def test_cuda_defaults_to_bf16_and_sdpa_without_flash_attention(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cpu_gets_float32_and_the_default_attention(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(acceleration, "cpu_has_native_bf16", lambda: False)
+    assert with_device_defaults(_spec("cpu")).model_kwargs == {"dtype": "float32"}
+
+
+def test_cuda_defaults_to_bf16_and_keeps_sdpa_without_flash_attention(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     monkeypatch.setattr(acceleration, "flash_attention_available", lambda: False)
-    assert accelerated_model_kwargs("cuda:0", None) == {"dtype": torch.bfloat16, "attn_implementation": "sdpa"}
+    # transformers' own default kernel on CUDA is SDPA: nothing to set.
+    assert with_device_defaults(_spec("cuda:0")).model_kwargs == {"dtype": "bfloat16"}
 
 
-def test_cuda_uses_flash_attention_when_installed_and_fp16_without_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+def test_cuda_uses_flash_attention_when_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     monkeypatch.setattr(acceleration, "flash_attention_available", lambda: True)
-    assert accelerated_model_kwargs("cuda", {}) == {"dtype": torch.float16, "attn_implementation": "flash_attention_2"}
+    assert with_device_defaults(_spec("cuda")).model_kwargs == {
+        "dtype": "bfloat16",
+        "attn_implementation": "flash_attention_2",
+    }
 
 
 def test_the_users_choices_win_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(acceleration, "flash_attention_available", lambda: True)
     chosen = {"torch_dtype": "float32", "attn_implementation": "eager"}
-    assert accelerated_model_kwargs("cuda:1", chosen) == chosen
-    assert chosen == {"torch_dtype": "float32", "attn_implementation": "eager"}  # not modified
+    spec = _spec("cuda:1", chosen)
+    assert with_device_defaults(spec).model_kwargs == chosen
+    assert spec.model_kwargs == {"torch_dtype": "float32", "attn_implementation": "eager"}  # not modified
+
+
+def test_a_bf16_colpali_checkpoint_loads_in_float32_on_a_cpu_without_native_bf16(
+    tiny_colqwen2: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every backend goes through the same rule, not only the dense one: ColQwen2.5 checkpoints record bf16.
+    import json
+    import shutil
+
+    from haystack_integrations.common.multimodal_rag.backends.colpali import LateInteractionEncoder
+
+    monkeypatch.setattr(acceleration, "cpu_has_native_bf16", lambda: False)
+    path = Path(shutil.copytree(tiny_colqwen2, tmp_path / "bf16"))
+    config = json.loads((path / "config.json").read_text())
+    config["dtype"] = "bfloat16"
+    (path / "config.json").write_text(json.dumps(config))
+    encoder = LateInteractionEncoder.get(_spec("cpu", model=str(path)))
+    assert next(encoder.model.parameters()).dtype == torch.float32
 
 
 def test_prefetch_keeps_order_and_everything() -> None:

@@ -12,8 +12,9 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from haystack_integrations.common.multimodal_rag.backends import dense
-from haystack_integrations.common.multimodal_rag.backends.dense import DenseEncoder, choose_default_dtype
+from haystack_integrations.common.multimodal_rag.backends import acceleration
+from haystack_integrations.common.multimodal_rag.backends.acceleration import choose_default_dtype
+from haystack_integrations.common.multimodal_rag.backends.dense import DenseEncoder
 from haystack_integrations.common.multimodal_rag.backends.loading import LoadSpec
 from haystack_integrations.testing.multimodal_rag.tiny_models import build_tiny_siglip2_fixres
 
@@ -155,7 +156,7 @@ def _bf16_checkpoint(source: str, target: Path) -> str:
 def test_a_bf16_checkpoint_loads_in_float32_on_a_cpu_without_native_bf16(
     tiny_siglip: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(dense, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(acceleration, "cpu_has_native_bf16", lambda: False)
     path = _bf16_checkpoint(tiny_siglip, tmp_path / "bf16_no_native")
     assert AutoModel.from_pretrained(path).dtype == torch.bfloat16  # what transformers' dtype="auto" would do
     assert _encoder(path).dtype == torch.float32
@@ -164,7 +165,7 @@ def test_a_bf16_checkpoint_loads_in_float32_on_a_cpu_without_native_bf16(
 def test_a_bf16_checkpoint_stays_bf16_on_a_cpu_with_native_bf16(
     tiny_siglip: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(dense, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(acceleration, "cpu_has_native_bf16", lambda: True)
     path = _bf16_checkpoint(tiny_siglip, tmp_path / "bf16_native")
     assert _encoder(path).dtype == torch.bfloat16
 
@@ -172,7 +173,7 @@ def test_a_bf16_checkpoint_stays_bf16_on_a_cpu_with_native_bf16(
 def test_an_explicit_dtype_wins_and_emulated_bf16_is_warned_about(
     tiny_siglip: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(dense, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(acceleration, "cpu_has_native_bf16", lambda: False)
     path = str(shutil.copytree(tiny_siglip, tmp_path / "explicit"))
     with caplog.at_level(logging.WARNING):
         encoder = _encoder(path, dtype="bfloat16")
@@ -185,7 +186,7 @@ def test_cpu_bf16_detection_reads_the_cpu_flags() -> None:
     expected = any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
     if "aarch64" in flags or not flags:
         pytest.skip("x86 Linux only")
-    assert dense.cpu_has_native_bf16() is expected
+    assert acceleration.cpu_has_native_bf16() is expected
 
 
 @pytest.fixture(scope="module")

@@ -22,18 +22,11 @@ Text is tokenized as each family was trained:
 - CLIP: `input_ids` + `attention_mask`, padded to 77 (`max_position_embeddings`, `configuration_clip.py`:53);
   the causal mask makes the pooled EOS state independent of right padding (`modeling_clip.py`:534-571).
 
-Default dtype (when `model_kwargs` has no `dtype`): bfloat16 on a CUDA device that supports it unless the
-checkpoint's config records float16; float32 on the CPU unless the checkpoint records bfloat16 AND the CPU has
-native bfloat16 instructions (AVX512-BF16 or AMX on x86, the BF16 extension on Arm). Without them bfloat16 is
-emulated and several times slower than float32 (6.6x slower measured on an AVX2-only CPU, issue 15).
+Default dtype and attention kernel: see `acceleration.py` (applied by `load_model_and_processor`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import platform
-from functools import cache
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -47,7 +40,6 @@ from haystack_integrations.common.multimodal_rag.backends.loading import (
     checkpoint_fingerprint,
     load_model_and_processor,
     model_dtype,
-    read_checkpoint_json,
 )
 from haystack_integrations.common.multimodal_rag.errors import ModelLoadError
 
@@ -60,82 +52,6 @@ SIGLIP_FAMILY: tuple[str, ...] = ("siglip", "siglip2")
 #: `Siglip2Processor` text defaults `{"padding": "max_length", "truncation": True, "max_length": 64}`).
 SIGLIP_TRAINED_LENGTH = 64
 _DTYPE_KEYS = ("dtype", "torch_dtype")
-
-
-@cache
-def cpu_has_native_bf16() -> bool:
-    """
-    Whether this CPU computes bfloat16 natively (x86: AVX512-BF16 or AMX-BF16; Arm: the BF16 extension).
-
-    Read from `/proc/cpuinfo` (Linux); `False` where it cannot be read, so bfloat16 is never chosen blindly.
-
-    :returns: True when the flags are present.
-    """
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return False
-    flags: set[str] = set()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip().lower() in ("flags", "features"):
-            flags.update(value.split())
-    if platform.machine().lower() in ("aarch64", "arm64"):
-        return "bf16" in flags
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
-
-
-def _dtype_name(value: Any) -> str | None:
-    if value is None:
-        return None
-    return str(value).removeprefix("torch.")
-
-
-def choose_default_dtype(device: str, checkpoint_dtype: str | None, *, cuda_bf16: bool, cpu_bf16: bool) -> str:
-    """
-    The dtype a dense encoder loads in when the user did not set one.
-
-    :param device: Torch device string.
-    :param checkpoint_dtype: The `dtype`/`torch_dtype` recorded in the checkpoint's config.json, if any.
-    :param cuda_bf16: Whether the CUDA device supports bfloat16.
-    :param cpu_bf16: Whether the CPU computes bfloat16 natively.
-    :returns: `"bfloat16"`, `"float16"` or `"float32"`.
-    """
-    checkpoint_dtype = _dtype_name(checkpoint_dtype)
-    if device.startswith("cuda"):
-        if checkpoint_dtype == "float16":
-            return "float16"
-        return "bfloat16" if cuda_bf16 else "float32"
-    if checkpoint_dtype == "bfloat16" and cpu_bf16 and device == "cpu":
-        return "bfloat16"
-    return "float32"
-
-
-def _with_default_dtype(spec: LoadSpec) -> LoadSpec:
-    """The spec with `dtype` chosen by `choose_default_dtype` unless `model_kwargs` sets one."""
-    kwargs = dict(spec.model_kwargs or {})
-    requested = next((_dtype_name(kwargs[k]) for k in _DTYPE_KEYS if k in kwargs), None)
-    if requested is not None:
-        if requested == "bfloat16" and spec.device == "cpu" and not cpu_has_native_bf16():
-            logger.warning(
-                "{component}: model_kwargs asks for bfloat16 on a CPU without native bfloat16 instructions "
-                "(no avx512_bf16/amx_bf16): it is emulated and usually several times SLOWER than float32.",
-                component=spec.component,
-            )
-        return spec
-    try:
-        # Local files / the cache only: never a network round trip of our own before the model load (which
-        # reports an unreachable checkpoint with advice). Not cached yet: treated as "the checkpoint says nothing".
-        config = read_checkpoint_json(spec.model, "config.json", token=spec.token, local_files_only=True)
-    except Exception:
-        config = None
-    recorded = None
-    if isinstance(config, dict):
-        recorded = config.get("dtype") or config.get("torch_dtype")
-    cuda_bf16 = spec.device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    dtype = choose_default_dtype(spec.device, recorded, cuda_bf16=cuda_bf16, cpu_bf16=cpu_has_native_bf16())
-    kwargs["dtype"] = dtype
-    return dataclasses.replace(spec, model_kwargs=kwargs)
 
 
 def _pooled(output: Any) -> torch.Tensor:
@@ -187,8 +103,6 @@ class DenseEncoder(CachedModel):
     @classmethod
     def _load(cls, spec: LoadSpec) -> DenseEncoder:
         from transformers import AutoModel, AutoProcessor
-
-        spec = _with_default_dtype(spec)
 
         hf_model, processor = load_model_and_processor(
             AutoModel.from_pretrained,

@@ -159,6 +159,9 @@ def load_model_and_processor(
     :returns: `(model, processor)`.
     :raises ModelLoadError: When either cannot be loaded.
     """
+    from haystack_integrations.common.multimodal_rag.backends.acceleration import with_device_defaults
+
+    spec = with_device_defaults(spec)
     hf_model = load_pretrained(
         model_loader,
         spec.model,

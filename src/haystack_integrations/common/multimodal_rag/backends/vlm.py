@@ -14,13 +14,14 @@ import binascii
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from haystack import logging
 from haystack.dataclasses import ChatMessage, ChatRole, ImageContent
 from PIL import Image
 
+from haystack_integrations.common.multimodal_rag.backends.acceleration import with_device_defaults
 from haystack_integrations.common.multimodal_rag.backends.loading import (
     CachedModel,
     LoadSpec,
@@ -241,7 +242,7 @@ class VisionLanguageModel(CachedModel):
     @classmethod
     def _load(cls, spec: LoadSpec) -> VisionLanguageModel:
         vlm_spec = spec if isinstance(spec, VLMLoadSpec) else VLMLoadSpec(**vars(spec))
-        hf_model = _load_model(vlm_spec)
+        hf_model = _load_model(cast(VLMLoadSpec, with_device_defaults(vlm_spec)))
         processor = _load_processor(vlm_spec)
         if not getattr(processor, "chat_template", None) and not getattr(
             getattr(processor, "tokenizer", None), "chat_template", None
