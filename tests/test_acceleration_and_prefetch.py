@@ -149,3 +149,27 @@ def test_stopping_early_stops_the_producer() -> None:
 def test_invalid_depth_is_refused() -> None:
     with pytest.raises(ValueError, match="depth"):
         prefetch([1], depth=0)
+
+
+def test_prefetched_image_batches_equal_the_unprefetched_ones_failures_included(tmp_path: Path) -> None:
+    from haystack import Document
+
+    from haystack_integrations.common.multimodal_rag.inputs.planning import iter_image_batches, plan_documents
+    from tests.helpers import make_image, make_pdf
+
+    docs = [Document(id=f"img{i}", meta={"file_path": str(make_image(tmp_path / f"{i}.png"))}) for i in range(6)]
+    pdf = make_pdf(tmp_path / "deck.pdf", pages=2)
+    docs += [Document(id=f"p{n}", meta={"file_path": str(pdf), "page_number": n}) for n in (1, 2)]
+    plan = plan_documents(docs, file_path_meta_field="file_path", root_path=None, probe_pixels=False)
+    visual = plan.visual_indices()
+    (tmp_path / "4.png").unlink()  # gone between planning and decoding: a failure of its batch
+
+    def collect(depth: int) -> list[tuple[list[int], list[bytes], dict[int, str]]]:
+        return [
+            (positions, [image.tobytes() for image in images], failed)
+            for positions, images, failed in iter_image_batches(plan, visual, 3, prefetch_depth=depth)
+        ]
+
+    plain, ahead = collect(0), collect(2)
+    assert ahead == plain
+    assert [list(failed) for _, _, failed in plain] == [[], [4], []]  # reported in its batch either way

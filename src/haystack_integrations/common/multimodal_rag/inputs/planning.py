@@ -24,6 +24,7 @@ from haystack_integrations.common.multimodal_rag.inputs.media import (
     locate,
     probe,
 )
+from haystack_integrations.common.multimodal_rag.inputs.prefetch import prefetch
 from haystack_integrations.common.multimodal_rag.validation import batched
 
 
@@ -104,18 +105,34 @@ def raise_if_failed(component: str, documents: Sequence[Document], failures: dic
 
 
 def iter_image_batches(
-    plan: DocumentPlan, indices: Sequence[int], batch_size: int, *, max_side: int | None = None
+    plan: DocumentPlan,
+    indices: Sequence[int],
+    batch_size: int,
+    *,
+    max_side: int | None = None,
+    prefetch_depth: int = 1,
 ) -> Iterator[tuple[list[int], list[Image.Image], dict[int, str]]]:
     """
     Decode the images of `indices`, one batch at a time.
+
+    With `prefetch_depth >= 1` the next batches are decoded (and PDF pages rendered) in a background thread
+    while the caller runs the model on the current one; at most `prefetch_depth + 1` batches are held.
 
     :param plan: The plan holding each position's location.
     :param indices: Positions to load (visual documents only).
     :param batch_size: Images per batch.
     :param max_side: Longest side of rendered PDF pages.
+    :param prefetch_depth: Batches decoded ahead of the caller; `0` decodes each batch when it is asked for.
     :returns: An iterator of `(positions, images, failures)`: the positions that loaded, their images,
         and the reason per position that did not.
     """
+    batches = _decode_batches(plan, indices, batch_size, max_side)
+    return prefetch(batches, depth=prefetch_depth) if prefetch_depth > 0 else batches
+
+
+def _decode_batches(
+    plan: DocumentPlan, indices: Sequence[int], batch_size: int, max_side: int | None
+) -> Iterator[tuple[list[int], list[Image.Image], dict[int, str]]]:
     for chunk in batched(indices, batch_size):
         loaded = load_images([plan.locations[i] for i in chunk], max_side=max_side)
         ok_positions: list[int] = []
