@@ -153,7 +153,7 @@ def test_stored_vector_of_wrong_dim_is_a_clear_error(tiny_colqwen2: str) -> None
     ranker = ColPaliRanker(tiny_colqwen2, multivector_store=store)
     ranker.warm_up()  # binds the model; the store is still empty
     store.write({"odd-page": np.ones((5, 32))})
-    with pytest.raises(MultiVectorStoreError, match=r"'odd-page'.*dim 128"):
+    with pytest.raises(MultiVectorStoreError, match=r"store holds vectors of dim 32.*has dim 128"):
         ranker.run(query="q", documents=[Document(id="odd-page", content="x")])
 
 
@@ -178,7 +178,7 @@ def test_colpali_ranker_uses_qdrant_server_side_scoring(tiny_colqwen2: str, page
 
 
 def test_components_round_trip_through_to_dict(tiny_colqwen2: str, tmp_path: Path) -> None:
-    store = QdrantMultiVectorStore(path=str(tmp_path / "q"), collection="pages", dim=128, datatype="float32")
+    store = QdrantMultiVectorStore(path=str(tmp_path / "q"), collection="pages", dim=128, dtype="float32")
     kwargs = {
         "device": ComponentDevice.from_str("cpu"),
         "token": Secret.from_env_var("X_TOKEN", strict=False),
