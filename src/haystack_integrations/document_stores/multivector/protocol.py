@@ -122,7 +122,8 @@ def as_multivector(value: Any, *, dtype: np.dtype, dim: int | None, doc_id: str)
             f"multi-vector of document '{doc_id}' has vectors of width {array.shape[1]}, but the store holds dim {dim}"
         )
         raise MultiVectorStoreError(msg)
-    converted = np.ascontiguousarray(array, dtype=dtype)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow to inf is reported just below, by document id
+        converted = np.ascontiguousarray(array, dtype=dtype)
     if not np.isfinite(converted).all():
         msg = f"multi-vector of document '{doc_id}' contains NaN or infinite values (after conversion to {dtype})"
         raise MultiVectorStoreError(msg)

@@ -335,6 +335,9 @@ class ColPaliRanker:
         """
         component_name = type(self).__name__
         if query_multivector_embedding is None:
+            if query is None:
+                msg = f"{component_name} needs `query` or `query_multivector_embedding`; got neither"
+                raise ValueError(msg)
             check_query(component_name, query)
         top_k = self.top_k if top_k is None else top_k
         score_threshold = self.score_threshold if score_threshold is None else score_threshold
