@@ -184,3 +184,16 @@ def test_scores_stay_exact_while_another_thread_runs_torch_and_numpy_work() -> N
     finally:
         stop.set()
         worker.join()
+
+
+def test_chunked_scoring_equals_scoring_all_pages_at_once() -> None:
+    from haystack_integrations.common.multimodal_rag.numerics.maxsim import maxsim_chunks
+
+    rng = np.random.default_rng(11)
+    query = _unit(rng, 9, 32)
+    pages = [_unit(rng, int(n), 32).astype(np.float16) for n in rng.integers(1, 2600, size=25)]
+    chunks = [pages[:7], [], pages[7:8], pages[8:]]
+    np.testing.assert_array_equal(maxsim_chunks(query, iter(chunks)), maxsim(query, pages))
+    assert maxsim_chunks(query, []).shape == (0,)
+    with pytest.raises(ValueError, match="page 8 has vectors of dim 5"):
+        maxsim_chunks(query, [pages[:8], [np.ones((2, 5))]])

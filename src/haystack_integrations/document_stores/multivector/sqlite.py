@@ -4,7 +4,7 @@ import contextlib
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +12,7 @@ import numpy as np
 from haystack import default_from_dict, default_to_dict
 
 from haystack_integrations.common.multimodal_rag.errors import MultiVectorStoreError
-from haystack_integrations.common.multimodal_rag.numerics.maxsim import maxsim
+from haystack_integrations.common.multimodal_rag.numerics.maxsim import maxsim, maxsim_chunks
 from haystack_integrations.document_stores.multivector.protocol import (
     as_multivector,
     as_query,
@@ -28,6 +28,7 @@ _VERSION = "1"
 _PAGE_SIZE = 65536
 _MMAP_SIZE = 1 << 30
 _MAX_VARS = 900  # stay under SQLite's bound-parameter limit in IN (...) lists
+_SCORE_CHUNK = 32  # pages fetched while the MaxSim workers score the previous chunk
 
 
 class SQLiteMultiVectorStore:
@@ -375,11 +376,24 @@ class SQLiteMultiVectorStore:
             is corrupt.
         """
         query = as_query(query_vectors, dim=self.dim, store_name=self._describe())
-        vectors = self.get(ids)
-        if not vectors:
-            return {}
-        scores = maxsim(query, list(vectors.values()), device=device)
-        return dict(zip(vectors.keys(), scores.tolist(), strict=True))
+        if device is not None and not str(device).startswith("cpu"):
+            vectors = self.get(ids)
+            if not vectors:
+                return {}
+            on_device = maxsim(query, list(vectors.values()), device=device)
+            return dict(zip(vectors.keys(), on_device.tolist(), strict=True))
+        unique = list(dict.fromkeys(check_ids(ids)))
+        found: list[str] = []
+
+        def fetched() -> Iterator[list[np.ndarray]]:
+            # The CPU kernel scores chunk i while this thread fetches chunk i + 1.
+            for start in range(0, len(unique), _SCORE_CHUNK):
+                vectors = self.get(unique[start : start + _SCORE_CHUNK])
+                found.extend(vectors)
+                yield list(vectors.values())
+
+        scores = maxsim_chunks(query, fetched())
+        return dict(zip(found, scores.tolist(), strict=True))
 
     def delete(self, ids: Iterable[str]) -> None:
         """

@@ -14,6 +14,8 @@ Two paths, one result:
   (at most 2) whose torch calls run single-threaded, so the kernel uses a bounded number of cores
   however many queries run at once, and does not collapse when other threads of the process run
   torch/numpy work (OpenMP teams of several threads spin-waiting on the same cores is what collapses).
+- `maxsim_chunks(query, chunks)`: the same CPU kernel for pages that arrive batch by batch (a store's fetch):
+  the caller fetches the next batch while the workers score the previous one.
 - `maxsim_padded(query, pages, device=...)`, device-generic torch: the pages are packed in one (pinned,
   on CUDA) host buffer, moved to the device in one copy, scored in one padded and masked batched
   matmul, and only the scores come back. `maxsim(..., device="cuda:0")` dispatches to it; the ranker
@@ -29,7 +31,7 @@ import math
 import os
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -62,21 +64,29 @@ def _as_tensor(array: ArrayLike) -> torch.Tensor:
         return torch.from_numpy(array)
 
 
-def _validate(query: ArrayLike, pages: Sequence[ArrayLike]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _check_query(query: ArrayLike) -> torch.Tensor:
     query_t = _as_tensor(query)
     if query_t.ndim != 2 or query_t.shape[0] == 0:
         msg = f"query must be a non-empty 2-D array (tokens, dim), got shape {tuple(query_t.shape)}"
         raise ValueError(msg)
-    dim = query_t.shape[1]
+    return query_t
+
+
+def _check_pages(pages: Sequence[ArrayLike], dim: int, offset: int = 0) -> list[torch.Tensor]:
     page_ts = [_as_tensor(p) for p in pages]
-    for i, page in enumerate(page_ts):
+    for i, page in enumerate(page_ts, start=offset):
         if page.ndim != 2 or page.shape[0] == 0:
             msg = f"page {i} must be a non-empty 2-D array (vectors, dim), got shape {tuple(page.shape)}"
             raise ValueError(msg)
         if page.shape[1] != dim:
             msg = f"page {i} has vectors of dim {page.shape[1]} but the query has dim {dim}"
             raise ValueError(msg)
-    return query_t, page_ts
+    return page_ts
+
+
+def _validate(query: ArrayLike, pages: Sequence[ArrayLike]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    query_t = _check_query(query)
+    return query_t, _check_pages(pages, query_t.shape[1])
 
 
 # --- CPU kernel ----------------------------------------------------------------------------------------
@@ -189,22 +199,47 @@ def maxsim(query: ArrayLike, pages: Sequence[ArrayLike], *, device: str | torch.
     """
     if device is not None and torch.device(device).type != "cpu":
         return maxsim_padded(query, pages, device=device)
-    query_t, page_ts = _validate(query, pages)
-    if not page_ts:
-        return np.empty(0, dtype=np.float32)
-    query32 = query_t.to("cpu", torch.float32).contiguous()
-    page_ts = [p if p.device.type == "cpu" else p.cpu() for p in page_ts]
-    best = torch.empty((len(page_ts), query32.shape[0]), dtype=torch.float32)
+    return maxsim_chunks(query, [pages])
+
+
+def maxsim_chunks(query: ArrayLike, chunks: Iterable[Sequence[ArrayLike]]) -> np.ndarray:
+    """
+    CPU MaxSim of one query against pages that arrive in chunks, e.g. fetched from a store batch by batch.
+
+    Each chunk is handed to the worker pool as soon as it arrives, so the caller produces (fetches) chunk
+    `i + 1` while the workers score chunk `i`.
+
+    :param query: `(Lq, d)`, float16/float32/bfloat16 (numpy or torch).
+    :param chunks: An iterable of page lists; pages as in `maxsim`.
+    :returns: `float32` array with one score per page, in the order the pages arrived.
+    :raises ValueError: On bad shapes, as `maxsim` (page positions count across chunks).
+    """
+    query32 = _check_query(query).to("cpu", torch.float32).contiguous()
+    dim = query32.shape[1]
     pool = _pool()
-    if pool is None:
-        _score_range(query32, page_ts, 0, len(page_ts), best)
-    else:
-        futures: list[Future[None]] = [
-            pool.submit(_score_range, query32, page_ts, lo, hi, best) for lo, hi in _split(page_ts, 4 * CPU_THREADS)
-        ]
+    results: list[torch.Tensor] = []
+    futures: list[Future[None]] = []
+    seen = 0
+    try:
+        for chunk in chunks:
+            page_ts = [p if p.device.type == "cpu" else p.cpu() for p in _check_pages(chunk, dim, offset=seen)]
+            seen += len(page_ts)
+            if not page_ts:
+                continue
+            best = torch.empty((len(page_ts), query32.shape[0]), dtype=torch.float32)
+            results.append(best)
+            if pool is None:
+                _score_range(query32, page_ts, 0, len(page_ts), best)
+                continue
+            futures.extend(
+                pool.submit(_score_range, query32, page_ts, lo, hi, best) for lo, hi in _split(page_ts, 4 * CPU_THREADS)
+            )
+    finally:
         for future in futures:
-            future.result()
-    return best.sum(dim=1).numpy()
+            future.result()  # also on an error: no worker may still write into `best` after we return
+    if not results:
+        return np.empty(0, dtype=np.float32)
+    return torch.cat(results).sum(dim=1).numpy()
 
 
 def cpu_kernel_threads() -> int:
