@@ -172,7 +172,7 @@ class ColPaliRanker:
         self._cache = _LRUCache(cache_size)
         self._warm_lock = threading.Lock()
         # The on-the-fly path stores vectors like the store does, so both paths score identical values.
-        self._cache_dtype = np.dtype(getattr(multivector_store, "dtype", None) or "float16")
+        self._cache_dtype = np.dtype(multivector_store.dtype if multivector_store is not None else "float16")
 
     def warm_up(self) -> None:
         """
@@ -247,7 +247,8 @@ class ColPaliRanker:
         if not np.isfinite(array).all():
             msg = f"{name}: query_multivector_embedding contains NaN or infinite values"
             raise ValueError(msg)
-        expected = self._encoder.dim if self._encoder is not None else getattr(self.multivector_store, "dim", None)
+        store = self.multivector_store
+        expected = self._encoder.dim if self._encoder is not None else (store.dim if store is not None else None)
         if expected is not None and array.shape[1] != expected:
             msg = (
                 f"{name}: query_multivector_embedding has vectors of dim {array.shape[1]}, but model "
@@ -260,7 +261,7 @@ class ColPaliRanker:
         store = self.multivector_store
         if store is None:
             return {}
-        store_dim = getattr(store, "dim", None)
+        store_dim = store.dim
         if store_dim is not None and store_dim != query.shape[1]:
             msg = (
                 f"{type(self).__name__}: the multi-vector store holds vectors of dim {store_dim}, but the query "
@@ -272,8 +273,8 @@ class ColPaliRanker:
 
     def _pool_factor(self) -> int | None:
         # Pages encoded here must look like the stored ones: pooled with the factor the indexing run recorded.
-        factor = getattr(self.multivector_store, "pool_factor", None)
-        return factor if isinstance(factor, int) and factor > 1 else None
+        factor = self.multivector_store.pool_factor if self.multivector_store is not None else None
+        return factor if factor is not None and factor > 1 else None
 
     def _read_through(self, documents: list[Document]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         """Vectors for candidates without stored ones: from the cache, or planned, loaded and encoded now."""
