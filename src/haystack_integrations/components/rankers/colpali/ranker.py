@@ -15,7 +15,7 @@ from haystack_integrations.common.multimodal_rag.backends.colpali import LateInt
 from haystack_integrations.common.multimodal_rag.backends.loading import LoadSpec, serialize_loading_params
 from haystack_integrations.common.multimodal_rag.errors import MultiVectorStoreError
 from haystack_integrations.common.multimodal_rag.inputs.planning import iter_image_batches, plan_documents
-from haystack_integrations.common.multimodal_rag.numerics.maxsim import maxsim
+from haystack_integrations.common.multimodal_rag.numerics.maxsim import cpu_kernel_threads, maxsim
 from haystack_integrations.common.multimodal_rag.numerics.ranking import (
     DENSE_SCORE_META_KEY,
     LATE_INTERACTION_SCORE_META_KEY,
@@ -189,6 +189,7 @@ class ColPaliRanker:
                         self.multivector_store, dim=encoder.dim, model=self.model, component=type(self).__name__
                     )
                 self._encoder = encoder
+                cpu_kernel_threads()  # starts the MaxSim worker pool now rather than in the first query
 
     def to_dict(self) -> dict[str, Any]:
         """
