@@ -4,9 +4,10 @@ Every section interleaves its methods round by round (method A, B, C, then A, B,
 medians and ratios from the same run, so load drift on a shared machine moves every method alike.
 
 1. MaxSim of a 20-token query against 100 and 1000 stored pages (1030 x 128, float16 stored): our CPU
-   kernel (kernel alone, and `InMemoryMultiVectorStore.score`, i.e. fetch + kernel), our device-generic
-   padded kernel run on the CPU, colpali-engine's `score_multi_vector` (float16 stored and converted, and
-   float32 tensors given), and the measured compute floor: the same matrix products on one cache-resident
+   kernel (kernel alone, and `InMemoryMultiVectorStore.score`, i.e. fetch + kernel), with `--padded` our
+   device-generic padded kernel run on the CPU (the GPU path; slow on a CPU), colpali-engine's
+   `score_multi_vector` (float16 stored and converted, also with torch limited to 1 thread, and float32
+   tensors given), and the measured compute floor: the same matrix products on one cache-resident
    float32 page per worker thread (no conversion, no memory traffic) on the kernel's thread count, and the
    conversion alone (float16 -> float32 into a reused buffer); their sum is what the kernel cannot beat.
 2. The same 100-page kernel while another thread of the process runs torch and numpy work.
@@ -66,17 +67,29 @@ DIM = 128
 QUERY_TOKENS = 20
 
 
-def interleaved(methods: dict[str, Callable[[], object]], rounds: int, warmup: int = 1) -> dict[str, float]:
-    """Median ms per method, timing the methods one after another in each round."""
+def interleaved(
+    methods: dict[str, Callable[[], object]], rounds: int, warmup: int = 1, cpu: dict[str, float] | None = None
+) -> dict[str, float]:
+    """
+    Median wall ms per method, timing the methods one after another in each round.
+
+    :param cpu: When given, filled with each method's median process CPU ms per call (all threads together:
+        the cores a call keeps busy, which preemption by other processes does not inflate).
+    """
     for _ in range(warmup):
         for fn in methods.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in methods}
+    cpu_times: dict[str, list[float]] = {name: [] for name in methods}
     for _ in range(rounds):
         for name, fn in methods.items():
+            cpu_start = time.process_time()
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
+            cpu_times[name].append(time.process_time() - cpu_start)
+    if cpu is not None:
+        cpu.update({name: statistics.median(values) * 1000 for name, values in cpu_times.items()})
     return {name: statistics.median(values) * 1000 for name, values in times.items()}
 
 
@@ -136,20 +149,34 @@ def conversion_floor(pages: list[np.ndarray]) -> Callable[[], object]:
     return _on_workers(len(pages), share)
 
 
-def colpali_fp16(query_t: torch.Tensor, pages16: list[torch.Tensor]) -> Callable[[], object]:
+def colpali_fp16(
+    query_t: torch.Tensor, pages16: list[torch.Tensor], threads: int | None = None
+) -> Callable[[], object]:
+    """colpali-engine's scorer on float16-stored pages; `threads` limits torch's threads for the call."""
     scorer = BaseVisualRetrieverProcessor.score_multi_vector
-    return lambda: scorer([query_t], [p.float() for p in pages16], device="cpu")
+
+    def run() -> object:
+        if threads is None:
+            return scorer([query_t], [p.float() for p in pages16], device="cpu")
+        saved = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return scorer([query_t], [p.float() for p in pages16], device="cpu")
+        finally:
+            torch.set_num_threads(saved)
+
+    return run
 
 
-def section_kernel(rng: np.random.Generator, rounds: int, sizes: list[int]) -> None:
+def section_kernel(rng: np.random.Generator, rounds: int, sizes: list[int], padded: bool) -> None:
     print("\n## 1. MaxSim, 20-token query, pages of 1030 x 128 stored as float16 (interleaved rounds)")
     print(f"CPU kernel threads: {maxsim_module.cpu_kernel_threads()} (torch default: {torch.get_num_threads()})")
     query = unit_rows(rng, QUERY_TOKENS)
     for n_pages in sizes:
-        _kernel_case(rng, query, n_pages, rounds)
+        _kernel_case(rng, query, n_pages, rounds, padded)
 
 
-def _kernel_case(rng: np.random.Generator, query: np.ndarray, n_pages: int, rounds: int) -> None:
+def _kernel_case(rng: np.random.Generator, query: np.ndarray, n_pages: int, rounds: int, padded: bool) -> None:
     query_t = torch.from_numpy(query)
     scorer = BaseVisualRetrieverProcessor.score_multi_vector
     pages = [unit_rows(rng, PAGE_VECTORS).astype(np.float16) for _ in range(n_pages)]
@@ -161,16 +188,20 @@ def _kernel_case(rng: np.random.Generator, query: np.ndarray, n_pages: int, roun
     methods: dict[str, Callable[[], object]] = {
         "ours: kernel": lambda: maxsim(query, pages),
         "ours: InMemoryMultiVectorStore.score (fetch + kernel)": lambda: store.score(query, ids),
-        "ours: padded device kernel, run on the CPU": lambda: maxsim_padded(query, pages, device="cpu"),
         "colpali-engine score_multi_vector, float16 stored (+ conversion)": colpali_fp16(query_t, pages16),
+        "colpali-engine, float16 stored, torch limited to 1 thread": colpali_fp16(query_t, pages16, threads=1),
         "colpali-engine score_multi_vector, float32 tensors given": lambda: scorer([query_t], pages32, device="cpu"),
         "compute floor (matmuls on one cache-hot float32 page per worker)": compute_floor(query, pages),
         "conversion floor (float16 -> float32 into a reused buffer, no matmul)": conversion_floor(pages),
     }
-    med = interleaved(methods, rounds if n_pages <= 100 else max(3, rounds // 5))
+    if padded:
+        methods["ours: padded device kernel, run on the CPU"] = lambda: maxsim_padded(query, pages, device="cpu")
+    cpu: dict[str, float] = {}
+    med = interleaved(methods, rounds if n_pages <= 100 else max(3, rounds // 5), cpu=cpu)
     base = med["ours: kernel"]
+    print(f"{n_pages:5d} pages | {'method':70s} {'wall':>9s}     {'vs ours':>8s} | {'CPU time':>9s}")
     for name, ms in med.items():
-        print(f"{n_pages:5d} pages | {name:70s} {ms:9.2f} ms  ({ms / base:5.2f}x ours)")
+        print(f"{n_pages:5d} pages | {name:70s} {ms:9.2f} ms  {ms / base:6.2f}x | {cpu[name]:9.2f} ms")
     ours_s = maxsim(query, pages)
     ref = scorer([query_t], pages32, device="cpu")[0].numpy()
     rel = float(np.max(np.abs(ours_s - ref) / np.abs(ref)))
@@ -191,7 +222,9 @@ def section_under_load(rng: np.random.Generator, rounds: int) -> None:
     pages = [unit_rows(rng, PAGE_VECTORS).astype(np.float16) for _ in range(100)]
     pages16 = [torch.from_numpy(p) for p in pages]
     methods = {"ours": lambda: maxsim(query, pages), "colpali-engine (float16 stored)": colpali_fp16(query_t, pages16)}
-    quiet = interleaved(methods, rounds)
+    quiet_cpu: dict[str, float] = {}
+    loaded_cpu: dict[str, float] = {}
+    quiet = interleaved(methods, rounds, cpu=quiet_cpu)
     stop = threading.Event()
 
     def busy() -> None:
@@ -204,7 +237,7 @@ def section_under_load(rng: np.random.Generator, rounds: int) -> None:
     worker = threading.Thread(target=busy)
     worker.start()
     try:
-        loaded = interleaved(methods, rounds)
+        loaded = interleaved(methods, rounds, cpu=loaded_cpu)
     finally:
         stop.set()
         worker.join()
@@ -212,6 +245,7 @@ def section_under_load(rng: np.random.Generator, rounds: int) -> None:
         print(
             f"{name:32s} quiet {quiet[name]:8.2f} ms | under load {loaded[name]:8.2f} ms "
             f"({loaded[name] / quiet[name]:.2f}x its quiet median)"
+            f" | CPU time quiet {quiet_cpu[name]:8.2f} ms"
         )
 
 
@@ -404,6 +438,8 @@ def main() -> None:
     parser.add_argument("--sections", type=int, nargs="+", default=[1, 2, 3, 4, 5], help="which sections to run")
     parser.add_argument("--qdrant", action="store_true", help="include embedded Qdrant in section 5 (slow)")
     parser.add_argument("--candidates", type=int, default=100)
+    parser.add_argument("--sizes", type=int, nargs="+", help="page counts for section 1 (default 100 1000)")
+    parser.add_argument("--padded", action="store_true", help="also time the padded device kernel on the CPU")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--store-child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -421,7 +457,7 @@ def main() -> None:
     )
     rng = np.random.default_rng(0)
     if 1 in args.sections:
-        section_kernel(rng, args.rounds, sizes)
+        section_kernel(rng, args.rounds, args.sizes or sizes, args.padded)
     if 2 in args.sections:
         section_under_load(rng, args.rounds)
     with tempfile.TemporaryDirectory() as tmp:
