@@ -197,3 +197,16 @@ def test_chunked_scoring_equals_scoring_all_pages_at_once() -> None:
     assert maxsim_chunks(query, []).shape == (0,)
     with pytest.raises(ValueError, match="page 8 has vectors of dim 5"):
         maxsim_chunks(query, [pages[:8], [np.ones((2, 5))]])
+
+
+def test_a_forked_child_process_gets_its_own_worker_pool() -> None:
+    import multiprocessing
+
+    rng = np.random.default_rng(12)
+    query = _unit(rng, 4, 16)
+    pages = [_unit(rng, 300, 16).astype(np.float16) for _ in range(6)]
+    expected = maxsim(query, pages)  # the parent's pool exists now; a fork copies none of its threads
+    context = multiprocessing.get_context("fork")
+    with context.Pool(1) as pool:
+        result = pool.apply_async(maxsim, (query, pages))
+        np.testing.assert_array_equal(result.get(timeout=60), expected)

@@ -48,6 +48,7 @@ _LOCAL = threading.local()
 _POOL_LOCK = threading.Lock()
 _POOL: ThreadPoolExecutor | None = None
 _POOL_READY = False
+_POOL_PID: int | None = None  # a forked child inherits no worker threads: it builds its own pool
 _WARN_LOCK = threading.Lock()
 
 
@@ -102,11 +103,14 @@ def _pin_worker() -> None:
 
 def _pool() -> ThreadPoolExecutor | None:
     """The process's fixed worker pool (started on first use), or `None` when workers cannot be pinned."""
-    global _POOL, _POOL_READY
+    global _POOL, _POOL_READY, _POOL_PID, _POOL_LOCK
+    if _POOL_PID is not None and os.getpid() != _POOL_PID:
+        _POOL_LOCK = threading.Lock()  # the parent's lock may have been held by a thread that did not fork along
+        _POOL_PID = None
     with _POOL_LOCK:
-        if _POOL_READY:
+        if _POOL_READY and os.getpid() == _POOL_PID:
             return _POOL
-        _POOL_READY = True
+        _POOL, _POOL_READY, _POOL_PID = None, True, os.getpid()
         # Other parallel backends share one intra-op pool process-wide (no per-thread count): the kernel then
         # runs in the calling thread on torch's own threads.
         if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
