@@ -314,7 +314,8 @@ class ColPaliRanker:
     def run(
         self,
         query: str | None = None,
-        documents: list[Document] | None = None,
+        *,
+        documents: list[Document],
         query_multivector_embedding: list[list[float]] | None = None,
         top_k: int | None = None,
         score_threshold: float | None = None,
