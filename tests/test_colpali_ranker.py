@@ -154,7 +154,7 @@ def test_stored_vector_of_wrong_dim_is_a_clear_error(tiny_colqwen2: str) -> None
     ranker = ColPaliRanker(tiny_colqwen2, multivector_store=store)
     ranker.warm_up()  # binds the model; the store is still empty
     store.write({"odd-page": np.ones((5, 32))})
-    with pytest.raises(MultiVectorStoreError, match=r"'odd-page'.*dim 128"):
+    with pytest.raises(MultiVectorStoreError, match=r"store holds vectors of dim 32.*has dim 128"):
         ranker.run(query="q", documents=[Document(id="odd-page", content="x")])
 
 
@@ -179,7 +179,7 @@ def test_colpali_ranker_uses_qdrant_server_side_scoring(tiny_colqwen2: str, page
 
 
 def test_components_round_trip_through_to_dict(tiny_colqwen2: str, tmp_path: Path) -> None:
-    store = QdrantMultiVectorStore(path=str(tmp_path / "q"), collection="pages", dim=128, datatype="float32")
+    store = QdrantMultiVectorStore(path=str(tmp_path / "q"), collection="pages", dim=128, dtype="float32")
     kwargs = {
         "device": ComponentDevice.from_str("cpu"),
         "token": Secret.from_env_var("X_TOKEN", strict=False),
@@ -247,3 +247,194 @@ def test_yaml_round_trip_of_text_embedder_retriever_colpali_ranker(
     assert [d.id for d in after["ranker"]["documents"]] == ids_before
     assert len(ids_before) == 4
     assert [d.score for d in after["ranker"]["documents"]] == [d.score for d in before["ranker"]["documents"]]
+
+
+def test_query_multivector_embedding_is_used_instead_of_encoding_the_query(
+    tiny_colqwen2: str, pages_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = InMemoryMultiVectorStore()
+    docs = _embed_pages(tiny_colqwen2, _page_docs(pages_dir), store)["documents"]
+    query = "the revenue chart"
+    by_text = ColPaliRanker(tiny_colqwen2, multivector_store=store).run(query=query, documents=docs)["documents"]
+    embedding = ColPaliTextEmbedder(tiny_colqwen2).run(text=query)["multivector_embedding"]
+    ranker = ColPaliRanker(tiny_colqwen2, multivector_store=store)
+    ranker.warm_up()
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("the query was encoded again")
+
+    monkeypatch.setattr(ranker._encoder, "embed_queries", no_encoding)
+    by_embedding = ranker.run(documents=docs, query_multivector_embedding=embedding)["documents"]
+    assert [d.id for d in by_embedding] == [d.id for d in by_text]
+    for a, b in zip(by_embedding, by_text, strict=True):
+        assert a.score == pytest.approx(b.score, rel=1e-5)
+        assert a.meta["late_interaction_score"] == pytest.approx(b.meta["late_interaction_score"], rel=1e-5)
+
+
+def test_one_colpali_text_embedding_feeds_the_ranker_in_a_pipeline(tiny_colqwen2: str, pages_dir: Path) -> None:
+    store = InMemoryMultiVectorStore()
+    docs = _embed_pages(tiny_colqwen2, _page_docs(pages_dir), store)["documents"]
+    pipe = Pipeline()
+    pipe.add_component("query_embedder", ColPaliTextEmbedder(tiny_colqwen2))
+    pipe.add_component("ranker", ColPaliRanker(tiny_colqwen2, multivector_store=store))
+    pipe.connect("query_embedder.multivector_embedding", "ranker.query_multivector_embedding")
+    out = pipe.run({"query_embedder": {"text": "revenue"}, "ranker": {"documents": docs}})
+    direct = ColPaliRanker(tiny_colqwen2, multivector_store=store).run(query="revenue", documents=docs)
+    assert [d.id for d in out["ranker"]["documents"]] == [d.id for d in direct["documents"]]
+    restored = Pipeline.loads(pipe.dumps())
+    again = restored.run({"query_embedder": {"text": "revenue"}, "ranker": {"documents": docs}})
+    assert [d.score for d in again["ranker"]["documents"]] == [d.score for d in out["ranker"]["documents"]]
+
+
+@pytest.mark.parametrize(
+    ("embedding", "message"),
+    [
+        ([[0.1] * 64, [0.2] * 64], "dim 64"),
+        ([[0.1] * 128, [float("nan")] * 128], "NaN"),
+        ([], "non-empty"),
+        ([[0.1] * 128, [0.2] * 3], "equal-length"),
+    ],
+)
+def test_a_malformed_query_embedding_is_a_clear_error(tiny_colqwen2: str, embedding: list, message: str) -> None:
+    ranker = ColPaliRanker(tiny_colqwen2)
+    ranker.warm_up()
+    with pytest.raises(ValueError, match=message):
+        ranker.run(documents=[Document(content="x")], query_multivector_embedding=embedding)
+
+
+def test_without_query_or_embedding_the_ranker_says_so(tiny_colqwen2: str) -> None:
+    with pytest.raises(ValueError, match="query"):
+        ColPaliRanker(tiny_colqwen2).run(documents=[Document(content="x")])
+
+
+def test_by_default_every_candidate_passes_so_text_is_not_cut_against_pages(
+    tiny_colqwen2: str, pages_dir: Path
+) -> None:
+    store = InMemoryMultiVectorStore()
+    pages = _embed_pages(tiny_colqwen2, _page_docs(pages_dir), store)["documents"]
+    texts = [Document(content=f"passage {i}", score=0.1 * i) for i in range(12)]
+    ranker = ColPaliRanker(tiny_colqwen2, multivector_store=store)
+    assert ranker.top_k is None
+    out = ranker.run(query="q", documents=[*texts, *pages])["documents"]
+    assert {d.id for d in out} == {d.id for d in [*texts, *pages]}
+    assert ColPaliRanker.from_dict(ranker.to_dict()).top_k is None
+
+
+def test_read_through_pages_are_pooled_like_the_stored_ones(
+    tiny_colqwen2: str, pages_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    docs = _page_docs(pages_dir)
+    pooled_store = InMemoryMultiVectorStore()
+    docs = _embed_pages(tiny_colqwen2, docs, pooled_store, pool_factor=2)["documents"]
+    pooled_store.bind_pool_factor(2)  # what the indexing run records (ColPaliDocumentEmbedder's pool_factor)
+    empty_store = InMemoryMultiVectorStore()
+    empty_store.bind_pool_factor(2)
+    stored = ColPaliRanker(tiny_colqwen2, multivector_store=pooled_store).run(query="chart", documents=docs)
+    ranker = ColPaliRanker(tiny_colqwen2, multivector_store=empty_store)
+    ranker.warm_up()
+    factors: list[int | None] = []
+    real = ranker._encoder.embed_images
+
+    def spy(images, **kwargs):
+        factors.append(kwargs.get("pool_factor"))
+        return real(images, **kwargs)
+
+    monkeypatch.setattr(ranker._encoder, "embed_images", spy)
+    read_through = ranker.run(query="chart", documents=docs)
+    assert factors
+    assert set(factors) == {2}
+    assert [d.id for d in read_through["documents"]] == [d.id for d in stored["documents"]]
+    for a, b in zip(read_through["documents"], stored["documents"], strict=True):
+        assert a.score == pytest.approx(b.score, rel=1e-5)
+        assert ranker._cache.get(a.id).shape == pooled_store.get([a.id])[a.id].shape
+
+
+def test_the_embedder_records_its_pool_factor_so_a_page_missing_from_the_store_scores_the_same(
+    tiny_colqwen2: str, pages_dir: Path
+) -> None:
+    store = InMemoryMultiVectorStore()
+    docs = _embed_pages(tiny_colqwen2, _page_docs(pages_dir), store, pool_factor=3)["documents"]
+    assert store.pool_factor == 3  # recorded by ColPaliDocumentEmbedder, nobody bound it by hand
+    before = ColPaliRanker(tiny_colqwen2, multivector_store=store).run(query="chart", documents=docs)
+    missing = docs[0].id
+    store.delete([missing])
+    after = ColPaliRanker(tiny_colqwen2, multivector_store=store).run(query="chart", documents=docs)
+    scores_before = {d.id: d.score for d in before["documents"]}
+    scores_after = {d.id: d.score for d in after["documents"]}
+    assert scores_after[missing] == pytest.approx(scores_before[missing], rel=1e-5)
+
+
+def test_a_corrupt_stored_page_with_nan_never_ranks_first(
+    tiny_colqwen2: str, pages_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import sqlite3
+
+    from haystack_integrations.document_stores.multivector import SQLiteMultiVectorStore
+
+    path = str(tmp_path / "mv.sqlite")
+    store = SQLiteMultiVectorStore(path)
+    docs = _embed_pages(tiny_colqwen2, _page_docs(pages_dir), store)["documents"]
+    victim = docs[3]
+    # Write around the store's validation, as disk corruption or another writer would: every value NaN.
+    n = store.get([victim.id])[victim.id].shape[0]
+    nan_blob = np.full((n, 128), np.nan, dtype=np.float16).tobytes()
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE mv_vectors SET data = ? WHERE id = ?", (nan_blob, victim.id))
+    store.close()
+    assert not np.isfinite(store.score(np.ones((2, 128)), [victim.id])[victim.id])
+    with caplog.at_level(logging.WARNING):
+        out = ColPaliRanker(tiny_colqwen2, multivector_store=store).run(query="chart", documents=docs)["documents"]
+    assert out[-1].id == victim.id
+    assert out[-1].score is None
+    assert "late_interaction_score" not in out[-1].meta
+    assert all(d.score is not None for d in out[:-1])
+    assert f"'{victim.id}'" in caplog.text
+    assert "not finite" in caplog.text
+
+
+def test_query_prefix_is_passed_to_an_encoder_that_supports_it(
+    tiny_colqwen2: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import inspect
+
+    supported = "query_prefix" in inspect.signature(LateInteractionEncoder.embed_queries).parameters
+    if not supported:
+        with pytest.raises(ValueError, match="query_prefix"):
+            ColPaliRanker(tiny_colqwen2, query_prefix="Query: ")
+        return
+    ranker = ColPaliRanker(tiny_colqwen2, query_prefix="Query: ")
+    assert ColPaliRanker.from_dict(ranker.to_dict()).query_prefix == "Query: "
+    ranker.warm_up()
+    seen: list[object] = []
+    real = ranker._encoder.embed_queries
+
+    def spy(texts, **kwargs):
+        seen.append(kwargs.get("query_prefix"))
+        return real(texts, **kwargs)
+
+    monkeypatch.setattr(ranker._encoder, "embed_queries", spy)
+    ranker.run(query="q", documents=[Document(content="x")])
+    assert seen == ["Query: "]
+
+
+def test_on_a_gpu_model_the_store_scores_on_the_models_device(
+    tiny_colqwen2: str, pages_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = InMemoryMultiVectorStore()
+    docs = _embed_pages(tiny_colqwen2, _page_docs(pages_dir)[:3], store)["documents"]
+    ranker = ColPaliRanker(tiny_colqwen2, multivector_store=store)
+    ranker.warm_up()
+    devices: list[object] = []
+    real = store.score
+
+    def spy(query, ids, *, device=None):
+        devices.append(device)
+        return real(query, ids, device="cpu")  # no GPU on the test machine: the plumbing is what is tested
+
+    monkeypatch.setattr(store, "score", spy)
+    on_cpu = ranker.run(query="q", documents=docs)["documents"]
+    embedding = ColPaliTextEmbedder(tiny_colqwen2).run(text="q")["multivector_embedding"]
+    monkeypatch.setattr(ranker._encoder, "device", "cuda:0")  # the model "moved" to a GPU
+    on_gpu = ranker.run(documents=docs, query_multivector_embedding=embedding)["documents"]
+    assert devices == [None, "cuda:0"]
+    assert [d.score for d in on_gpu] == pytest.approx([d.score for d in on_cpu], rel=1e-5)

@@ -91,3 +91,122 @@ def test_empty_page_list_gives_empty_scores() -> None:
 def test_bad_shapes_are_clear_errors(query: np.ndarray, pages: list[np.ndarray], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         maxsim(query, pages)
+
+
+def test_padded_device_kernel_matches_the_cpu_kernel_on_ragged_pages() -> None:
+    from haystack_integrations.common.multimodal_rag.numerics.maxsim import maxsim_padded
+
+    rng = np.random.default_rng(8)
+    query = np.abs(_unit(rng, 6, 32))
+    # Pages of very different lengths, all dot products negative: an unmasked zero padding row would win.
+    pages = [-np.abs(_unit(rng, n, 32)).astype(np.float16) for n in (1, 700, 3, 2500, 64)]
+    padded = maxsim_padded(query, pages, device="cpu")
+    cpu = maxsim(query, pages)
+    np.testing.assert_allclose(padded, cpu, rtol=1e-5)
+    np.testing.assert_allclose(padded, maxsim_reference(query, pages), rtol=1e-4)
+    assert (padded < 0).all()
+    mixed = [pages[0], pages[1].astype(np.float32), torch.from_numpy(pages[2].astype(np.float32)).bfloat16()]
+    np.testing.assert_allclose(maxsim_padded(query, mixed, device="cpu"), maxsim_reference(query, mixed), rtol=1e-4)
+    assert maxsim_padded(query, [], device="cpu").shape == (0,)
+    # maxsim() dispatches a non-CPU device to the padded kernel; "cpu" keeps the CPU kernel.
+    np.testing.assert_array_equal(maxsim(query, pages, device="cpu"), cpu)
+
+
+@pytest.mark.parametrize("length", [5, 3000])  # within one block, and spread over two blocks
+def test_a_page_with_nan_or_inf_gets_a_non_finite_score(length: int) -> None:
+    from haystack_integrations.common.multimodal_rag.numerics.maxsim import maxsim_padded
+
+    rng = np.random.default_rng(9)
+    query = np.abs(_unit(rng, 4, 16))  # positive: an inf component makes +inf dot products
+    pages = [_unit(rng, length, 16).astype(np.float16) for _ in range(3)]
+    pages[1][length - 1, 2] = np.nan
+    pages[2][0, 0] = np.inf
+    for scores in (maxsim(query, pages), maxsim_padded(query, pages, device="cpu")):
+        assert np.isfinite(scores[0])
+        assert not np.isfinite(scores[1])
+        assert not np.isfinite(scores[2])
+
+
+def test_cpu_kernel_uses_a_fixed_thread_pool_and_leaves_torch_threads_alone() -> None:
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import threading
+        import numpy as np
+        import torch
+        from haystack_integrations.common.multimodal_rag.numerics import maxsim as m
+
+        before = torch.get_num_threads()
+        q = np.ones((3, 8), dtype=np.float32)
+        m.maxsim(q, [np.ones((5000, 8), dtype=np.float16)] * 4)
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        t.start()
+        t.join()
+        workers = {th.name for th in threading.enumerate() if th.name.startswith("maxsim")}
+        print(before, torch.get_num_threads(), seen[0], m.cpu_kernel_threads(), len(workers), m.CPU_THREADS)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    before, after, new_thread, kernel_threads, workers, cpu_threads = (int(x) for x in out)
+    assert after == before  # the calling thread keeps its torch thread count
+    assert new_thread == before  # threads started later get the process default, not the workers' 1
+    assert 1 <= cpu_threads <= 2
+    if "parallel backend: OpenMP" in torch.__config__.parallel_info():
+        assert kernel_threads == cpu_threads
+        assert workers == cpu_threads
+
+
+def test_scores_stay_exact_while_another_thread_runs_torch_and_numpy_work() -> None:
+    import threading
+
+    rng = np.random.default_rng(10)
+    query = _unit(rng, 20, 64)
+    pages = [_unit(rng, int(n), 64).astype(np.float16) for n in rng.integers(200, 1500, size=24)]
+    expected = maxsim(query, pages)
+    stop = threading.Event()
+
+    def busy() -> None:
+        a = torch.randn(256, 256)
+        b = rng.standard_normal((200, 200))
+        while not stop.is_set():
+            torch.mm(a, a)
+            b @ b
+
+    worker = threading.Thread(target=busy)
+    worker.start()
+    try:
+        for _ in range(5):
+            np.testing.assert_array_equal(maxsim(query, pages), expected)
+    finally:
+        stop.set()
+        worker.join()
+
+
+def test_chunked_scoring_equals_scoring_all_pages_at_once() -> None:
+    from haystack_integrations.common.multimodal_rag.numerics.maxsim import maxsim_chunks
+
+    rng = np.random.default_rng(11)
+    query = _unit(rng, 9, 32)
+    pages = [_unit(rng, int(n), 32).astype(np.float16) for n in rng.integers(1, 2600, size=25)]
+    chunks = [pages[:7], [], pages[7:8], pages[8:]]
+    np.testing.assert_array_equal(maxsim_chunks(query, iter(chunks)), maxsim(query, pages))
+    assert maxsim_chunks(query, []).shape == (0,)
+    with pytest.raises(ValueError, match="page 8 has vectors of dim 5"):
+        maxsim_chunks(query, [pages[:8], [np.ones((2, 5))]])
+
+
+def test_a_forked_child_process_gets_its_own_worker_pool() -> None:
+    import multiprocessing
+
+    rng = np.random.default_rng(12)
+    query = _unit(rng, 4, 16)
+    pages = [_unit(rng, 300, 16).astype(np.float16) for _ in range(6)]
+    expected = maxsim(query, pages)  # the parent's pool exists now; a fork copies none of its threads
+    context = multiprocessing.get_context("fork")
+    with context.Pool(1) as pool:
+        result = pool.apply_async(maxsim, (query, pages))
+        np.testing.assert_array_equal(result.get(timeout=60), expected)

@@ -8,11 +8,14 @@ from typing import Any
 import numpy as np
 from haystack import default_from_dict, default_to_dict
 
+from haystack_integrations.common.multimodal_rag.numerics.maxsim import maxsim
 from haystack_integrations.document_stores.multivector.protocol import (
     as_multivector,
+    as_query,
     check_dtype,
     check_ids,
     check_model_binding,
+    check_pool_factor_binding,
 )
 
 
@@ -21,6 +24,7 @@ class _Storage:
         self.vectors: dict[str, np.ndarray] = {}
         self.dim: int | None = None
         self.model: str | None = None
+        self.pool_factor: int | None = None
         self.lock = threading.Lock()
 
 
@@ -66,6 +70,11 @@ class InMemoryMultiVectorStore:
     def dim(self) -> int | None:
         """Width of the stored vectors (`None` until the first write)."""
         return self._storage.dim
+
+    @property
+    def pool_factor(self) -> int | None:
+        """Pooling factor the stored pages were made with (1: none); `None` until a document embedder records it."""
+        return self._storage.pool_factor
 
     def to_dict(self) -> dict[str, Any]:
         """
@@ -124,6 +133,24 @@ class InMemoryMultiVectorStore:
                 out[doc_id] = array
         return out
 
+    def score(self, query_vectors: Any, ids: Iterable[str], *, device: str | None = None) -> dict[str, float]:
+        """
+        Raw MaxSim of a query against the stored pages of `ids` (the package's MaxSim kernel).
+
+        :param query_vectors: `(n_query_tokens, dim)` array, tensor or list of lists.
+        :param ids: Document ids.
+        :param device: `None` (the CPU kernel) or a torch device to score on, e.g. the ranker model's GPU.
+        :returns: `{document_id: MaxSim}` for the ids that have vectors. A page holding NaN (which `write`
+            refuses; only corruption gets it there) scores NaN.
+        :raises MultiVectorStoreError: When the query is not 2-D, not finite, or of another width.
+        """
+        query = as_query(query_vectors, dim=self.dim, store_name=repr(self))
+        vectors = self.get(ids)
+        if not vectors:
+            return {}
+        scores = maxsim(query, list(vectors.values()), device=device)
+        return dict(zip(vectors.keys(), scores.tolist(), strict=True))
+
     def delete(self, ids: Iterable[str]) -> None:
         """
         Remove multi-vectors (unknown ids are ignored).
@@ -146,6 +173,7 @@ class InMemoryMultiVectorStore:
             storage.vectors.clear()
             storage.dim = None
             storage.model = None
+            storage.pool_factor = None
 
     def bind_model(self, model: str) -> None:
         """
@@ -158,6 +186,23 @@ class InMemoryMultiVectorStore:
         with storage.lock:
             check_model_binding(f"InMemoryMultiVectorStore(index='{self.index}')", storage.model, model)
             storage.model = model
+
+    def bind_pool_factor(self, pool_factor: int) -> None:
+        """
+        Record the pooling factor of this index's pages, or refuse a different one.
+
+        :param pool_factor: The factor of the component writing pages (1: no pooling).
+        :raises MultiVectorStoreError: When the index holds pages pooled with another factor.
+        """
+        storage = self._storage
+        with storage.lock:
+            check_pool_factor_binding(
+                f"InMemoryMultiVectorStore(index='{self.index}')", storage.pool_factor, pool_factor
+            )
+            storage.pool_factor = pool_factor
+
+    def close(self) -> None:
+        """Nothing to release (the vectors stay in memory for other instances of the same index)."""
 
     def __repr__(self) -> str:
         return f"InMemoryMultiVectorStore(dtype={self.dtype!r}, index={self.index!r}, count={self.count()})"

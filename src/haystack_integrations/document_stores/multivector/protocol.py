@@ -19,14 +19,38 @@ SUPPORTED_DTYPES: tuple[str, ...] = ("float16", "float32")
 
 @runtime_checkable
 class MultiVectorStore(Protocol):
-    """The API shared by `InMemoryMultiVectorStore`, `QdrantMultiVectorStore` and `SQLiteMultiVectorStore`."""
+    """
+    The contract of `InMemoryMultiVectorStore`, `SQLiteMultiVectorStore` and `QdrantMultiVectorStore`.
+
+    Every store keeps one multi-vector per document id, scores a query against stored pages (`score`,
+    raw MaxSim), and says how its vectors look (`dim`, `dtype`, `pool_factor`).
+    """
+
+    @property
+    def dim(self) -> int | None:
+        """Width of the stored vectors (`None` while an in-memory store is empty)."""
+        ...
+
+    @property
+    def dtype(self) -> str:
+        """How vectors are stored: `"float16"` or `"float32"`."""
+        ...
+
+    @property
+    def pool_factor(self) -> int | None:
+        """The token-pooling factor the stored pages were made with (1: none), `None` until recorded."""
+        ...
 
     def write(self, vectors_by_id: Mapping[str, Any]) -> int:
-        """Upsert one multi-vector per document id; returns how many were written."""
+        """Upsert one multi-vector per document id; returns how many were written. Refuses NaN/inf."""
         ...
 
     def get(self, ids: Iterable[str]) -> dict[str, np.ndarray]:
         """Multi-vectors of the given ids; ids without vectors are absent from the result."""
+        ...
+
+    def score(self, query_vectors: Any, ids: Iterable[str], *, device: str | None = None) -> dict[str, float]:
+        """Raw MaxSim of the query against the stored pages of `ids`; ids without vectors are absent."""
         ...
 
     def delete(self, ids: Iterable[str]) -> None:
@@ -35,6 +59,18 @@ class MultiVectorStore(Protocol):
 
     def count(self) -> int:
         """Number of stored multi-vectors."""
+        ...
+
+    def bind_model(self, model: str) -> None:
+        """Record the embedding model, or refuse a different one."""
+        ...
+
+    def bind_pool_factor(self, pool_factor: int) -> None:
+        """Record the pooling factor of the stored pages, or refuse a different one."""
+        ...
+
+    def close(self) -> None:
+        """Release connections and files (the store reopens them on the next use)."""
         ...
 
     def to_dict(self) -> dict[str, Any]:
@@ -86,11 +122,57 @@ def as_multivector(value: Any, *, dtype: np.dtype, dim: int | None, doc_id: str)
             f"multi-vector of document '{doc_id}' has vectors of width {array.shape[1]}, but the store holds dim {dim}"
         )
         raise MultiVectorStoreError(msg)
-    converted = np.ascontiguousarray(array, dtype=dtype)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow to inf is reported just below, by document id
+        converted = np.ascontiguousarray(array, dtype=dtype)
     if not np.isfinite(converted).all():
         msg = f"multi-vector of document '{doc_id}' contains NaN or infinite values (after conversion to {dtype})"
         raise MultiVectorStoreError(msg)
     return converted
+
+
+def as_query(query_vectors: Any, *, dim: int | None, store_name: str) -> np.ndarray:
+    """
+    Validate a query multi-vector for `score` and convert it to a float32 array.
+
+    :param query_vectors: `(n_query_tokens, dim)` array, tensor or list of lists.
+    :param dim: The store's vector width (`None`: not known yet).
+    :param store_name: Description of the store, for messages.
+    :returns: The query as a C-contiguous float32 array.
+    :raises MultiVectorStoreError: When it is not a non-empty 2-D array of the store's width, or not finite.
+    """
+    if hasattr(query_vectors, "detach"):  # torch tensor
+        query_vectors = query_vectors.detach().to("cpu").float().numpy()
+    query = np.ascontiguousarray(np.asarray(query_vectors, dtype=np.float32))
+    if query.ndim != 2 or query.shape[0] == 0:
+        msg = f"{store_name}: the query multi-vector must be a non-empty 2-D array, got shape {query.shape}"
+        raise MultiVectorStoreError(msg)
+    if dim is not None and query.shape[1] != dim:
+        msg = (
+            f"{store_name}: the query multi-vector has vectors of width {query.shape[1]}, "
+            f"but the store holds vectors of dim {dim}"
+        )
+        raise MultiVectorStoreError(msg)
+    if not np.isfinite(query).all():
+        msg = f"{store_name}: the query multi-vector contains NaN or infinite values"
+        raise MultiVectorStoreError(msg)
+    return query
+
+
+def check_pool_factor_binding(store_name: str, stored: int | None, pool_factor: int) -> None:
+    """
+    Refuse to mix pages pooled with different factors in one store.
+
+    :param store_name: Description of the store, for the message.
+    :param stored: The factor the store recorded (`None` when not recorded yet).
+    :param pool_factor: The factor of the component using the store (1: no pooling).
+    :raises MultiVectorStoreError: When both are known and differ.
+    """
+    if stored is not None and stored != pool_factor:
+        msg = (
+            f"{store_name} holds pages pooled with pool_factor {stored}, but this component uses pool_factor "
+            f"{pool_factor}. Pages of one index must be pooled alike: use the same pool_factor, or a new store."
+        )
+        raise MultiVectorStoreError(msg)
 
 
 def check_ids(ids: Iterable[str]) -> list[str]:
@@ -126,16 +208,19 @@ def check_model_binding(store_name: str, stored_model: str | None, model: str | 
         raise MultiVectorStoreError(msg)
 
 
-def check_store_compatible(store: Any, *, dim: int, model: str, component: str) -> None:
+def check_store_compatible(store: Any, *, dim: int, model: str, component: str, pool_factor: int | None = None) -> None:
     """
-    Refuse a multi-vector store whose width or recorded model differs from a component's.
+    Refuse a multi-vector store whose width, recorded model or pooling differs from a component's.
 
-    Stores that can record their model (`bind_model`) are bound to `model` on first use.
+    Stores that can record their model (`bind_model`) are bound to `model` on first use; with `pool_factor`
+    given (a document embedder: its factor, 1 for none), stores that can record it (`bind_pool_factor`)
+    are bound to it, so a ranker later pools pages it encodes on the fly the same way.
 
     :param store: The multi-vector store.
     :param dim: Width of the vectors the component's model produces.
     :param model: The component's model id.
     :param component: Component name, for messages.
+    :param pool_factor: The pooling factor of the pages this component writes; `None` for readers.
     :raises MultiVectorStoreError: On a mismatch.
     """
     store_dim = getattr(store, "dim", None)
@@ -149,6 +234,12 @@ def check_store_compatible(store: Any, *, dim: int, model: str, component: str) 
     if callable(bind):
         try:
             bind(model)
+        except MultiVectorStoreError as e:
+            raise MultiVectorStoreError(f"{component}: {e}") from e
+    bind_pool = getattr(store, "bind_pool_factor", None)
+    if pool_factor is not None and callable(bind_pool):
+        try:
+            bind_pool(pool_factor)
         except MultiVectorStoreError as e:
             raise MultiVectorStoreError(f"{component}: {e}") from e
 

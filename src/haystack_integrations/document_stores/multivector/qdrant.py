@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import threading
 import uuid
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -12,9 +13,11 @@ from haystack.utils import Secret
 from haystack_integrations.common.multimodal_rag.errors import MultiVectorStoreError
 from haystack_integrations.document_stores.multivector.protocol import (
     as_multivector,
+    as_query,
     check_dtype,
     check_ids,
     check_model_binding,
+    check_pool_factor_binding,
 )
 from haystack_integrations.document_stores.multivector.qdrant_sharing import acquire_local_client, release_local_client
 
@@ -25,6 +28,7 @@ logger = logging.getLogger(__name__)
 _UUID_NAMESPACE = uuid.UUID("3896d314-1e95-4a3a-b45a-945f9f0b541d")
 _DOC_ID_KEY = "document_id"
 _MODEL_KEY = "multivector_model"
+_POOL_FACTOR_KEY = "multivector_pool_factor"
 _WRITE_BATCH = 64
 
 
@@ -69,8 +73,9 @@ class QdrantMultiVectorStore:
         api_key: Secret | None = Secret.from_env_var("QDRANT_API_KEY", strict=False),  # noqa: B008
         collection: str = "multivectors",
         dim: int = 128,
-        datatype: str = "float16",
+        dtype: str = "float16",
         on_disk: bool = True,
+        datatype: str | None = None,
     ) -> None:
         """
         Configure the store; the connection is opened on first use.
@@ -81,9 +86,11 @@ class QdrantMultiVectorStore:
         :param api_key: API key for a Qdrant server (read from `QDRANT_API_KEY` by default).
         :param collection: Collection name.
         :param dim: Width of the vectors (128 for the ColPali family).
-        :param datatype: Storage type of the vectors: `"float16"` or `"float32"`.
+        :param dtype: Storage type of the vectors: `"float16"` or `"float32"` (the same name as the other stores).
         :param on_disk: Keep vectors on disk (memory-mapped) in a Qdrant server.
-        :raises ValueError: When not exactly one of `location`, `url`, `path` is given, or on a bad dim/datatype.
+        :param datatype: Deprecated spelling of `dtype` (accepted, with a `DeprecationWarning`, for one release).
+        :raises ValueError: When not exactly one of `location`, `url`, `path` is given, on a bad dim/dtype, or
+            when `datatype` and `dtype` disagree.
         """
         given = [name for name, value in (("location", location), ("url", url), ("path", path)) if value]
         if len(given) != 1:
@@ -92,17 +99,29 @@ class QdrantMultiVectorStore:
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             msg = f"dim must be a positive integer, got {dim!r}"
             raise ValueError(msg)
-        self._np_dtype = check_dtype(datatype)
+        if datatype is not None:
+            warnings.warn(
+                "QdrantMultiVectorStore(datatype=...) is deprecated and will be removed in the next release: "
+                "use dtype=... (the name every multi-vector store uses)",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            if dtype not in ("float16", datatype):
+                msg = f"QdrantMultiVectorStore got dtype={dtype!r} and the deprecated datatype={datatype!r}; give dtype"
+                raise ValueError(msg)
+            dtype = datatype
+        self._np_dtype = check_dtype(dtype)
         self.location = location
         self.url = url
         self.path = path
         self.api_key = api_key
         self.collection = collection
         self.dim = dim
-        self.datatype = datatype
+        self.dtype = dtype
         self.on_disk = on_disk
         self._client: Any = None
         self._stored_model: str | None = None
+        self._stored_pool_factor: int | None = None
         self._lock = threading.Lock()
 
     def to_dict(self) -> dict[str, Any]:
@@ -119,7 +138,7 @@ class QdrantMultiVectorStore:
             api_key=self.api_key.to_dict() if self.api_key else None,
             collection=self.collection,
             dim=self.dim,
-            datatype=self.datatype,
+            dtype=self.dtype,
             on_disk=self.on_disk,
         )
 
@@ -187,8 +206,10 @@ class QdrantMultiVectorStore:
                 raise MultiVectorStoreError(msg)
             metadata = getattr(info.config, "metadata", None) or {}
             self._stored_model = metadata.get(_MODEL_KEY)
+            stored_pool = metadata.get(_POOL_FACTOR_KEY)
+            self._stored_pool_factor = int(stored_pool) if stored_pool is not None else None
             return
-        datatype = models.Datatype.FLOAT16 if self.datatype == "float16" else models.Datatype.FLOAT32
+        datatype = models.Datatype.FLOAT16 if self.dtype == "float16" else models.Datatype.FLOAT32
         client.create_collection(
             collection_name=self.collection,
             vectors_config=models.VectorParams(
@@ -277,22 +298,27 @@ class QdrantMultiVectorStore:
         """Number of stored multi-vectors."""
         return int(self.client.count(collection_name=self.collection, exact=True).count)
 
-    def score(self, query_vectors: Any, ids: Iterable[str]) -> dict[str, float]:
+    def score(
+        self,
+        query_vectors: Any,
+        ids: Iterable[str],
+        *,
+        device: str | None = None,  # noqa: ARG002 (part of the store contract; Qdrant scores server-side)
+    ) -> dict[str, float]:
         """
-        MaxSim of a query against the stored pages of `ids`, computed inside Qdrant.
+        Raw MaxSim of a query against the stored pages of `ids`, computed inside Qdrant (server-side), so the
+        candidates' vectors never leave it.
 
-        :param query_vectors: `(n_query_tokens, dim)` array or list of lists.
+        :param query_vectors: `(n_query_tokens, dim)` array, tensor or list of lists.
         :param ids: Document ids.
+        :param device: Ignored: Qdrant scores where the vectors live.
         :returns: `{document_id: raw MaxSim}` for the ids that have vectors.
-        :raises MultiVectorStoreError: When the query's width differs from the store's.
+        :raises MultiVectorStoreError: When the query is not 2-D, not finite, or of another width.
         """
         from qdrant_client.http import models
 
         ids = check_ids(ids)
-        query = np.asarray(query_vectors, dtype=np.float32)
-        if query.ndim != 2 or query.shape[1] != self.dim:
-            msg = f"query multi-vector has shape {query.shape}, but the store holds vectors of dim {self.dim}"
-            raise MultiVectorStoreError(msg)
+        query = as_query(query_vectors, dim=self.dim, store_name=f"Qdrant collection '{self.collection}'")
         if not ids:
             return {}
         by_point = {point_id(doc_id): doc_id for doc_id in ids}
@@ -311,6 +337,21 @@ class QdrantMultiVectorStore:
                 scores[doc_id] = float(point.score)
         return scores
 
+    @property
+    def pool_factor(self) -> int | None:
+        """Pooling factor recorded in the collection (1: none), `None` until a document embedder records it."""
+        _ = self.client  # reads the collection's metadata
+        return self._stored_pool_factor
+
+    def bind_pool_factor(self, pool_factor: int) -> None:
+        """
+        Record the pooling factor of the pages in the collection's metadata, or refuse a different one.
+
+        :param pool_factor: The factor of the component writing pages (1: no pooling).
+        :raises MultiVectorStoreError: When the collection holds pages pooled with another factor.
+        """
+        self._bind_metadata(_POOL_FACTOR_KEY, pool_factor)
+
     def bind_model(self, model: str) -> None:
         """
         Record the embedding model in the collection's metadata, or refuse a different one.
@@ -318,19 +359,33 @@ class QdrantMultiVectorStore:
         :param model: Model id of the component writing or reading.
         :raises MultiVectorStoreError: When the collection holds vectors of another model.
         """
+        self._bind_metadata(_MODEL_KEY, model)
+
+    def _bind_metadata(self, key: str, value: Any) -> None:
         client = self.client
+        where = f"Qdrant collection '{self.collection}'"
         with self._lock:
-            check_model_binding(f"Qdrant collection '{self.collection}'", self._stored_model, model)
-            if self._stored_model is None:
-                try:
-                    client.update_collection(collection_name=self.collection, metadata={_MODEL_KEY: model})
-                except Exception as e:
-                    logger.warning(
-                        "Could not record the model id in Qdrant collection {collection}: {error}",
-                        collection=self.collection,
-                        error=e,
-                    )
-                self._stored_model = model
+            if key == _MODEL_KEY:
+                check_model_binding(where, self._stored_model, value)
+                recorded = self._stored_model is not None
+            else:
+                check_pool_factor_binding(where, self._stored_pool_factor, value)
+                recorded = self._stored_pool_factor is not None
+            if recorded:
+                return
+            try:
+                client.update_collection(collection_name=self.collection, metadata={key: value})
+            except Exception as e:
+                logger.warning(
+                    "Could not record {key} in Qdrant collection {collection}: {error}",
+                    key=key,
+                    collection=self.collection,
+                    error=e,
+                )
+            if key == _MODEL_KEY:
+                self._stored_model = value
+            else:
+                self._stored_pool_factor = value
 
     def __repr__(self) -> str:
         where = self.path or self.url or self.location

@@ -4,7 +4,7 @@ import contextlib
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +12,14 @@ import numpy as np
 from haystack import default_from_dict, default_to_dict
 
 from haystack_integrations.common.multimodal_rag.errors import MultiVectorStoreError
+from haystack_integrations.common.multimodal_rag.numerics.maxsim import maxsim, maxsim_chunks
 from haystack_integrations.document_stores.multivector.protocol import (
     as_multivector,
+    as_query,
     check_dtype,
     check_ids,
     check_model_binding,
+    check_pool_factor_binding,
 )
 
 _FORMAT = "multimodal-rag-haystack/multivectors"
@@ -25,6 +28,7 @@ _VERSION = "1"
 _PAGE_SIZE = 65536
 _MMAP_SIZE = 1 << 30
 _MAX_VARS = 900  # stay under SQLite's bound-parameter limit in IN (...) lists
+_SCORE_CHUNK = 32  # pages fetched while the MaxSim workers score the previous chunk
 
 
 class SQLiteMultiVectorStore:
@@ -88,6 +92,7 @@ class SQLiteMultiVectorStore:
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
         self._stored_model: str | None = None
+        self._stored_pool_factor: int | None = None
         self._initialised = False
         self._init_lock = threading.Lock()
         # An existing file is checked now (clear errors early); a new one is created on first use, so loading a
@@ -205,26 +210,29 @@ class SQLiteMultiVectorStore:
             msg = f"{self._describe()} was created with dtype {meta['dtype']}, but was opened with dtype={self.dtype!r}"
             raise MultiVectorStoreError(msg)
         self._stored_model = meta.get("model")
+        self._stored_pool_factor = int(meta["pool_factor"]) if "pool_factor" in meta else None
         check_model_binding(self._describe(), self._stored_model, self.model)
         if self.model is not None and self._stored_model is None and not self.read_only:
             self._record_model(conn, self.model)
 
-    def _record_model(self, conn: sqlite3.Connection, model: str) -> None:
+    def _record_meta(self, conn: sqlite3.Connection, key: str, value: str) -> str:
+        """Insert `key` unless another process recorded it first; returns the value the file holds."""
         conn.execute("BEGIN IMMEDIATE")
         try:
-            row = conn.execute("SELECT value FROM mv_meta WHERE key='model'").fetchone()
-            if row is not None:
-                conn.execute("COMMIT")
-                check_model_binding(self._describe(), row[0], model)
-                self._stored_model = row[0]
-                return
-            conn.execute("INSERT INTO mv_meta (key, value) VALUES ('model', ?)", (model,))
+            row = conn.execute("SELECT value FROM mv_meta WHERE key=?", (key,)).fetchone()
+            if row is None:
+                conn.execute("INSERT INTO mv_meta (key, value) VALUES (?, ?)", (key, value))
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
-        self._stored_model = model
+        return value if row is None else str(row[0])
+
+    def _record_model(self, conn: sqlite3.Connection, model: str) -> None:
+        stored = self._record_meta(conn, "model", model)
+        check_model_binding(self._describe(), stored, model)
+        self._stored_model = stored
 
     def bind_model(self, model: str) -> None:
         """
@@ -237,6 +245,26 @@ class SQLiteMultiVectorStore:
         check_model_binding(self._describe(), self._stored_model, model)
         if self._stored_model is None and not self.read_only:
             self._record_model(self._conn(), model)
+
+    def bind_pool_factor(self, pool_factor: int) -> None:
+        """
+        Record in the file the pooling factor the pages are made with, or refuse a different one.
+
+        :param pool_factor: The factor of the component writing pages (1: no pooling).
+        :raises MultiVectorStoreError: When the file holds pages pooled with another factor.
+        """
+        self._ensure_initialised()
+        check_pool_factor_binding(self._describe(), self._stored_pool_factor, pool_factor)
+        if self._stored_pool_factor is None and not self.read_only:
+            stored = int(self._record_meta(self._conn(), "pool_factor", str(pool_factor)))
+            check_pool_factor_binding(self._describe(), stored, pool_factor)
+            self._stored_pool_factor = stored
+
+    @property
+    def pool_factor(self) -> int | None:
+        """Pooling factor recorded in the file (1: none), `None` until a document embedder records it."""
+        self._ensure_initialised()
+        return self._stored_pool_factor
 
     @property
     def stored_model(self) -> str | None:
@@ -301,10 +329,13 @@ class SQLiteMultiVectorStore:
 
     def get(self, ids: Iterable[str]) -> dict[str, np.ndarray]:
         """
-        Fetch multi-vectors. Each array is a read-only view of the fetched blob (no extra copy).
+        Fetch multi-vectors, with one copy: each blob is read straight from SQLite's memory-mapped pages into
+        the bytes that back the returned array (SQLite's incremental blob I/O; a `SELECT data` would copy it
+        twice, once into SQLite's row buffer and once into Python bytes).
 
         :param ids: Document ids.
-        :returns: `{document_id: (n_vectors, dim) array}` for the ids that have vectors, in the order asked.
+        :returns: `{document_id: (n_vectors, dim) array}` (read-only) for the ids that have vectors, in the
+            order asked.
         :raises MultiVectorStoreError: When a stored blob does not match its recorded shape (corruption).
         """
         ids = check_ids(ids)
@@ -313,10 +344,15 @@ class SQLiteMultiVectorStore:
         unique = list(dict.fromkeys(ids))
         # One prepared point query per id is faster here than a large IN (...) list.
         for doc_id in unique:
-            row = conn.execute("SELECT n, data FROM mv_vectors WHERE id = ?", (doc_id,)).fetchone()
+            row = conn.execute("SELECT rowid, n FROM mv_vectors WHERE id = ?", (doc_id,)).fetchone()
             if row is None:
                 continue
-            n, data = row
+            rowid, n = row
+            try:
+                with conn.blobopen("mv_vectors", "data", rowid, readonly=True) as blob:
+                    data = blob.read()
+            except sqlite3.OperationalError:  # deleted by another connection between the two statements
+                continue
             array = np.frombuffer(data, dtype=self._np_dtype)
             if array.size != n * self.dim:
                 msg = (
@@ -325,7 +361,39 @@ class SQLiteMultiVectorStore:
                 )
                 raise MultiVectorStoreError(msg)
             found[doc_id] = array.reshape(n, self.dim)
-        return {doc_id: found[doc_id] for doc_id in unique if doc_id in found}
+        return found
+
+    def score(self, query_vectors: Any, ids: Iterable[str], *, device: str | None = None) -> dict[str, float]:
+        """
+        Raw MaxSim of a query against the stored pages of `ids` (the package's MaxSim kernel).
+
+        :param query_vectors: `(n_query_tokens, dim)` array, tensor or list of lists.
+        :param ids: Document ids.
+        :param device: `None` (the CPU kernel) or a torch device to score on, e.g. the ranker model's GPU.
+        :returns: `{document_id: MaxSim}` for the ids that have vectors. A page holding NaN (which `write`
+            refuses; only corruption gets it there) scores NaN.
+        :raises MultiVectorStoreError: When the query is not 2-D, not finite, or of another width, or a blob
+            is corrupt.
+        """
+        query = as_query(query_vectors, dim=self.dim, store_name=self._describe())
+        if device is not None and not str(device).startswith("cpu"):
+            vectors = self.get(ids)
+            if not vectors:
+                return {}
+            on_device = maxsim(query, list(vectors.values()), device=device)
+            return dict(zip(vectors.keys(), on_device.tolist(), strict=True))
+        unique = list(dict.fromkeys(check_ids(ids)))
+        found: list[str] = []
+
+        def fetched() -> Iterator[list[np.ndarray]]:
+            # The CPU kernel scores chunk i while this thread fetches chunk i + 1.
+            for start in range(0, len(unique), _SCORE_CHUNK):
+                vectors = self.get(unique[start : start + _SCORE_CHUNK])
+                found.extend(vectors)
+                yield list(vectors.values())
+
+        scores = maxsim_chunks(query, fetched())
+        return dict(zip(found, scores.tolist(), strict=True))
 
     def delete(self, ids: Iterable[str]) -> None:
         """

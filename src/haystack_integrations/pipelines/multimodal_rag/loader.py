@@ -109,7 +109,7 @@ def _rewrite_store(
                     "api_key": dict(_QDRANT_KEY),
                     "collection": "multivectors",
                     "dim": params.get("dim", 128),
-                    "datatype": params.get("dtype", "float16"),
+                    "dtype": params.get("dtype", "float16"),
                 },
             }
         params["path"] = _absolute(params.get("path"), base_dir)

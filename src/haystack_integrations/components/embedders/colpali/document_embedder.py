@@ -183,7 +183,12 @@ class ColPaliDocumentEmbedder:
         if self._encoder is None:
             encoder = LateInteractionEncoder.get(LoadSpec.of(self))
             check_store_compatible(
-                self.multivector_store, dim=encoder.dim, model=self.model, component=type(self).__name__
+                self.multivector_store,
+                dim=encoder.dim,
+                model=self.model,
+                component=type(self).__name__,
+                # Recorded in the store so a ranker pools pages it encodes on the fly the same way.
+                pool_factor=self.pool_factor if self.pool_factor is not None else 1,
             )
             self._encoder = encoder
 

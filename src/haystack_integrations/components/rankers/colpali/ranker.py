@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import inspect
+import math
 import threading
 from collections import OrderedDict
 from dataclasses import replace
@@ -11,20 +13,16 @@ from haystack.utils import ComponentDevice, Secret
 
 from haystack_integrations.common.multimodal_rag.backends.colpali import LateInteractionEncoder
 from haystack_integrations.common.multimodal_rag.backends.loading import LoadSpec, serialize_loading_params
-from haystack_integrations.common.multimodal_rag.errors import MediaError, MultiVectorStoreError
-from haystack_integrations.common.multimodal_rag.inputs.media import VISUAL_MODALITIES, classify, load_images, locate
-from haystack_integrations.common.multimodal_rag.numerics.maxsim import maxsim
+from haystack_integrations.common.multimodal_rag.errors import MultiVectorStoreError
+from haystack_integrations.common.multimodal_rag.inputs.planning import iter_image_batches, plan_documents
+from haystack_integrations.common.multimodal_rag.numerics.maxsim import cpu_kernel_threads, maxsim
 from haystack_integrations.common.multimodal_rag.numerics.ranking import (
     DENSE_SCORE_META_KEY,
     LATE_INTERACTION_SCORE_META_KEY,
     check_top_k_and_threshold,
     select_top,
 )
-from haystack_integrations.common.multimodal_rag.validation import (
-    batched,
-    check_positive_int,
-    check_query,
-)
+from haystack_integrations.common.multimodal_rag.validation import check_positive_int, check_query
 from haystack_integrations.document_stores.multivector.protocol import (
     MultiVectorStore,
     check_store_compatible,
@@ -62,24 +60,39 @@ class _LRUCache:
         return len(self._data)
 
 
+def _encoder_takes_query_prefix() -> bool:
+    """Whether this installation's `LateInteractionEncoder.embed_queries` accepts `query_prefix=`."""
+    return "query_prefix" in inspect.signature(LateInteractionEncoder.embed_queries).parameters
+
+
 @component
 class ColPaliRanker:
     """
     Re-ranks retrieved candidates with late interaction (MaxSim) between query tokens and page patches.
 
     Stage 2 of two-stage multimodal retrieval: a dense retriever returns ~100 candidates fast, this
-    ranker scores them precisely. Page multi-vectors come from `multivector_store` (computed once at
-    indexing time by `ColPaliDocumentEmbedder`), so a query costs one query encoding plus ~10 ms of
-    MaxSim for 100 pages on a CPU. Pages that have no stored vectors are encoded on the fly and kept in
-    an LRU cache of `cache_size` pages, so a pipeline without a store still works, just slower.
-    A store that can score server-side (`QdrantMultiVectorStore`) computes MaxSim where the vectors live.
+    ranker scores them precisely. It is thin: encode the query (or take it as `query_multivector_embedding`
+    from a `ColPaliTextEmbedder`, so one encoding serves several consumers) -> `multivector_store.score`
+    (MaxSim where the vectors live: our CPU kernel for the in-memory and SQLite stores, on the model's GPU
+    when the model runs on one, inside Qdrant for the Qdrant store) -> normalise -> select.
+
+    Pages without stored vectors go through a read-through path: they are planned and loaded by the
+    package's shared document planning and pixel loader, encoded (pooled like the stored pages when the
+    store records a `pool_factor`), and kept in an LRU cache of `cache_size` pages, so a pipeline without a
+    store still works, just slower.
 
     Every output document keeps the incoming (retriever) score in `meta["dense_score"]` and gets
     `meta["late_interaction_score"]` (raw MaxSim) and a new `score`: MaxSim divided by the number of query
     tokens with `normalize_scores=True` (comparable across queries), raw MaxSim otherwise. Text-only
     documents keep their incoming score and get no late-interaction score (`ModalityScoreCalibrator`
     fuses them later); candidates with neither stored vectors nor a readable image keep their score too,
-    with a warning naming them. Nothing is dropped except by `top_k` and `score_threshold`.
+    with a warning naming them. A page whose stored vectors are not finite (a corrupt store) gets
+    `score=None`, ranks last and is named in a warning.
+
+    `top_k` is `None` by default: every candidate is passed on. Text candidates keep a dense (cosine)
+    score while pages get MaxSim, two scales that cannot be compared, so one `top_k` here would cut text
+    against pages arbitrarily; `ModalityScoreCalibrator` puts them on one scale and makes the final cut.
+    Set `top_k` only when every candidate is a page.
 
     ### Usage example
     ```python
@@ -87,7 +100,7 @@ class ColPaliRanker:
     from haystack_integrations.document_stores.multivector import SQLiteMultiVectorStore
 
     ranker = ColPaliRanker(model="vidore/colqwen2.5-v0.2", multivector_store=SQLiteMultiVectorStore("index/mv.sqlite"))
-    result = ranker.run(query="Which quarter had the highest revenue?", documents=candidates, top_k=5)
+    result = ranker.run(query="Which quarter had the highest revenue?", documents=candidates)
     ```
     """
 
@@ -96,9 +109,10 @@ class ColPaliRanker:
         model: str = "vidore/colqwen2.5-v0.2",
         *,
         multivector_store: MultiVectorStore | None = None,
-        top_k: int = 10,
+        top_k: int | None = None,
         score_threshold: float | None = None,
         normalize_scores: bool = True,
+        query_prefix: str | None = None,
         device: ComponentDevice | None = None,
         token: Secret | None = Secret.from_env_var(["HF_API_TOKEN", "HF_TOKEN"], strict=False),  # noqa: B008
         batch_size: int = 4,
@@ -113,10 +127,13 @@ class ColPaliRanker:
 
         :param model: Hugging Face id or local path of a ColPali-family checkpoint (the one used at indexing).
         :param multivector_store: Store holding page multi-vectors; `None` encodes every page on the fly.
-        :param top_k: How many documents to return.
+        :param top_k: How many documents to return; `None` (default) returns every candidate, for a later
+            calibrator to cut (text and page scores are not comparable here).
         :param score_threshold: Drop documents whose final `score` is below this value.
         :param normalize_scores: Divide MaxSim by the number of query tokens.
-        :param device: Device to run on; `None` picks the best available.
+        :param query_prefix: Text put before each query when this ranker encodes it; `None` keeps the model
+            family's own query processing. Needs an encoder that supports it (checked here).
+        :param device: Device to run on; `None` picks the best available. On a GPU, MaxSim runs there too.
         :param token: Hugging Face token, for gated or private models.
         :param batch_size: Pages per forward pass when encoding on the fly.
         :param cache_size: Pages kept in the on-the-fly LRU cache (0 disables it).
@@ -124,18 +141,25 @@ class ColPaliRanker:
         :param model_kwargs: Extra keyword arguments for the model's `from_pretrained`.
         :param file_path_meta_field: Meta key holding the path of a candidate's image or PDF (on-the-fly path).
         :param root_path: Directory that relative file paths are resolved in; paths escaping it are refused.
-        :raises ValueError: On invalid parameters.
+        :raises ValueError: On invalid parameters, or a `query_prefix` this installation's encoder cannot apply.
         """
         check_top_k_and_threshold(top_k, score_threshold)
         check_positive_int("batch_size", batch_size)
         if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 0:
             msg = f"cache_size must be a non-negative integer, got {cache_size!r}"
             raise ValueError(msg)
+        if query_prefix is not None and not _encoder_takes_query_prefix():
+            msg = (
+                "ColPaliRanker: query_prefix needs LateInteractionEncoder.embed_queries(..., query_prefix=...), "
+                "which this installation does not have"
+            )
+            raise ValueError(msg)
         self.model = model
         self.multivector_store = multivector_store
         self.top_k = top_k
         self.score_threshold = score_threshold
         self.normalize_scores = normalize_scores
+        self.query_prefix = query_prefix
         self.device = device
         self.token = token
         self.batch_size = batch_size
@@ -148,7 +172,7 @@ class ColPaliRanker:
         self._cache = _LRUCache(cache_size)
         self._warm_lock = threading.Lock()
         # The on-the-fly path stores vectors like the store does, so both paths score identical values.
-        self._cache_dtype = np.dtype(getattr(multivector_store, "dtype", None) or "float16")
+        self._cache_dtype = np.dtype(multivector_store.dtype if multivector_store is not None else "float16")
 
     def warm_up(self) -> None:
         """
@@ -165,6 +189,7 @@ class ColPaliRanker:
                         self.multivector_store, dim=encoder.dim, model=self.model, component=type(self).__name__
                     )
                 self._encoder = encoder
+                cpu_kernel_threads()  # starts the MaxSim worker pool now rather than in the first query
 
     def to_dict(self) -> dict[str, Any]:
         """
@@ -179,6 +204,7 @@ class ColPaliRanker:
             top_k=self.top_k,
             score_threshold=self.score_threshold,
             normalize_scores=self.normalize_scores,
+            query_prefix=self.query_prefix,
             batch_size=self.batch_size,
             cache_size=self.cache_size,
             file_path_meta_field=self.file_path_meta_field,
@@ -195,107 +221,146 @@ class ColPaliRanker:
         """
         return default_from_dict(cls, with_store_from_dict(data))
 
+    # --- steps ---------------------------------------------------------------------------------------------
+
+    def _score_device(self) -> str | None:
+        """Where MaxSim runs for the in-memory and SQLite stores and read-through pages: the model's GPU, if any."""
+        device = self._encoder.device if self._encoder is not None else None
+        return None if device is None or str(device).startswith("cpu") else str(device)
+
+    def _encode_query(self, query: str) -> np.ndarray:
+        assert self._encoder is not None
+        if self.query_prefix is None:
+            return self._encoder.embed_queries([query])[0]
+        embed: Any = self._encoder.embed_queries
+        return embed([query], query_prefix=self.query_prefix)[0]
+
+    def _check_query_embedding(self, embedding: Any) -> np.ndarray:
+        name = type(self).__name__
+        try:
+            array = np.asarray(embedding, dtype=np.float32)
+        except (TypeError, ValueError) as e:
+            msg = f"{name}: query_multivector_embedding must be a list of equal-length float lists: {e}"
+            raise ValueError(msg) from e
+        if array.ndim != 2 or array.shape[0] == 0 or array.shape[1] == 0:
+            msg = f"{name}: query_multivector_embedding must be a non-empty (tokens, dim) list, got shape {array.shape}"
+            raise ValueError(msg)
+        if not np.isfinite(array).all():
+            msg = f"{name}: query_multivector_embedding contains NaN or infinite values"
+            raise ValueError(msg)
+        store = self.multivector_store
+        expected = self._encoder.dim if self._encoder is not None else (store.dim if store is not None else None)
+        if expected is not None and array.shape[1] != expected:
+            msg = (
+                f"{name}: query_multivector_embedding has vectors of dim {array.shape[1]}, but model "
+                f"'{self.model}' and its store use dim {expected}"
+            )
+            raise ValueError(msg)
+        return array
+
     def _stored_scores(self, query: np.ndarray, documents: list[Document]) -> dict[str, float]:
         store = self.multivector_store
         if store is None:
             return {}
+        store_dim = store.dim
+        if store_dim is not None and store_dim != query.shape[1]:
+            msg = (
+                f"{type(self).__name__}: the multi-vector store holds vectors of dim {store_dim}, but the query "
+                f"(model '{self.model}') has dim {query.shape[1]}"
+            )
+            raise MultiVectorStoreError(msg)
         ids = list(dict.fromkeys(d.id for d in documents))
-        server_side = getattr(store, "score", None)
-        if callable(server_side):
-            return dict(server_side(query, ids))
-        vectors = store.get(ids)
-        for doc_id, array in vectors.items():
-            if array.ndim != 2 or array.shape[1] != query.shape[1]:
-                msg = (
-                    f"{type(self).__name__}: the stored multi-vector of document '{doc_id}' has shape {array.shape}, "
-                    f"but model '{self.model}' produces vectors of dim {query.shape[1]}"
-                )
-                raise MultiVectorStoreError(msg)
-        if not vectors:
-            return {}
-        scores = maxsim(query, list(vectors.values()))
-        return dict(zip(vectors.keys(), scores.tolist(), strict=True))
+        return dict(store.score(query, ids, device=self._score_device()))
 
-    def _on_the_fly_vectors(self, documents: list[Document]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-        """Vectors for candidates without stored ones: from the cache or encoded now. Returns (vectors, problems)."""
+    def _pool_factor(self) -> int | None:
+        # Pages encoded here must look like the stored ones: pooled with the factor the indexing run recorded.
+        factor = self.multivector_store.pool_factor if self.multivector_store is not None else None
+        return factor if factor is not None and factor > 1 else None
+
+    def _read_through(self, documents: list[Document]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+        """Vectors for candidates without stored ones: from the cache, or planned, loaded and encoded now."""
         assert self._encoder is not None
         vectors: dict[str, np.ndarray] = {}
-        problems: dict[str, str] = {}
-        to_encode: list[tuple[Document, Any]] = []
-        for doc in documents:
-            if doc.id in vectors:
-                continue
+        todo: list[Document] = []
+        for doc in {d.id: d for d in documents}.values():
             cached = self._cache.get(doc.id)
             if cached is not None:
                 vectors[doc.id] = cached
+            else:
+                todo.append(doc)
+        if not todo:
+            return vectors, {}
+        plan = plan_documents(
+            todo, file_path_meta_field=self.file_path_meta_field, root_path=self.root_path, probe_pixels=False
+        )
+        problems = {todo[i].id: reason for i, reason in plan.failures.items()}
+        pool_factor = self._pool_factor()
+        for positions, images, failed in iter_image_batches(plan, plan.visual_indices(), self.batch_size):
+            problems.update({todo[i].id: reason for i, reason in failed.items()})
+            if not images:
                 continue
             try:
-                modality = classify(doc, file_path_meta_field=self.file_path_meta_field)
-            except MediaError as e:
-                problems[doc.id] = str(e)
-                continue
-            if modality not in VISUAL_MODALITIES:
-                continue  # text: keeps its score, no warning
-            try:
-                source = locate(doc, modality, file_path_meta_field=self.file_path_meta_field, root_path=self.root_path)
-            except MediaError as e:
-                problems[doc.id] = str(e)
-                continue
-            to_encode.append((doc, source))
-        for chunk in batched(to_encode, self.batch_size):
-            loaded = load_images([source for _, source in chunk])
-            ok = [(doc, img) for (doc, _), img in zip(chunk, loaded, strict=True) if not isinstance(img, MediaError)]
-            for (doc, _), img in zip(chunk, loaded, strict=True):
-                if isinstance(img, MediaError):
-                    problems[doc.id] = str(img)
-            if not ok:
-                continue
-            encoded = self._encoder.embed_images([img for _, img in ok])
-            for (doc, img), array in zip(ok, encoded, strict=True):
-                img.close()
+                encoded = self._encoder.embed_images(images, pool_factor=pool_factor)
+            finally:
+                for image in images:
+                    image.close()
+            for i, array in zip(positions, encoded, strict=True):
                 stored = np.ascontiguousarray(array, dtype=self._cache_dtype)
-                vectors[doc.id] = stored
-                self._cache.put(doc.id, stored)
+                vectors[todo[i].id] = stored
+                self._cache.put(todo[i].id, stored)
         return vectors, problems
 
     @component.output_types(documents=list[Document])
     def run(
         self,
-        query: str,
+        query: str | None = None,
+        *,
         documents: list[Document],
+        query_multivector_embedding: list[list[float]] | None = None,
         top_k: int | None = None,
         score_threshold: float | None = None,
     ) -> dict[str, list[Document]]:
         """
         Re-rank candidates for a query.
 
-        :param query: The query text.
+        :param query: The query text (encoded here unless `query_multivector_embedding` is given).
         :param documents: The candidates (typically ~100 from a dense retriever); not modified.
+        :param query_multivector_embedding: The query already encoded by the same model, e.g. the
+            `multivector_embedding` output of a `ColPaliTextEmbedder` (Haystack 3.5's name): the query is
+            then not encoded again.
         :param top_k: Overrides the init `top_k` for this call (0 returns nothing).
         :param score_threshold: Overrides the init `score_threshold` for this call.
-        :returns: `{"documents": [...]}`, best first: `min(top_k, len(documents))` documents unless
-            `score_threshold` removes some.
-        :raises ValueError: On an empty query or an invalid `top_k`.
+        :returns: `{"documents": [...]}`, best first (documents without a score last): every candidate unless
+            `top_k` or `score_threshold` removes some.
+        :raises ValueError: Without a query or its embedding, on an empty query, a malformed embedding or an
+            invalid `top_k`.
         :raises MultiVectorStoreError: When stored vectors do not fit the model (width, model id).
         """
         component_name = type(self).__name__
-        check_query(component_name, query)
+        if query_multivector_embedding is None:
+            if query is None:
+                msg = f"{component_name} needs `query` or `query_multivector_embedding`; got neither"
+                raise ValueError(msg)
+            check_query(component_name, query)
         top_k = self.top_k if top_k is None else top_k
         score_threshold = self.score_threshold if score_threshold is None else score_threshold
         check_top_k_and_threshold(top_k, score_threshold)
         if not documents or top_k == 0:
             return {"documents": []}
-        self.warm_up()
-        assert self._encoder is not None
 
-        query_vectors = self._encoder.embed_queries([query])[0]
+        if query_multivector_embedding is None:
+            self.warm_up()
+            query_vectors = self._encode_query(str(query))
+        else:
+            query_vectors = self._check_query_embedding(query_multivector_embedding)
         n_query_tokens = query_vectors.shape[0]
         late = self._stored_scores(query_vectors, documents)
         missing = [d for d in documents if d.id not in late]
         if missing:
-            vectors, problems = self._on_the_fly_vectors(missing)
+            self.warm_up()
+            vectors, problems = self._read_through(missing)
             if vectors:
-                scores = maxsim(query_vectors, list(vectors.values()))
+                scores = maxsim(query_vectors, list(vectors.values()), device=self._score_device())
                 late.update(zip(vectors.keys(), scores.tolist(), strict=True))
             if problems:
                 logger.warning(
@@ -305,6 +370,15 @@ class ColPaliRanker:
                     count=len(problems),
                     details="; ".join(f"'{doc_id}': {reason}" for doc_id, reason in problems.items()),
                 )
+        corrupt = sorted(doc_id for doc_id, value in late.items() if not math.isfinite(value))
+        if corrupt:
+            logger.warning(
+                "{component}: the stored multi-vectors of {count} candidate(s) are not finite (a corrupt store); "
+                "they rank last without a score: {ids}",
+                component=component_name,
+                count=len(corrupt),
+                ids=", ".join(f"'{doc_id}'" for doc_id in corrupt),
+            )
 
         ranked: list[Document] = []
         for doc in documents:
@@ -313,7 +387,10 @@ class ColPaliRanker:
             score = doc.score
             if doc.id in late:
                 raw = float(late[doc.id])
-                meta[LATE_INTERACTION_SCORE_META_KEY] = raw
-                score = raw / n_query_tokens if self.normalize_scores else raw
+                if math.isfinite(raw):
+                    meta[LATE_INTERACTION_SCORE_META_KEY] = raw
+                    score = raw / n_query_tokens if self.normalize_scores else raw
+                else:
+                    score = None
             ranked.append(replace(doc, score=score, meta=meta))
         return {"documents": select_top(ranked, top_k=top_k, score_threshold=score_threshold)}
