@@ -153,7 +153,11 @@ def main() -> None:
         candidates = [
             Document(id=f"v{i}", meta={"file_path": str(p)}, score=1.0 - i / 100) for i, p in enumerate(paths)
         ]
-        vlm_ranker = VisionLanguageRanker(qwen2, device=component_device, max_candidates=80, top_k=10)
+        # MonoQwen2-VL-v0.1 is a LoRA on Qwen2-VL-2B-Instruct: same architecture, same cost per candidate. The
+        # random base's small tokenizer has no single-token "True", so the zero-shot recipe drives it.
+        vlm_ranker = VisionLanguageRanker(
+            qwen2, recipe="zero_shot_yes_no", device=component_device, max_candidates=80, top_k=10
+        )
         vlm_ranker.warm_up()
         ms = _median_ms(
             lambda: vlm_ranker.run(query=QUERY, documents=candidates),

@@ -617,3 +617,41 @@ def test_quickstart_without_models_fails_with_one_clear_line(tmp_path: Path) -> 
     assert "google/siglip-so400m-patch14-384" in error_lines[0]
     assert "--tiny" in error_lines[0]
     assert "Traceback" not in out.stderr
+
+
+def test_a_wrapped_retriever_gets_the_same_store_rewrite_as_a_top_level_one(tmp_path: Path) -> None:
+    data = yaml.safe_load((PIPELINES / "rag.yaml").read_text())
+    retriever = data["components"]["retriever"]
+    data["components"]["retriever"] = {
+        "type": "haystack_integrations.components.retrievers.oversampling.retriever.FilterAwareRetriever",
+        "init_parameters": {"retriever": retriever, "top_k": 100},
+    }
+    out = rewrite_pipeline_dict(data, base_dir=tmp_path, embedding_dim=32)
+    store = out["components"]["retriever"]["init_parameters"]["retriever"]["init_parameters"]["document_store"]
+    assert store["init_parameters"]["path"] == str((tmp_path / "index" / "qdrant").resolve())
+    assert store["init_parameters"]["embedding_dim"] == 32
+    served = rewrite_pipeline_dict(data, qdrant_url="http://localhost:6333")
+    inner = served["components"]["retriever"]["init_parameters"]["retriever"]["init_parameters"]["document_store"]
+    assert inner["init_parameters"].get("url") == "http://localhost:6333"
+
+
+def test_models_keys_replace_only_their_components_and_unknown_keys_are_refused() -> None:
+    data = {
+        "components": {
+            "generator": {
+                "type": "haystack_integrations.components.generators.local_vlm.chat_generator.LocalVLMChatGenerator",
+                "init_parameters": {"model": "gen"},
+            },
+            "reranker": {
+                "type": "haystack_integrations.components.rankers.vlm.ranker.VisionLanguageRanker",
+                "init_parameters": {"model": "rerank"},
+            },
+        }
+    }
+    out = rewrite_pipeline_dict(data, models={"vlm": "new-generator"})
+    assert out["components"]["generator"]["init_parameters"]["model"] == "new-generator"
+    assert out["components"]["reranker"]["init_parameters"]["model"] == "rerank"
+    out = rewrite_pipeline_dict(data, models={"reranker": "new-reranker"})
+    assert out["components"]["reranker"]["init_parameters"]["model"] == "new-reranker"
+    with pytest.raises(ValueError, match="unknown keys \\['vlmm'\\]"):
+        rewrite_pipeline_dict(data, models={"vlmm": "typo"})

@@ -15,6 +15,7 @@ from haystack_integrations.common.multimodal_rag.errors import MultimodalRAGErro
 from haystack_integrations.evaluation.multimodal_rag.datasets import load_dataset
 from haystack_integrations.evaluation.multimodal_rag.evaluate import DEFAULT_INDEXING, DEFAULT_QUERY, evaluate
 from haystack_integrations.evaluation.multimodal_rag.trec import write_trec_run
+from haystack_integrations.pipelines.multimodal_rag.loader import MODEL_KEYS
 
 _DESCRIPTION = """\
 Evaluate the retrieval of a multimodal RAG pipeline on a dataset.
@@ -45,8 +46,8 @@ def _models(value: str) -> dict[str, str]:
     for item in value.split(","):
         key, sep, model = item.partition("=")
         key, model = key.strip(), model.strip()
-        if not sep or key not in ("dense", "colpali", "vlm") or not model:
-            msg = f"expected dense=ID,colpali=ID,vlm=ID (any subset), got {item!r}"
+        if not sep or key not in MODEL_KEYS or not model:
+            msg = f"expected {','.join(f'{k}=ID' for k in MODEL_KEYS)} (any subset), got {item!r}"
             raise argparse.ArgumentTypeError(msg)
         models[key] = model
     return models

@@ -338,7 +338,7 @@ def evaluate(
     :param query_pipeline: Query YAML (path or text) for text queries.
     :param image_query_pipeline: Query YAML for image queries (one with an `image` input, e.g. a
         `MultimodalImageEmbedder` feeding the retriever); required when the dataset has image queries.
-    :param models: `{"dense": id, "colpali": id, "vlm": id}` as for `load_pipeline`.
+    :param models: `{"dense": id, "colpali": id, "vlm": id, "reranker": id}` as for `load_pipeline`.
     :param embedding_dim: Dense vector size of the document store, as for `load_pipeline`.
     :param qdrant_url: Qdrant server URL, as for `load_pipeline` (default: `QDRANT_URL`).
     :param stop_after: The final ranking stage's component name (default: see `retrieval_part`).

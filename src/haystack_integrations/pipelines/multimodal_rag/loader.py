@@ -8,7 +8,9 @@ built, what usually differs:
 - `root_path` (default: `base_dir`): every component that reads files (converter, embedders, rankers, prompt
   builder) is confined to it, so a stored document's `file_path` cannot send an arbitrary file on disk to a
   model or a remote generator. A YAML that sets none gets it; one that sets `null` keeps it (with a warning);
-- `models`: `{"dense": ..., "colpali": ..., "vlm": ...}` replace the model ids of the matching components;
+- `models`: `{"dense": ..., "colpali": ..., "vlm": ..., "reranker": ...}` replace the model ids of the matching
+  components (`vlm`: the local generator; `reranker`: `VisionLanguageRanker`); components nested in another
+  (a retriever wrapped by `FilterAwareRetriever`) are rewritten like top-level ones;
 - `embedding_dim`: the dense vector size of the Qdrant document store (1152 for SigLIP so400m);
 - `qdrant_url` (default: the `QDRANT_URL` environment variable): switch every embedded Qdrant document store
   to that server or cluster (API key from `QDRANT_API_KEY`), and the SQLite multi-vector store to a
@@ -60,7 +62,15 @@ def _names(*classes: type) -> frozenset[str]:
 # Type strings as they appear in serialized pipelines, derived from the classes so a move cannot break them.
 _DENSE = _names(MultimodalDocumentEmbedder, MultimodalTextEmbedder, MultimodalImageEmbedder)
 _COLPALI = _names(ColPaliDocumentEmbedder, ColPaliTextEmbedder, ColPaliRanker)
-_VLM = _names(LocalVLMChatGenerator, VisionLanguageRanker)
+# `models` keys: which components each replaces the model of. The reranker has its own key: a generator
+# checkpoint is not a trained reranker (and MonoQwen is not a generator).
+_MODEL_TYPES: dict[str, frozenset[str]] = {
+    "dense": _DENSE,
+    "colpali": _COLPALI,
+    "vlm": _names(LocalVLMChatGenerator),
+    "reranker": _names(VisionLanguageRanker),
+}
+MODEL_KEYS: tuple[str, ...] = tuple(_MODEL_TYPES)
 # Every component of the package that opens files named by documents or sources (they all take `root_path`).
 READS_FILES: tuple[type, ...] = (
     MultimodalFileToDocument,
@@ -80,6 +90,14 @@ _SQLITE_STORE = generate_qualified_class_name(SQLiteMultiVectorStore)
 _QDRANT_MV_STORE = generate_qualified_class_name(QdrantMultiVectorStore)
 _QDRANT_KEY = {"type": "env_var", "env_vars": ["QDRANT_API_KEY"], "strict": False}
 _OPENAI = "haystack.components.generators.chat.openai.OpenAIChatGenerator"
+
+
+def _is_component(value: Any) -> bool:
+    return (
+        isinstance(value, dict)
+        and isinstance(value.get("type"), str)
+        and isinstance(value.get("init_parameters"), dict)
+    )
 
 
 def _absolute(path: str | None, base_dir: Path | None) -> str | None:
@@ -149,7 +167,8 @@ def rewrite_pipeline_dict(
 
     :param data: The pipeline as a dict (e.g. `yaml.safe_load` of a shipped YAML).
     :param base_dir: Directory relative store paths and relative `root_path`s are resolved against.
-    :param models: `{"dense": id, "colpali": id, "vlm": id}`; missing keys keep the YAML's models.
+    :param models: `{"dense": id, "colpali": id, "vlm": id, "reranker": id}` (`vlm`: the local generator;
+        `reranker`: `VisionLanguageRanker`); missing keys keep the YAML's models.
     :param embedding_dim: Dense vector size for Qdrant document stores.
     :param qdrant_url: Qdrant server/cluster URL; `None` keeps the embedded stores.
     :param generator: `"openai"` swaps the local VLM generator for `OpenAIChatGenerator`.
@@ -166,17 +185,19 @@ def rewrite_pipeline_dict(
     base = Path(base_dir).expanduser().resolve() if base_dir is not None else None
     root = str(Path(root_path).expanduser().resolve()) if root_path is not None else None
     models = models or {}
-    for name, component in out.get("components", {}).items():
+    unknown = set(models) - set(MODEL_KEYS)
+    if unknown:
+        msg = f"models has unknown keys {sorted(unknown)}; the keys are {list(MODEL_KEYS)}"
+        raise ValueError(msg)
+
+    def rewrite(name: str, component: dict[str, Any]) -> None:
         ctype = component.get("type")
         params = component.setdefault("init_parameters", {})
         if ctype in _READS_FILES:
             _confine(name, params, base=base, root=root)
-        if ctype in _DENSE and "dense" in models:
-            params["model"] = models["dense"]
-        if ctype in _COLPALI and "colpali" in models:
-            params["model"] = models["colpali"]
-        if ctype in _VLM and "vlm" in models:
-            params["model"] = models["vlm"]
+        for key, classes in _MODEL_TYPES.items():
+            if ctype in classes and key in models:
+                params["model"] = models[key]
         for key in ("document_store", "multivector_store"):
             if isinstance(params.get(key), dict):
                 params[key] = _rewrite_store(
@@ -184,6 +205,10 @@ def rewrite_pipeline_dict(
                 )
         if isinstance(params.get("state_path"), str):
             params["state_path"] = _absolute(params["state_path"], base)
+        # A component that wraps another (e.g. FilterAwareRetriever's `retriever`) gets the same treatment.
+        for key, value in params.items():
+            if key not in ("document_store", "multivector_store") and _is_component(value):
+                rewrite(f"{name}.{key}", value)
         if generator == "openai" and ctype == _LOCAL_GENERATOR:
             max_tokens = (params.get("generation_kwargs") or {}).get("max_new_tokens", 256)
             component["type"] = _OPENAI
@@ -191,6 +216,9 @@ def rewrite_pipeline_dict(
                 "api_key": {"type": "env_var", "env_vars": ["OPENAI_API_KEY"], "strict": True},
                 "generation_kwargs": {"max_completion_tokens": max_tokens},
             }
+
+    for name, component in out.get("components", {}).items():
+        rewrite(name, component)
     return out
 
 
@@ -215,7 +243,8 @@ def load_pipeline(
     :param source: Path of a YAML file, or the YAML text itself.
     :param base_dir: Directory relative store paths (`index/...`) and relative `root_path`s are resolved
         against; defaults to the working directory.
-    :param models: `{"dense": id, "colpali": id, "vlm": id}` to replace the YAML's model ids.
+    :param models: `{"dense": id, "colpali": id, "vlm": id, "reranker": id}` to replace the YAML's model ids
+        (`vlm`: the local generator; `reranker`: `VisionLanguageRanker`); an unknown key is a `ValueError`.
     :param embedding_dim: Dense vector size of the Qdrant document store (when the dense model changes).
     :param qdrant_url: Qdrant server or cluster URL; defaults to the `QDRANT_URL` environment variable.
     :param generator: `"openai"` to use `OpenAIChatGenerator` instead of the local VLM.
