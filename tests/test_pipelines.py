@@ -655,3 +655,17 @@ def test_models_keys_replace_only_their_components_and_unknown_keys_are_refused(
     assert out["components"]["reranker"]["init_parameters"]["model"] == "new-reranker"
     with pytest.raises(ValueError, match="unknown keys \\['vlmm'\\]"):
         rewrite_pipeline_dict(data, models={"vlmm": "typo"})
+
+
+def test_the_shipped_pipelines_are_found_in_a_checkout_and_travel_inside_the_wheel() -> None:
+    import tomllib
+
+    from haystack_integrations.pipelines.multimodal_rag import shipped_pipeline
+
+    assert shipped_pipeline("rag.yaml").read_text() == (PIPELINES / "rag.yaml").read_text()
+    with pytest.raises(FileNotFoundError, match="no shipped pipeline"):
+        shipped_pipeline("nope.yaml")
+    pyproject = tomllib.loads((PIPELINES.parents[1] / "pyproject.toml").read_text())
+    shipped = pyproject["tool"]["hatch"]["build"]["targets"]["wheel"]["force-include"]
+    for name in ("indexing.yaml", "rag.yaml"):
+        assert shipped[f"examples/pipelines/{name}"] == f"haystack_integrations/pipelines/multimodal_rag/shipped/{name}"

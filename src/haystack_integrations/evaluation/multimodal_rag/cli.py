@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=DEFAULT_INDEXING,
         metavar="YAML",
-        help="indexing pipeline (default: examples/pipelines/indexing.yaml)",
+        help="indexing pipeline (default: the shipped indexing.yaml)",
     )
     parser.add_argument(
         "--no-indexing",
@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=DEFAULT_QUERY,
         metavar="YAML",
-        help="query pipeline for text queries (default: examples/pipelines/rag.yaml, cut before the prompt builder)",
+        help="query pipeline for text queries (default: the shipped rag.yaml, cut before the prompt builder)",
     )
     parser.add_argument(
         "--image-query",
@@ -210,7 +210,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         dataset = load_dataset(args.dataset, format=args.format, split=args.split)
         for label, path in (("--indexing", None if args.no_indexing else args.indexing), ("--query", args.query)):
             if path is not None and not Path(path).is_file():
-                msg = f"{label} {path} does not exist (the default is in a source checkout's examples/pipelines)"
+                msg = (
+                    f"{label} {path} does not exist (the defaults ship with the package; "
+                    "reinstall it, or pass --indexing/--query)"
+                )
                 raise FileNotFoundError(msg)
         output: Path = args.output
         output.mkdir(parents=True, exist_ok=True)

@@ -19,14 +19,23 @@ from tqdm import tqdm
 from haystack_integrations.evaluation.multimodal_rag.dataset import QueryEntry, RetrievalDataset
 from haystack_integrations.evaluation.multimodal_rag.metrics import per_query_metrics, retrieval_metrics
 from haystack_integrations.evaluation.multimodal_rag.stage_timer import StageTimer, latency_summary
-from haystack_integrations.pipelines.multimodal_rag import load_pipeline
+from haystack_integrations.pipelines.multimodal_rag import load_pipeline, shipped_pipeline
 
 logger = logging.getLogger(__name__)
 
-#: The shipped pipelines of a source checkout (examples/ is not part of the wheel).
+#: A source checkout's pipelines (wheels carry the same files inside the package: see `shipped_pipeline`).
 EXAMPLES_DIR = Path(__file__).resolve().parents[4] / "examples" / "pipelines"
-DEFAULT_INDEXING = EXAMPLES_DIR / "indexing.yaml"
-DEFAULT_QUERY = EXAMPLES_DIR / "rag.yaml"
+
+
+def _default_pipeline(name: str) -> Path:
+    try:
+        return shipped_pipeline(name)
+    except FileNotFoundError:
+        return EXAMPLES_DIR / name  # reported as missing when used
+
+
+DEFAULT_INDEXING = _default_pipeline("indexing.yaml")
+DEFAULT_QUERY = _default_pipeline("rag.yaml")
 
 # Input sockets that receive the query: text to `text`/`query`, a query image (its path) to `image`.
 _TEXT_SOCKETS = ("text", "query")

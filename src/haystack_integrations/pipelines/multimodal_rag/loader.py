@@ -92,6 +92,27 @@ _QDRANT_KEY = {"type": "env_var", "env_vars": ["QDRANT_API_KEY"], "strict": Fals
 _OPENAI = "haystack.components.generators.chat.openai.OpenAIChatGenerator"
 
 
+def shipped_pipeline(name: str) -> Path:
+    """
+    Path of a pipeline YAML shipped with the package (`"indexing.yaml"`, `"rag.yaml"`).
+
+    Installed wheels carry them inside the package (`pipelines/multimodal_rag/shipped/`); a source checkout or an
+    editable install reads them from the repository's `examples/pipelines/`.
+
+    :param name: The file name.
+    :returns: The path.
+    :raises FileNotFoundError: When neither place has the file.
+    """
+    for folder in (
+        Path(__file__).resolve().parent / "shipped",
+        Path(__file__).resolve().parents[4] / "examples" / "pipelines",
+    ):
+        if (folder / name).is_file():
+            return folder / name
+    msg = f"no shipped pipeline named {name!r} (looked in the installed package and in examples/pipelines)"
+    raise FileNotFoundError(msg)
+
+
 def _is_component(value: Any) -> bool:
     return (
         isinstance(value, dict)
