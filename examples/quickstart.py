@@ -3,7 +3,7 @@
 1. Generates a small sample corpus (a bar chart, an architecture diagram, a 3-page PDF report, text notes).
 2. Indexes it with `examples/pipelines/indexing.yaml` into an embedded Qdrant folder plus an SQLite file of
    ColPali multi-vectors (both under `--workdir`/index, no server needed).
-3. Answers a few questions with `examples/pipelines/rag.yaml` and prints, per question, the ranked sources
+3. Answers a few questions with `examples/pipelines/rag.yaml` and prints, per question, the ranked citations
    (number, modality, score, file, page) and the generated answer.
 
 Models: the real ones by default (downloaded from the Hugging Face Hub on first use: SigLIP so400m,
@@ -185,14 +185,14 @@ def _answer(rag: Any, question: str) -> None:
         include_outputs_from={"prompt_builder", "monitor"},
     )
     print(f"\nQ: {question}")
-    print("   sources:")
-    for source in out["prompt_builder"]["sources"]:
-        if not source["included"]:
+    print("   citations:")
+    for citation in out["prompt_builder"]["citations"]:
+        if not citation["included"]:
             continue
-        page = f", page {source['page_number']}" if source["page_number"] else ""
-        file_name = Path(source["file_path"]).name if source["file_path"] else "-"
-        score = f"{source['score']:.3f}" if source["score"] is not None else "n/a"
-        print(f"   [{source['number']}] {source['modality']:<8} score {score}  {file_name}{page}")
+        page = f", page {citation['page_number']}" if citation["page_number"] else ""
+        file_name = Path(citation["file_path"]).name if citation["file_path"] else "-"
+        score = f"{citation['score']:.3f}" if citation["score"] is not None else "n/a"
+        print(f"   [{citation['number']}] {citation['modality']:<8} score {score}  {file_name}{page}")
     answer = out["generator"]["replies"][0].text or ""
     print("A: " + textwrap.fill(answer, width=100, subsequent_indent="   "))
     drift = out["monitor"]["drift_report"]

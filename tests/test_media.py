@@ -318,3 +318,17 @@ def test_sixteen_bit_greyscale_png_is_scaled_not_clipped_to_white(tmp_path: Path
     expected = np.clip(np.rint(ramp / 257.0), 0, 255).astype(np.uint8)
     assert np.array_equal(pixels[..., 0], expected)
     assert np.array_equal(pixels[..., 0], pixels[..., 2])
+
+
+def test_the_old_page_modality_name_is_read_as_page_with_a_visible_warning(tmp_path: Path) -> None:
+    import warnings
+
+    from haystack_integrations.common.multimodal_rag.inputs.media import modality_of
+
+    pdf = make_pdf(tmp_path / "r.pdf", pages=1)
+    doc = Document(meta={"modality": "document", "file_path": str(pdf)})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")  # record everything; the category must be the one Python shows by default
+        assert modality_of(doc) == "page"
+    assert [w.category for w in caught] == [FutureWarning]
+    assert "'page'" in str(caught[0].message)

@@ -198,8 +198,8 @@ def test_a_stored_file_path_outside_the_base_dir_is_refused_at_query_time(tmp_pa
         query="q",
         documents=[Document(id="d1", content=None, meta={"file_path": str(outside), "modality": "image"})],
     )
-    assert out["sources"][0]["included"] is False
-    assert "outside root_path" in out["sources"][0]["skipped_reason"]
+    assert out["citations"][0]["included"] is False
+    assert "outside root_path" in out["citations"][0]["skipped_reason"]
     with pytest.raises(MediaError, match="outside root_path"):
         resolve_path("../secret/private.png", builder.root_path)
 
@@ -355,7 +355,7 @@ def test_index_then_answer_end_to_end_and_reload_in_the_same_process(
     reply = out["generator"]["replies"][0]
     assert isinstance(reply.text, str)
     assert reply.meta["images"] >= 1
-    sources = [s for s in out["prompt_builder"]["sources"] if s["included"]]
+    sources = [s for s in out["prompt_builder"]["citations"] if s["included"]]
     assert {s["modality"] for s in sources} >= {"text"}
     assert any(s["modality"] in ("image", "page") for s in sources)
     assert [s["number"] for s in sources] == list(range(1, len(sources) + 1))

@@ -12,7 +12,8 @@ and the error messages are the same everywhere:
 A document that has non-blank `content` and no declared modality is text even when it also names a file:
 Haystack's own PDF converter + splitter produce chunks that carry the PDF's `file_path` and `page_number`,
 and those are text chunks, not page images. The old name `"document"` for a PDF page is accepted (with a
-`DeprecationWarning`) for one release and read as `"page"`.
+`FutureWarning`, which Python shows by default: it concerns your data, not your code) for one release and
+read as `"page"`.
 
 Paths are resolved against `root_path` when one is given, and a path that escapes it is refused. A
 `file_path` that is not a usable path (not a string, a NUL byte, a name over 255 bytes) is a `MediaError`
@@ -66,7 +67,7 @@ logger = logging.getLogger(__name__)
 Modality = Literal["text", "image", "page"]
 MODALITIES: tuple[str, ...] = ("text", "image", "page")
 VISUAL_MODALITIES: tuple[str, ...] = ("image", "page")
-#: Deprecated spelling of `"page"` (until 0.3): read as `"page"` with a DeprecationWarning.
+#: Deprecated spelling of `"page"` (until 0.3): read as `"page"` with a FutureWarning.
 DEPRECATED_PAGE_MODALITY = "document"
 
 MODALITY_META_KEY = "modality"
@@ -168,7 +169,7 @@ def declared_modality(value: Any, *, meta_field: str = MODALITY_META_KEY) -> str
         warnings.warn(
             f"meta['{meta_field}'] = 'document' is deprecated and will be refused in 0.3: a PDF page's modality "
             "is now 'page'",
-            DeprecationWarning,
+            FutureWarning,
             stacklevel=3,
         )
         return "page"
