@@ -366,3 +366,10 @@ def test_concurrent_runs_lose_no_sample() -> None:
 def test_invalid_monitor_parameters(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         AlignmentDriftMonitor(**kwargs)
+
+
+def test_closing_a_monitor_that_recorded_nothing_creates_no_file(tmp_path) -> None:
+    state = tmp_path / "typo" / "index" / "drift.json"
+    monitor = AlignmentDriftMonitor(state_path=str(state))
+    monitor.close()
+    assert not (tmp_path / "typo").exists()

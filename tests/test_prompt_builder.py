@@ -112,6 +112,8 @@ def test_builder_system_prompt_custom_template_and_no_images(ranked: list[Docume
         ({"template": "{% for %}"}, "not valid Jinja2"),
         ({"max_images": -1}, "max_images"),
         ({"image_size": (10,)}, "image_size"),
+        ({"image_size": 1024}, "image_size"),
+        ({"image_size": "64x64"}, "image_size"),
     ],
 )
 def test_builder_rejects_bad_parameters(kwargs: dict, message: str) -> None:

@@ -51,7 +51,11 @@ def test_qdrant_local_store_round_trip_replace_persist_and_server_side_score(tmp
 
 
 def test_stores_and_document_store_share_one_embedded_qdrant_folder(tmp_path: Path) -> None:
+    from haystack_integrations.document_stores.multivector import share_embedded_qdrant_document_stores
     from haystack_integrations.document_stores.qdrant import QdrantDocumentStore
+
+    # What a hand-built pipeline does once (load_pipeline does it itself); without it this test fails alone.
+    assert share_embedded_qdrant_document_stores() is True
 
     path = str(tmp_path / "shared")
     doc_store_a = QdrantDocumentStore(path=path, embedding_dim=4)
@@ -70,3 +74,25 @@ def test_stores_and_document_store_share_one_embedded_qdrant_folder(tmp_path: Pa
     fresh = qdrant_client.QdrantClient(path=path)
     assert fresh.count("multivectors").count == 1
     fresh.close()
+
+
+def test_the_private_qdrant_haystack_methods_the_sharing_wraps_are_still_there() -> None:
+    # qdrant_sharing.py wraps QdrantDocumentStore._initialize_client and calls _set_up_collection with these
+    # arguments (qdrant-haystack 13): a new release that renames them must fail here, not in a user's pipeline.
+    import inspect
+
+    from haystack_integrations.document_stores.qdrant import QdrantDocumentStore
+
+    assert list(inspect.signature(QdrantDocumentStore._initialize_client).parameters) == ["self"]
+    params = list(inspect.signature(QdrantDocumentStore._set_up_collection).parameters)
+    assert params[:9] == [
+        "self",
+        "collection_name",
+        "embedding_dim",
+        "recreate_collection",
+        "similarity",
+        "use_sparse_embeddings",
+        "sparse_idf",
+        "on_disk",
+        "payload_fields_to_index",
+    ]

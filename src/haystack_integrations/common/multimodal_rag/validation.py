@@ -112,7 +112,7 @@ def check_image_size(image_size: Sequence[int] | None) -> tuple[int, int] | None
     """
     if image_size is None:
         return None
-    if len(image_size) != 2:
+    if isinstance(image_size, (str, bytes)) or not isinstance(image_size, Sequence) or len(image_size) != 2:
         msg = f"image_size must be (width, height), got {image_size!r}"
         raise ValueError(msg)
     for side in image_size:

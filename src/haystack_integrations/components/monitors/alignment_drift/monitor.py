@@ -343,8 +343,12 @@ class AlignmentDriftMonitor:
         :raises DriftStateError: When the state file cannot be read or written.
         """
         with self._lock:
+            # Nothing recorded: nothing to write, and no file or folder is created (a query pipeline loaded with a
+            # mistyped base_dir and closed must leave no trace there).
+            if self.state_path is None or self._unflushed_calls == 0:
+                return
             self._ensure_warm_locked()
-            if self._state_file is None or (self._unflushed_calls == 0 and self._state_file.path.exists()):
+            if self._state_file is None:
                 return
             with self._state_file.locked():
                 self._merge_locked()

@@ -324,7 +324,7 @@ class ModalityScoreCalibrator:
             return modality_of(doc, modality_meta_field=self.modality_meta_field)
         except MediaError as e:
             msg = f"ModalityScoreCalibrator: document '{doc.id}': {e}"
-            raise ValueError(msg) from e
+            raise MediaError(msg) from e
 
     def _modality_code(self, doc: Document, meta: dict[str, Any]) -> int:
         declared = meta.get(self.modality_meta_field)

@@ -127,7 +127,7 @@ class StaleDocumentPruner:
                 scopes.append(resolve_path(source, self.root_path, name=f"source {position}"))
             except MediaError as e:
                 msg = f"StaleDocumentPruner: {e}"
-                raise ValueError(msg) from e
+                raise MediaError(msg) from e
         if not scopes:
             return {"deleted_ids": [], "deleted_files": []}
 
