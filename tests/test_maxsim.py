@@ -210,3 +210,18 @@ def test_a_forked_child_process_gets_its_own_worker_pool() -> None:
     with context.Pool(1) as pool:
         result = pool.apply_async(maxsim, (query, pages))
         np.testing.assert_array_equal(result.get(timeout=60), expected)
+
+
+def test_read_only_stored_pages_score_without_a_warning_on_every_call() -> None:
+    import warnings
+
+    query = np.random.default_rng(0).random((4, 8), dtype=np.float32)
+    blobs = [np.random.default_rng(i).random((5, 8)).astype(np.float16).tobytes() for i in range(3)]
+    pages = [np.frombuffer(blob, dtype=np.float16).reshape(5, 8) for blob in blobs]  # read-only, like SQLite's
+    assert not pages[0].flags.writeable
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        first = maxsim(query, pages)
+        second = maxsim(query, pages)
+    np.testing.assert_allclose(first, second)
+    np.testing.assert_allclose(first, maxsim_reference(query, pages), rtol=1e-3)

@@ -50,6 +50,7 @@ _POOL: ThreadPoolExecutor | None = None
 _POOL_READY = False
 _POOL_PID: int | None = None  # a forked child inherits no worker threads: it builds its own pool
 _WARN_LOCK = threading.Lock()
+_READ_ONLY_SEEN = False
 
 
 def _as_tensor(array: ArrayLike) -> torch.Tensor:
@@ -59,10 +60,17 @@ def _as_tensor(array: ArrayLike) -> torch.Tensor:
     if array.flags.writeable:
         return torch.from_numpy(array)
     # Stored vectors are read-only views of fetched blobs (SQLiteMultiVectorStore); the kernels only read
-    # them, so torch's one-time warning about non-writable arrays does not apply. Scoped, not global.
+    # them, so torch's warning about non-writable arrays does not apply. Torch issues it once per process
+    # (TORCH_WARN_ONCE in torch/csrc/utils/tensor_numpy.cpp), so only the first conversion needs the scoped
+    # filter; later ones touch no warning state (catch_warnings mutates process-global filters).
+    global _READ_ONLY_SEEN
+    if _READ_ONLY_SEEN:
+        return torch.from_numpy(array)
     with _WARN_LOCK, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
-        return torch.from_numpy(array)
+        tensor = torch.from_numpy(array)
+        _READ_ONLY_SEEN = True
+    return tensor
 
 
 def _check_query(query: ArrayLike) -> torch.Tensor:
