@@ -135,3 +135,21 @@ def test_pruner_survives_a_pipeline_round_trip(tmp_path: Path) -> None:
     assert isinstance(restored.multivector_store, InMemoryMultiVectorStore)
     assert restored.to_dict() == pipe.get_component("pruner").to_dict()
     assert (restored.root_path, restored.dry_run) == (str(tmp_path), True)
+
+
+def test_a_file_that_only_failed_to_be_read_in_this_run_keeps_its_stored_documents(
+    indexed: tuple[Path, InMemoryDocumentStore, InMemoryMultiVectorStore, list[Document]],
+) -> None:
+    root, store, mv_store, first = indexed
+    a_png = next(d for d in first if d.meta["file_path"] == "docs/a.png")
+    # This run: a.png could not be read (locked, flaky mount); with on_error="skip" it is a failed document.
+    produced = [d for d in first if d.meta["file_path"].startswith("docs/") and d.id != a_png.id]
+    failed = [Document(id=a_png.id, meta={**a_png.meta, "embedding_error": "cannot open: resource busy"})]
+    pruner = StaleDocumentPruner(document_store=store, multivector_store=mv_store, root_path=str(root))
+    out = pruner.run(documents=produced, sources=["docs"], failed_documents=failed)
+    assert out == {"deleted_ids": [], "deleted_files": []}
+    assert store.filter_documents({"field": "id", "operator": "==", "value": a_png.id})
+    assert mv_store.get([a_png.id])
+    # Without the failure reported, the same run would prune it (the documented old behaviour).
+    dry = StaleDocumentPruner(document_store=store, root_path=str(root), dry_run=True)
+    assert dry.run(documents=produced, sources=["docs"])["deleted_ids"] == [a_png.id]

@@ -25,8 +25,9 @@ class StaleDocumentPruner:
 
     - files deleted (or moved away) since the last run;
     - pages past the end of a PDF that got shorter, and the old chunks of an edited text file (their ids changed);
-    - files that failed in this run (with `on_error="skip"`: they cannot be represented any more; with the default
-      `on_error="raise"` a failing run stops before this component and nothing is pruned).
+    - NOT files that only failed to be read in this run: connect the embedders' `failed_documents` to
+      `failed_documents` and the stored documents of those files are kept (a locked file or a flaky mount must not
+      wipe good entries). With the default `on_error="raise"` a failing run stops before this component.
 
     Documents outside the `sources` (other folders indexed into the same store) and documents without a usable
     `file_path` are never touched. Paths are compared after resolving them like the converter does (against
@@ -106,12 +107,16 @@ class StaleDocumentPruner:
             return None
 
     @component.output_types(deleted_ids=list[str], deleted_files=list[str])
-    def run(self, documents: list[Document], sources: list[str | Path]) -> dict[str, Any]:
+    def run(
+        self, documents: list[Document], sources: list[str | Path], failed_documents: list[Document] | None = None
+    ) -> dict[str, Any]:
         """
         Delete the stored documents under `sources` that are not among `documents`.
 
         :param documents: Every document the indexing run produced and wrote (connect the writer's input).
         :param sources: The files and directories that were indexed (the converter's `sources`).
+        :param failed_documents: Documents that failed in this run (the embedders' `failed_documents` with
+            `on_error="skip"`): the stored documents of their files are kept, not pruned.
         :returns: A dictionary with:
             - `deleted_ids`: ids of the deleted documents (would-be-deleted with `dry_run`), sorted;
             - `deleted_files`: their distinct stored `file_path`s, sorted.
@@ -132,13 +137,19 @@ class StaleDocumentPruner:
             return {"deleted_ids": [], "deleted_files": []}
 
         produced = {doc.id for doc in documents}
+        unreadable = set()
+        for failed in failed_documents or []:
+            value = failed.meta.get(self.file_path_meta_field)
+            path = self._resolve(value) if value is not None else None
+            if path is not None:
+                unreadable.add(path)
         stale: dict[str, str] = {}
         for stored in self.document_store.filter_documents():
             value = stored.meta.get(self.file_path_meta_field)
             if value is None or stored.id in produced:
                 continue
             path = self._resolve(value)
-            if path is None:
+            if path is None or path in unreadable:
                 continue
             if any(path == scope or path.is_relative_to(scope) for scope in scopes):
                 stale[stored.id] = str(value)
