@@ -143,6 +143,58 @@ def test_model_binding_refuses_another_model(open_store: Callable[..., Any]) -> 
         store.bind_model("org/b")
 
 
+FP_A = "sha256:" + "a" * 64
+FP_B = "sha256:" + "b" * 64
+
+
+def test_model_binding_compares_content_fingerprints_and_survives_reopening(
+    open_store: Callable[..., Any],
+) -> None:
+    store = open_store()
+    store.bind_model("/models/colqwen", fingerprint=FP_A)
+    # The same checkpoint under another path, or by its Hub id: accepted.
+    store.bind_model("/elsewhere/colqwen-copy", fingerprint=FP_A)
+    store.bind_model("vidore/colqwen2.5-v0.2", fingerprint=FP_A)
+    # Another checkpoint, even under the recorded id: refused, naming both ids.
+    with pytest.raises(MultiVectorStoreError, match=r"'/models/colqwen'.*'/models/colqwen'.*different checkpoint"):
+        store.bind_model("/models/colqwen", fingerprint=FP_B)
+    with pytest.raises(MultiVectorStoreError, match=r"'/models/colqwen'.*'org/other'"):
+        store.bind_model("org/other", fingerprint=FP_B)
+    store.close()
+    reopened = open_store()
+    reopened.bind_model("/moved/colqwen", fingerprint=FP_A)
+    with pytest.raises(MultiVectorStoreError, match=r"'/models/colqwen'.*'/moved/colqwen'"):
+        reopened.bind_model("/moved/colqwen", fingerprint=FP_B)
+    # A component that could not fingerprint its model (files unreadable) is compared by id.
+    reopened.bind_model("/models/colqwen", fingerprint="id:/models/colqwen")
+    with pytest.raises(MultiVectorStoreError, match=r"'/models/colqwen'.*'/moved/colqwen'"):
+        reopened.bind_model("/moved/colqwen", fingerprint="id:/moved/colqwen")
+
+
+def test_a_store_bound_by_id_only_compares_ids_and_is_upgraded_on_first_fingerprinted_bind(
+    open_store: Callable[..., Any],
+) -> None:
+    store = open_store()
+    store.bind_model("org/a")  # how stores were bound before fingerprints were recorded
+    with pytest.raises(MultiVectorStoreError, match=r"'org/a'.*'/moved/a'.*no content fingerprint"):
+        store.bind_model("/moved/a", fingerprint=FP_A)
+    store.bind_model("org/a", fingerprint=FP_A)  # same id: accepted, and the fingerprint recorded
+    store.close()
+    reopened = open_store()
+    reopened.bind_model("/moved/a", fingerprint=FP_A)
+    with pytest.raises(MultiVectorStoreError, match=r"'org/a'.*'org/a'.*different checkpoint"):
+        reopened.bind_model("org/a", fingerprint=FP_B)
+
+
+def test_only_content_fingerprints_are_recorded(open_store: Callable[..., Any]) -> None:
+    store = open_store()
+    store.bind_model("org/a", fingerprint="id:org/a")
+    store.bind_model("org/a", fingerprint=FP_A)
+    store.close()
+    reopened = open_store()
+    reopened.bind_model("/copy/of/a", fingerprint=FP_A)
+
+
 def test_close_releases_and_the_store_reopens_on_next_use(open_store: Callable[..., Any]) -> None:
     store = open_store()
     store.write({"p": np.ones((3, DIM))})
