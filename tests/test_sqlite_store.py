@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -355,3 +356,31 @@ def test_a_file_that_recorded_only_the_model_id_still_opens_and_is_upgraded(
     assert upgraded.info()["model_fingerprint"] == upgraded.stored_model_fingerprint
     moved = str(shutil.move(own_colqwen, tmp_path / "moved"))
     assert _rank(moved, path, page_docs) == before
+
+
+def test_an_adapter_checkpoint_is_identified_by_its_own_weights_and_its_base_by_content(
+    own_colqwen: str, page_docs: list[Document], tmp_path: Path
+) -> None:
+    # vidore/colqwen2.5-v0.2 is a LoRA adapter (adapter_config.json + adapter weights) naming its base by id.
+    from haystack_integrations.testing.multimodal_rag.tiny_colpali import build_tiny_colpali_adapter
+
+    adapter = str(build_tiny_colpali_adapter(tmp_path / "models" / "adapter", own_colqwen, seed=1))
+    other = str(build_tiny_colpali_adapter(tmp_path / "models" / "adapter-seed2", own_colqwen, seed=2))
+    path = str(tmp_path / "mv.sqlite")
+    ColPaliDocumentEmbedder(adapter, multivector_store=SQLiteMultiVectorStore(path), progress_bar=False).run(page_docs)
+    before = _rank(adapter, path, page_docs)
+
+    with pytest.raises(MultiVectorStoreError, match="different checkpoint") as info:
+        ColPaliRanker(other, multivector_store=SQLiteMultiVectorStore(path)).warm_up()
+    assert f"'{adapter}'" in str(info.value)
+    assert f"'{other}'" in str(info.value)
+
+    # Move the base and the adapter, and point the adapter at the base's new place: still the same model.
+    base = shutil.move(own_colqwen, tmp_path / "moved" / "base")
+    moved = tmp_path / "moved" / "adapter"
+    shutil.move(adapter, moved)
+    config_file = moved / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["base_model_name_or_path"] = str(base)
+    config_file.write_text(json.dumps(config, indent=2))
+    assert _rank(str(moved), path, page_docs) == before
