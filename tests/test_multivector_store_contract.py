@@ -248,3 +248,23 @@ def test_every_store_accepts_a_scoring_device(open_store: Callable[..., Any]) ->
     on_cpu = store.score(query, ids, device="cpu")
     assert list(default) == list(on_cpu)
     np.testing.assert_allclose(list(on_cpu.values()), list(default.values()), rtol=1e-5, atol=1e-5)
+
+
+def test_a_store_with_the_older_bind_model_signature_still_binds_by_id() -> None:
+    from haystack_integrations.document_stores.multivector.protocol import check_model_binding, check_store_compatible
+
+    class OlderStore:
+        dim = DIM
+
+        def __init__(self) -> None:
+            self.model: str | None = None
+
+        def bind_model(self, model: str) -> None:
+            check_model_binding("older store", self.model, model)
+            self.model = model
+
+    store = OlderStore()
+    check_store_compatible(store, dim=DIM, model="org/a", component="C", fingerprint=FP_A)
+    assert store.model == "org/a"
+    with pytest.raises(MultiVectorStoreError, match=r"C: older store.*'org/a'.*'org/b'"):
+        check_store_compatible(store, dim=DIM, model="org/b", component="C", fingerprint=FP_A)

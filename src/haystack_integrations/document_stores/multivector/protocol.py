@@ -7,6 +7,7 @@ page or query), so `as_multivector` accepts that list form as well as numpy arra
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
@@ -276,6 +277,14 @@ def model_binding_updates(
     return record_model, record_fingerprint
 
 
+def _accepts_fingerprint(bind: Any) -> bool:
+    try:
+        parameters = inspect.signature(bind).parameters
+    except (TypeError, ValueError):
+        return True
+    return "fingerprint" in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+
+
 def check_store_compatible(
     store: Any,
     *,
@@ -311,8 +320,8 @@ def check_store_compatible(
     bind = getattr(store, "bind_model", None)
     if callable(bind):
         try:
-            if fingerprint is None:
-                bind(model)
+            if fingerprint is None or not _accepts_fingerprint(bind):
+                bind(model)  # a store written against the older protocol: `bind_model(model)`
             else:
                 bind(model, fingerprint=fingerprint)
         except MultiVectorStoreError as e:
