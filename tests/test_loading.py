@@ -37,6 +37,25 @@ def test_checkpoint_fingerprint_follows_the_weights_not_the_folder(tmp_path: Pat
     assert checkpoint_fingerprint(str(first)) != checkpoint_fingerprint(str(other))
 
 
+def test_an_adapters_fingerprint_names_its_base_by_content_not_by_path(tmp_path: Path) -> None:
+    base = build_tiny_siglip(tmp_path / "base", seed=0)
+    other_base = build_tiny_siglip(tmp_path / "other-base", seed=1)
+
+    def adapter(folder: Path, base_path: Path, weights: bytes = b"lora") -> str:
+        folder.mkdir(parents=True)
+        config = {"base_model_name_or_path": str(base_path), "peft_type": "LORA", "r": 4}
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+        (folder / "adapter_model.safetensors").write_bytes(weights)
+        return str(folder)
+
+    first = checkpoint_fingerprint(adapter(tmp_path / "adapter", base))
+    assert first.startswith("sha256:")
+    moved_base = shutil.copytree(base, tmp_path / "moved" / "base")
+    assert checkpoint_fingerprint(adapter(tmp_path / "moved" / "adapter", moved_base)) == first
+    assert checkpoint_fingerprint(adapter(tmp_path / "on-other-base", other_base)) != first
+    assert checkpoint_fingerprint(adapter(tmp_path / "other-weights", base, b"other")) != first
+
+
 def test_checkpoint_fingerprint_of_an_unknown_id_falls_back_to_the_id() -> None:
     assert checkpoint_fingerprint("no-such-org/no-such-model") == "id:no-such-org/no-such-model"
 

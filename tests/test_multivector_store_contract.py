@@ -143,6 +143,58 @@ def test_model_binding_refuses_another_model(open_store: Callable[..., Any]) -> 
         store.bind_model("org/b")
 
 
+FP_A = "sha256:" + "a" * 64
+FP_B = "sha256:" + "b" * 64
+
+
+def test_model_binding_compares_content_fingerprints_and_survives_reopening(
+    open_store: Callable[..., Any],
+) -> None:
+    store = open_store()
+    store.bind_model("/models/colqwen", fingerprint=FP_A)
+    # The same checkpoint under another path, or by its Hub id: accepted.
+    store.bind_model("/elsewhere/colqwen-copy", fingerprint=FP_A)
+    store.bind_model("vidore/colqwen2.5-v0.2", fingerprint=FP_A)
+    # Another checkpoint, even under the recorded id: refused, naming both ids.
+    with pytest.raises(MultiVectorStoreError, match=r"'/models/colqwen'.*'/models/colqwen'.*different checkpoint"):
+        store.bind_model("/models/colqwen", fingerprint=FP_B)
+    with pytest.raises(MultiVectorStoreError, match=r"'/models/colqwen'.*'org/other'"):
+        store.bind_model("org/other", fingerprint=FP_B)
+    store.close()
+    reopened = open_store()
+    reopened.bind_model("/moved/colqwen", fingerprint=FP_A)
+    with pytest.raises(MultiVectorStoreError, match=r"'/models/colqwen'.*'/moved/colqwen'"):
+        reopened.bind_model("/moved/colqwen", fingerprint=FP_B)
+    # A component that could not fingerprint its model (files unreadable) is compared by id.
+    reopened.bind_model("/models/colqwen", fingerprint="id:/models/colqwen")
+    with pytest.raises(MultiVectorStoreError, match=r"'/models/colqwen'.*'/moved/colqwen'"):
+        reopened.bind_model("/moved/colqwen", fingerprint="id:/moved/colqwen")
+
+
+def test_a_store_bound_by_id_only_compares_ids_and_is_upgraded_on_first_fingerprinted_bind(
+    open_store: Callable[..., Any],
+) -> None:
+    store = open_store()
+    store.bind_model("org/a")  # how stores were bound before fingerprints were recorded
+    with pytest.raises(MultiVectorStoreError, match=r"'org/a'.*'/moved/a'.*no content fingerprint"):
+        store.bind_model("/moved/a", fingerprint=FP_A)
+    store.bind_model("org/a", fingerprint=FP_A)  # same id: accepted, and the fingerprint recorded
+    store.close()
+    reopened = open_store()
+    reopened.bind_model("/moved/a", fingerprint=FP_A)
+    with pytest.raises(MultiVectorStoreError, match=r"'org/a'.*'org/a'.*different checkpoint"):
+        reopened.bind_model("org/a", fingerprint=FP_B)
+
+
+def test_only_content_fingerprints_are_recorded(open_store: Callable[..., Any]) -> None:
+    store = open_store()
+    store.bind_model("org/a", fingerprint="id:org/a")
+    store.bind_model("org/a", fingerprint=FP_A)
+    store.close()
+    reopened = open_store()
+    reopened.bind_model("/copy/of/a", fingerprint=FP_A)
+
+
 def test_close_releases_and_the_store_reopens_on_next_use(open_store: Callable[..., Any]) -> None:
     store = open_store()
     store.write({"p": np.ones((3, DIM))})
@@ -196,3 +248,23 @@ def test_every_store_accepts_a_scoring_device(open_store: Callable[..., Any]) ->
     on_cpu = store.score(query, ids, device="cpu")
     assert list(default) == list(on_cpu)
     np.testing.assert_allclose(list(on_cpu.values()), list(default.values()), rtol=1e-5, atol=1e-5)
+
+
+def test_a_store_with_the_older_bind_model_signature_still_binds_by_id() -> None:
+    from haystack_integrations.document_stores.multivector.protocol import check_model_binding, check_store_compatible
+
+    class OlderStore:
+        dim = DIM
+
+        def __init__(self) -> None:
+            self.model: str | None = None
+
+        def bind_model(self, model: str) -> None:
+            check_model_binding("older store", self.model, model)
+            self.model = model
+
+    store = OlderStore()
+    check_store_compatible(store, dim=DIM, model="org/a", component="C", fingerprint=FP_A)
+    assert store.model == "org/a"
+    with pytest.raises(MultiVectorStoreError, match=r"C: older store.*'org/a'.*'org/b'"):
+        check_store_compatible(store, dim=DIM, model="org/b", component="C", fingerprint=FP_A)

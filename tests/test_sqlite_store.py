@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -17,6 +20,7 @@ from haystack_integrations.common.multimodal_rag.errors import MultiVectorStoreE
 from haystack_integrations.components.embedders.colpali import ColPaliDocumentEmbedder
 from haystack_integrations.components.rankers.colpali import ColPaliRanker
 from haystack_integrations.document_stores.multivector import InMemoryMultiVectorStore, SQLiteMultiVectorStore
+from haystack_integrations.testing.multimodal_rag.tiny_colpali import build_tiny_colqwen
 from tests.helpers import COLORS, make_image, make_pdf
 
 
@@ -263,3 +267,120 @@ def test_yaml_round_trip_of_a_pipeline_holding_the_sqlite_store(
     assert restored_store.count() == len(page_docs)
     after = restored.run({"ranker": {"query": "a chart", "documents": page_docs}})
     assert [d.id for d in after["ranker"]["documents"]] == [d.id for d in before["ranker"]["documents"]]
+
+
+# --- the model is identified by its content, not its path (issue 12 item 12) ---------------------------
+
+
+@pytest.fixture
+def own_colqwen(tmp_path: Path) -> str:
+    """A tiny ColQwen2.5 checkpoint in this test's folder, so the test may move it."""
+    return str(build_tiny_colqwen(tmp_path / "models" / "colqwen", version="2.5", seed=0))
+
+
+def _rank(model: str, path: str, docs: list[Document]) -> list[tuple[str, float | None]]:
+    ranker = ColPaliRanker(model, multivector_store=SQLiteMultiVectorStore(path), top_k=10)
+    return [(d.id, d.score) for d in ranker.run(query="revenue", documents=docs)["documents"]]
+
+
+def test_a_moved_or_copied_model_folder_still_fits_its_index(
+    own_colqwen: str, page_docs: list[Document], tmp_path: Path
+) -> None:
+    path = str(tmp_path / "index" / "mv.sqlite")
+    store = SQLiteMultiVectorStore(path)
+    ColPaliDocumentEmbedder(own_colqwen, multivector_store=store, progress_bar=False).run(page_docs)
+    assert store.stored_model == own_colqwen
+    assert store.stored_model_fingerprint is not None
+    assert store.stored_model_fingerprint.startswith("sha256:")
+    before = _rank(own_colqwen, path, page_docs)
+    assert all(score is not None for _, score in before)
+
+    copied = shutil.copytree(own_colqwen, tmp_path / "copy" / "colqwen")
+    moved = shutil.move(own_colqwen, tmp_path / "moved")
+    for model in (str(moved), str(copied)):
+        # The file, reopened by a fresh store (also with the model given to the store), ranks with the new path.
+        SQLiteMultiVectorStore(path, model=model)
+        assert _rank(model, path, page_docs) == before
+        out = ColPaliDocumentEmbedder(model, multivector_store=SQLiteMultiVectorStore(path), progress_bar=False).run(
+            page_docs[:1]
+        )
+        assert out["failed_documents"] == []
+    assert SQLiteMultiVectorStore(path).stored_model == own_colqwen  # the first record is kept
+
+
+def test_a_different_checkpoint_of_the_same_architecture_is_refused_naming_both(
+    own_colqwen: str, page_docs: list[Document], tmp_path: Path
+) -> None:
+    other = str(build_tiny_colqwen(tmp_path / "models" / "other-seed", version="2.5", seed=1))
+    path = str(tmp_path / "mv.sqlite")
+    ColPaliDocumentEmbedder(own_colqwen, multivector_store=SQLiteMultiVectorStore(path), progress_bar=False).run(
+        page_docs[:1]
+    )
+    for component in (
+        ColPaliDocumentEmbedder(other, multivector_store=SQLiteMultiVectorStore(path)),
+        ColPaliRanker(other, multivector_store=SQLiteMultiVectorStore(path)),
+    ):
+        with pytest.raises(MultiVectorStoreError, match="different checkpoint") as info:
+            component.warm_up()
+        assert f"'{own_colqwen}'" in str(info.value)
+        assert f"'{other}'" in str(info.value)
+    with pytest.raises(MultiVectorStoreError, match="different checkpoint") as info:
+        SQLiteMultiVectorStore(path, model=other)
+    assert f"'{own_colqwen}'" in str(info.value)
+    assert f"'{other}'" in str(info.value)
+
+
+def test_a_file_that_recorded_only_the_model_id_still_opens_and_is_upgraded(
+    own_colqwen: str, page_docs: list[Document], tmp_path: Path
+) -> None:
+    path = str(tmp_path / "mv.sqlite")
+    ColPaliDocumentEmbedder(own_colqwen, multivector_store=SQLiteMultiVectorStore(path), progress_bar=False).run(
+        page_docs
+    )
+    before = _rank(own_colqwen, path, page_docs)
+    # What files written before fingerprints were recorded hold: the model id only.
+    with sqlite3.connect(path) as conn:
+        conn.execute("DELETE FROM mv_meta WHERE key='model_fingerprint'")
+    old = SQLiteMultiVectorStore(path)
+    assert old.stored_model == own_colqwen
+    assert old.stored_model_fingerprint is None
+    old.close()
+    moved = str(shutil.move(own_colqwen, tmp_path / "moved"))
+    # Not upgraded yet: only ids can be compared, and the message says why.
+    with pytest.raises(MultiVectorStoreError, match="no content fingerprint"):
+        ColPaliRanker(moved, multivector_store=SQLiteMultiVectorStore(path)).warm_up()
+    shutil.move(moved, own_colqwen)
+    assert _rank(own_colqwen, path, page_docs) == before  # the first bind with the recorded id upgrades the file
+    upgraded = SQLiteMultiVectorStore(path)
+    assert upgraded.stored_model_fingerprint is not None
+    assert upgraded.info()["model_fingerprint"] == upgraded.stored_model_fingerprint
+    moved = str(shutil.move(own_colqwen, tmp_path / "moved"))
+    assert _rank(moved, path, page_docs) == before
+
+
+def test_an_adapter_checkpoint_is_identified_by_its_own_weights_and_its_base_by_content(
+    own_colqwen: str, page_docs: list[Document], tmp_path: Path
+) -> None:
+    # vidore/colqwen2.5-v0.2 is a LoRA adapter (adapter_config.json + adapter weights) naming its base by id.
+    from haystack_integrations.testing.multimodal_rag.tiny_colpali import build_tiny_colpali_adapter
+
+    adapter = str(build_tiny_colpali_adapter(tmp_path / "models" / "adapter", own_colqwen, seed=1))
+    other = str(build_tiny_colpali_adapter(tmp_path / "models" / "adapter-seed2", own_colqwen, seed=2))
+    path = str(tmp_path / "mv.sqlite")
+    ColPaliDocumentEmbedder(adapter, multivector_store=SQLiteMultiVectorStore(path), progress_bar=False).run(page_docs)
+    before = _rank(adapter, path, page_docs)
+
+    with pytest.raises(MultiVectorStoreError, match="different checkpoint") as info:
+        ColPaliRanker(other, multivector_store=SQLiteMultiVectorStore(path)).warm_up()
+    assert f"'{adapter}'" in str(info.value)
+    assert f"'{other}'" in str(info.value)
+
+    # Move the base and the adapter, and point the adapter at the base's new place: still the same model.
+    base = shutil.move(own_colqwen, tmp_path / "moved" / "base")
+    moved = tmp_path / "moved" / "adapter"
+    shutil.move(adapter, moved)
+    config_file = moved / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["base_model_name_or_path"] = str(base)
+    config_file.write_text(json.dumps(config, indent=2))
+    assert _rank(str(moved), path, page_docs) == before

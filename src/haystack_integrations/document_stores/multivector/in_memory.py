@@ -14,8 +14,8 @@ from haystack_integrations.document_stores.multivector.protocol import (
     as_query,
     check_dtype,
     check_ids,
-    check_model_binding,
     check_pool_factor_binding,
+    model_binding_updates,
 )
 
 
@@ -24,6 +24,7 @@ class _Storage:
         self.vectors: dict[str, np.ndarray] = {}
         self.dim: int | None = None
         self.model: str | None = None
+        self.model_fingerprint: str | None = None
         self.pool_factor: int | None = None
         self.lock = threading.Lock()
 
@@ -173,19 +174,31 @@ class InMemoryMultiVectorStore:
             storage.vectors.clear()
             storage.dim = None
             storage.model = None
+            storage.model_fingerprint = None
             storage.pool_factor = None
 
-    def bind_model(self, model: str) -> None:
+    def bind_model(self, model: str, *, fingerprint: str | None = None) -> None:
         """
         Record the embedding model of this index, or refuse a different one.
 
         :param model: Model id of the component writing or reading.
+        :param fingerprint: `checkpoint_fingerprint` of that model: what is compared when the index recorded one
+            too (so the same checkpoint under another path or id is accepted); `None`: the ids are compared.
         :raises MultiVectorStoreError: When the index already holds vectors of another model.
         """
         storage = self._storage
         with storage.lock:
-            check_model_binding(f"InMemoryMultiVectorStore(index='{self.index}')", storage.model, model)
-            storage.model = model
+            record_model, record_fingerprint = model_binding_updates(
+                f"InMemoryMultiVectorStore(index='{self.index}')",
+                storage.model,
+                storage.model_fingerprint,
+                model,
+                fingerprint,
+            )
+            if record_model is not None:
+                storage.model = record_model
+            if record_fingerprint is not None:
+                storage.model_fingerprint = record_fingerprint
 
     def bind_pool_factor(self, pool_factor: int) -> None:
         """

@@ -7,6 +7,7 @@ page or query), so `as_multivector` accepts that list form as well as numpy arra
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
@@ -61,8 +62,8 @@ class MultiVectorStore(Protocol):
         """Number of stored multi-vectors."""
         ...
 
-    def bind_model(self, model: str) -> None:
-        """Record the embedding model, or refuse a different one."""
+    def bind_model(self, model: str, *, fingerprint: str | None = None) -> None:
+        """Record the embedding model (id and content fingerprint), or refuse a different one."""
         ...
 
     def bind_pool_factor(self, pool_factor: int) -> None:
@@ -191,36 +192,122 @@ def check_ids(ids: Iterable[str]) -> list[str]:
     return out
 
 
-def check_model_binding(store_name: str, stored_model: str | None, model: str | None) -> None:
+def is_content_fingerprint(fingerprint: str | None) -> bool:
+    """
+    Whether a model fingerprint identifies a checkpoint by its content.
+
+    `checkpoint_fingerprint` returns `"sha256:..."` when it could read the checkpoint's files and `"id:<model>"`
+    when it could not; only the first says anything beyond the id.
+
+    :param fingerprint: A fingerprint, or `None`.
+    :returns: `True` for a content fingerprint.
+    """
+    return fingerprint is not None and fingerprint.startswith("sha256:")
+
+
+def check_model_binding(
+    store_name: str,
+    stored_model: str | None,
+    model: str | None,
+    *,
+    stored_fingerprint: str | None = None,
+    fingerprint: str | None = None,
+) -> None:
     """
     Refuse to mix embeddings of two models in one store.
+
+    Models are identified by content (`checkpoint_fingerprint`: config and weights) when both sides know it, so
+    a moved or copied model folder, or a local copy used instead of its Hub id, is the same model while another
+    checkpoint is not. When either side has no content fingerprint (a store written before fingerprints were
+    recorded, or a checkpoint whose files could not be read), the model ids are compared instead.
 
     :param store_name: Description of the store, for the message.
     :param stored_model: Model id the store was created with (`None` when unknown).
     :param model: Model id of the component using the store.
-    :raises MultiVectorStoreError: When both are known and differ.
+    :param stored_fingerprint: Content fingerprint the store recorded (`None` when unknown).
+    :param fingerprint: Content fingerprint of the component's model (`None` when unknown).
+    :raises MultiVectorStoreError: When the store holds vectors of another model; the message names both ids.
     """
-    if stored_model is not None and model is not None and stored_model != model:
+    if is_content_fingerprint(stored_fingerprint) and is_content_fingerprint(fingerprint):
+        if stored_fingerprint == fingerprint:
+            return
         msg = (
-            f"{store_name} holds multi-vectors of model '{stored_model}', but this component uses model '{model}'. "
+            f"{store_name} holds multi-vectors of model '{stored_model}' ({stored_fingerprint}), but this component "
+            f"uses model '{model}' ({fingerprint}), a different checkpoint (config or weights differ). "
             "One index must never mix embeddings of two models: use the same model, or a new store."
+        )
+        raise MultiVectorStoreError(msg)
+    if stored_model is not None and model is not None and stored_model != model:
+        how = (
+            " (the store recorded no content fingerprint of its model, so the model ids are compared; a moved "
+            "model folder is recognised once the store was bound by this version)"
+            if not is_content_fingerprint(stored_fingerprint)
+            else ""
+        )
+        msg = (
+            f"{store_name} holds multi-vectors of model '{stored_model}', but this component uses model '{model}'"
+            f"{how}. One index must never mix embeddings of two models: use the same model, or a new store."
         )
         raise MultiVectorStoreError(msg)
 
 
-def check_store_compatible(store: Any, *, dim: int, model: str, component: str, pool_factor: int | None = None) -> None:
+def model_binding_updates(
+    store_name: str,
+    stored_model: str | None,
+    stored_fingerprint: str | None,
+    model: str,
+    fingerprint: str | None,
+) -> tuple[str | None, str | None]:
+    """
+    Check a component's model against a store's record and say what the store should record.
+
+    :param store_name: Description of the store, for the message.
+    :param stored_model: Model id the store recorded (`None` when none).
+    :param stored_fingerprint: Content fingerprint the store recorded (`None` when none).
+    :param model: The component's model id.
+    :param fingerprint: The component's model fingerprint (`None` when unknown).
+    :returns: `(model id to record, fingerprint to record)`, each `None` when nothing to record: the id when
+        the store has none, the fingerprint when the store has none and this one identifies content (so a store
+        bound by id only, e.g. written by an older version, is upgraded on its first bind with a fingerprint).
+    :raises MultiVectorStoreError: When the store holds vectors of another model.
+    """
+    check_model_binding(store_name, stored_model, model, stored_fingerprint=stored_fingerprint, fingerprint=fingerprint)
+    record_model = model if stored_model is None else None
+    record_fingerprint = fingerprint if stored_fingerprint is None and is_content_fingerprint(fingerprint) else None
+    return record_model, record_fingerprint
+
+
+def _accepts_fingerprint(bind: Any) -> bool:
+    try:
+        parameters = inspect.signature(bind).parameters
+    except (TypeError, ValueError):
+        return True
+    return "fingerprint" in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+
+
+def check_store_compatible(
+    store: Any,
+    *,
+    dim: int,
+    model: str,
+    component: str,
+    pool_factor: int | None = None,
+    fingerprint: str | None = None,
+) -> None:
     """
     Refuse a multi-vector store whose width, recorded model or pooling differs from a component's.
 
-    Stores that can record their model (`bind_model`) are bound to `model` on first use; with `pool_factor`
-    given (a document embedder: its factor, 1 for none), stores that can record it (`bind_pool_factor`)
-    are bound to it, so a ranker later pools pages it encodes on the fly the same way.
+    Stores that can record their model (`bind_model`) are bound to `model` (and its content `fingerprint`) on
+    first use; with `pool_factor` given (a document embedder: its factor, 1 for none), stores that can record
+    it (`bind_pool_factor`) are bound to it, so a ranker later pools pages it encodes on the fly the same way.
 
     :param store: The multi-vector store.
     :param dim: Width of the vectors the component's model produces.
     :param model: The component's model id.
     :param component: Component name, for messages.
     :param pool_factor: The pooling factor of the pages this component writes; `None` for readers.
+    :param fingerprint: `checkpoint_fingerprint` of the component's model (what identifies it; `None`: unknown,
+        the id is compared).
     :raises MultiVectorStoreError: On a mismatch.
     """
     store_dim = getattr(store, "dim", None)
@@ -233,7 +320,10 @@ def check_store_compatible(store: Any, *, dim: int, model: str, component: str, 
     bind = getattr(store, "bind_model", None)
     if callable(bind):
         try:
-            bind(model)
+            if fingerprint is None or not _accepts_fingerprint(bind):
+                bind(model)  # a store written against the older protocol: `bind_model(model)`
+            else:
+                bind(model, fingerprint=fingerprint)
         except MultiVectorStoreError as e:
             raise MultiVectorStoreError(f"{component}: {e}") from e
     bind_pool = getattr(store, "bind_pool_factor", None)

@@ -16,8 +16,8 @@ from haystack_integrations.document_stores.multivector.protocol import (
     as_query,
     check_dtype,
     check_ids,
-    check_model_binding,
     check_pool_factor_binding,
+    model_binding_updates,
 )
 from haystack_integrations.document_stores.multivector.qdrant_sharing import acquire_local_client, release_local_client
 
@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 _UUID_NAMESPACE = uuid.UUID("3896d314-1e95-4a3a-b45a-945f9f0b541d")
 _DOC_ID_KEY = "document_id"
 _MODEL_KEY = "multivector_model"
+_MODEL_FINGERPRINT_KEY = "multivector_model_fingerprint"
 _POOL_FACTOR_KEY = "multivector_pool_factor"
 _WRITE_BATCH = 64
 
@@ -121,6 +122,7 @@ class QdrantMultiVectorStore:
         self.on_disk = on_disk
         self._client: Any = None
         self._stored_model: str | None = None
+        self._stored_fingerprint: str | None = None
         self._stored_pool_factor: int | None = None
         self._lock = threading.Lock()
 
@@ -206,6 +208,7 @@ class QdrantMultiVectorStore:
                 raise MultiVectorStoreError(msg)
             metadata = getattr(info.config, "metadata", None) or {}
             self._stored_model = metadata.get(_MODEL_KEY)
+            self._stored_fingerprint = metadata.get(_MODEL_FINGERPRINT_KEY)
             stored_pool = metadata.get(_POOL_FACTOR_KEY)
             self._stored_pool_factor = int(stored_pool) if stored_pool is not None else None
             return
@@ -350,42 +353,58 @@ class QdrantMultiVectorStore:
         :param pool_factor: The factor of the component writing pages (1: no pooling).
         :raises MultiVectorStoreError: When the collection holds pages pooled with another factor.
         """
-        self._bind_metadata(_POOL_FACTOR_KEY, pool_factor)
+        client = self.client
+        with self._lock:
+            check_pool_factor_binding(f"Qdrant collection '{self.collection}'", self._stored_pool_factor, pool_factor)
+            if self._stored_pool_factor is not None:
+                return
+            self._update_metadata(client, {_POOL_FACTOR_KEY: pool_factor})
+            self._stored_pool_factor = pool_factor
 
-    def bind_model(self, model: str) -> None:
+    def bind_model(self, model: str, *, fingerprint: str | None = None) -> None:
         """
         Record the embedding model in the collection's metadata, or refuse a different one.
 
+        A collection that recorded only a model id (created before fingerprints were recorded) is upgraded:
+        the fingerprint is added on the first bind whose model id matches.
+
         :param model: Model id of the component writing or reading.
+        :param fingerprint: `checkpoint_fingerprint` of that model: what is compared when the collection recorded
+            one too (so the same checkpoint under another path or id is accepted); `None`: the ids are compared.
         :raises MultiVectorStoreError: When the collection holds vectors of another model.
         """
-        self._bind_metadata(_MODEL_KEY, model)
-
-    def _bind_metadata(self, key: str, value: Any) -> None:
         client = self.client
-        where = f"Qdrant collection '{self.collection}'"
         with self._lock:
-            if key == _MODEL_KEY:
-                check_model_binding(where, self._stored_model, value)
-                recorded = self._stored_model is not None
-            else:
-                check_pool_factor_binding(where, self._stored_pool_factor, value)
-                recorded = self._stored_pool_factor is not None
-            if recorded:
+            record_model, record_fingerprint = model_binding_updates(
+                f"Qdrant collection '{self.collection}'",
+                self._stored_model,
+                self._stored_fingerprint,
+                model,
+                fingerprint,
+            )
+            updates: dict[str, Any] = {}
+            if record_model is not None:
+                updates[_MODEL_KEY] = record_model
+            if record_fingerprint is not None:
+                updates[_MODEL_FINGERPRINT_KEY] = record_fingerprint
+            if not updates:
                 return
-            try:
-                client.update_collection(collection_name=self.collection, metadata={key: value})
-            except Exception as e:
-                logger.warning(
-                    "Could not record {key} in Qdrant collection {collection}: {error}",
-                    key=key,
-                    collection=self.collection,
-                    error=e,
-                )
-            if key == _MODEL_KEY:
-                self._stored_model = value
-            else:
-                self._stored_pool_factor = value
+            self._update_metadata(client, updates)
+            if record_model is not None:
+                self._stored_model = record_model
+            if record_fingerprint is not None:
+                self._stored_fingerprint = record_fingerprint
+
+    def _update_metadata(self, client: Any, updates: dict[str, Any]) -> None:
+        try:
+            client.update_collection(collection_name=self.collection, metadata=updates)
+        except Exception as e:
+            logger.warning(
+                "Could not record {keys} in Qdrant collection {collection}: {error}",
+                keys=", ".join(updates),
+                collection=self.collection,
+                error=e,
+            )
 
     def __repr__(self) -> str:
         where = self.path or self.url or self.location

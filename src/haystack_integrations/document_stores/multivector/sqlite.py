@@ -20,6 +20,8 @@ from haystack_integrations.document_stores.multivector.protocol import (
     check_ids,
     check_model_binding,
     check_pool_factor_binding,
+    is_content_fingerprint,
+    model_binding_updates,
 )
 
 _FORMAT = "multimodal-rag-haystack/multivectors"
@@ -43,9 +45,11 @@ class SQLiteMultiVectorStore:
       the file at once (one connection per thread, opened on demand). There is no folder lock.
     - Each `write` call is one transaction: all of it lands or none of it. A process killed in the middle
       of a write leaves the file readable with every earlier write intact.
-    - The file records `dim`, `dtype` and (once known) the embedding `model`. Opening it with another dim
-      or dtype, writing vectors of another width, or using it from a component with another model is an
-      error, so an index never mixes embeddings of two models.
+    - The file records `dim`, `dtype` and (once known) the embedding `model`: its id and its content
+      fingerprint (`model_fingerprint`: config and weights). Opening it with another dim or dtype, writing
+      vectors of another width, or using it from a component with another checkpoint is an error, so an index
+      never mixes embeddings of two models; the same checkpoint moved, copied or loaded by Hub id is accepted.
+      (Files written before fingerprints were recorded compare model ids until a component binds them.)
     - A file that is not such a store (or is corrupt) is an error that names the file.
 
     ### Usage example
@@ -73,7 +77,8 @@ class SQLiteMultiVectorStore:
         :param path: The SQLite file; its folder is created if needed.
         :param dim: Width of the vectors.
         :param dtype: Storage type: `"float16"` or `"float32"`.
-        :param model: Embedding model id; recorded at creation, checked against an existing file.
+        :param model: Embedding model id; recorded at creation, checked against an existing file (by content
+            when the file recorded a fingerprint and the ids differ).
         :param read_only: Open without write access (the file must exist).
         :raises ValueError: On invalid parameters.
         :raises MultiVectorStoreError: When the file is not a store of ours, is corrupt, or was created with
@@ -92,6 +97,7 @@ class SQLiteMultiVectorStore:
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
         self._stored_model: str | None = None
+        self._stored_fingerprint: str | None = None
         self._stored_pool_factor: int | None = None
         self._initialised = False
         self._init_lock = threading.Lock()
@@ -210,10 +216,27 @@ class SQLiteMultiVectorStore:
             msg = f"{self._describe()} was created with dtype {meta['dtype']}, but was opened with dtype={self.dtype!r}"
             raise MultiVectorStoreError(msg)
         self._stored_model = meta.get("model")
+        self._stored_fingerprint = meta.get("model_fingerprint")
         self._stored_pool_factor = int(meta["pool_factor"]) if "pool_factor" in meta else None
-        check_model_binding(self._describe(), self._stored_model, self.model)
+        fingerprint = None
+        if (
+            self.model is not None
+            and self._stored_model not in (None, self.model)
+            and is_content_fingerprint(self._stored_fingerprint)
+        ):
+            # Another id or path than recorded: the same checkpoint moved or copied is still the same model.
+            from haystack_integrations.common.multimodal_rag.backends.loading import checkpoint_fingerprint
+
+            fingerprint = checkpoint_fingerprint(self.model)
+        check_model_binding(
+            self._describe(),
+            self._stored_model,
+            self.model,
+            stored_fingerprint=self._stored_fingerprint,
+            fingerprint=fingerprint,
+        )
         if self.model is not None and self._stored_model is None and not self.read_only:
-            self._record_model(conn, self.model)
+            self._record_model(conn, self.model, None)
 
     def _record_meta(self, conn: sqlite3.Connection, key: str, value: str) -> str:
         """Insert `key` unless another process recorded it first; returns the value the file holds."""
@@ -229,22 +252,42 @@ class SQLiteMultiVectorStore:
             raise
         return value if row is None else str(row[0])
 
-    def _record_model(self, conn: sqlite3.Connection, model: str) -> None:
-        stored = self._record_meta(conn, "model", model)
-        check_model_binding(self._describe(), stored, model)
-        self._stored_model = stored
+    def _record_model(self, conn: sqlite3.Connection, model: str | None, fingerprint: str | None) -> None:
+        # Another process may have recorded either first: what the file holds is checked again.
+        stored_model = self._stored_model if model is None else self._record_meta(conn, "model", model)
+        stored_fingerprint = (
+            self._stored_fingerprint
+            if fingerprint is None
+            else self._record_meta(conn, "model_fingerprint", fingerprint)
+        )
+        check_model_binding(
+            self._describe(),
+            stored_model,
+            model if model is not None else stored_model,
+            stored_fingerprint=stored_fingerprint,
+            fingerprint=fingerprint,
+        )
+        self._stored_model = stored_model
+        self._stored_fingerprint = stored_fingerprint
 
-    def bind_model(self, model: str) -> None:
+    def bind_model(self, model: str, *, fingerprint: str | None = None) -> None:
         """
         Record the embedding model in the file, or refuse a different one.
 
+        A file that recorded only a model id (written before fingerprints were recorded) is upgraded: the
+        fingerprint is added on the first bind whose model id matches.
+
         :param model: Model id of the component writing or reading.
+        :param fingerprint: `checkpoint_fingerprint` of that model: what is compared when the file recorded one
+            too (so the same checkpoint under another path or id is accepted); `None`: the ids are compared.
         :raises MultiVectorStoreError: When the file holds vectors of another model.
         """
         self._ensure_initialised()
-        check_model_binding(self._describe(), self._stored_model, model)
-        if self._stored_model is None and not self.read_only:
-            self._record_model(self._conn(), model)
+        record_model, record_fingerprint = model_binding_updates(
+            self._describe(), self._stored_model, self._stored_fingerprint, model, fingerprint
+        )
+        if (record_model is not None or record_fingerprint is not None) and not self.read_only:
+            self._record_model(self._conn(), record_model, record_fingerprint)
 
     def bind_pool_factor(self, pool_factor: int) -> None:
         """
@@ -271,6 +314,12 @@ class SQLiteMultiVectorStore:
         """The model id recorded in the file, if any."""
         self._ensure_initialised()
         return self._stored_model
+
+    @property
+    def stored_model_fingerprint(self) -> str | None:
+        """The model's content fingerprint recorded in the file, if any (`checkpoint_fingerprint`)."""
+        self._ensure_initialised()
+        return self._stored_fingerprint
 
     # --- serialization ------------------------------------------------------------------------------
 
@@ -428,7 +477,7 @@ class SQLiteMultiVectorStore:
 
     def info(self) -> dict[str, Any]:
         """
-        What the file records: format, version, dim, dtype, model, and the vector count.
+        What the file records: format, version, dim, dtype, model, model_fingerprint, and the vector count.
 
         :returns: The metadata.
         """

@@ -184,8 +184,11 @@ class MultimodalRAGPipeline(Pipeline):
             held, recreate = self._check_before_models()
             try:
                 self._check_dense_dims()
+                # Before the components warm up: a dense embedder's index guard opens its store (and so creates
+                # the collection), which must not happen with a wrong size, nor before an empty one is recreated.
+                self._recreate(recreate)
                 super().warm_up()
-                self._open_stores(recreate)
+                self._open_stores()
             finally:
                 for path in held:
                     release_local_client(path)
@@ -203,8 +206,9 @@ class MultimodalRAGPipeline(Pipeline):
         held, recreate = self._check_before_models()
         try:
             self._check_dense_dims()
+            self._recreate(recreate)
             await super().warm_up_async()
-            self._open_stores(recreate)
+            self._open_stores()
         finally:
             for path in held:
                 release_local_client(path)
@@ -294,11 +298,15 @@ class MultimodalRAGPipeline(Pipeline):
         return recreate
 
     def _check_dense_dims(self) -> None:
-        """Warm up the dense embedders first and compare their output size with the stores downstream."""
+        """
+        Load the dense embedders' models first and compare their output size with the stores downstream.
+
+        Only the models are loaded here (what `warm_up` loads, cached); the components warm up later, so the
+        index-model guard of one given a `document_store` opens that store after its size was checked.
+        """
         for name, instance in self._instances():
             if not isinstance(instance, _DENSE_CLASSES):
                 continue
-            instance.warm_up()
             dim = dense_output_dim(DenseEncoder.get(LoadSpec.of(instance)))
             if dim is None:
                 continue
@@ -313,9 +321,11 @@ class MultimodalRAGPipeline(Pipeline):
                     )
                     raise PipelineLoadError(msg)
 
-    def _open_stores(self, recreate: list[_Folder]) -> None:
+    def _recreate(self, recreate: list[_Folder]) -> None:
         for folder in recreate:
             self._recreate_empty_collections(folder)
+
+    def _open_stores(self) -> None:
         for folder in self.embedded_qdrant_folders():
             for _, store in folder.stores:
                 # Opens the (shared) client now, so a writer's folder is created and checked before the run.

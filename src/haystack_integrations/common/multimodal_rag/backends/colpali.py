@@ -22,6 +22,7 @@ from PIL import Image
 from haystack_integrations.common.multimodal_rag.backends.loading import (
     CachedModel,
     LoadSpec,
+    checkpoint_fingerprint,
     describe_fix,
     load_model_and_processor,
     read_checkpoint_json,
@@ -239,10 +240,19 @@ class LateInteractionEncoder(CachedModel):
       `query_prefix=None` means the family's trained prefix (`default_query_prefix`), `""` none.
     - `query_inputs(texts, ...)`: the exact model inputs `embed_queries` feeds (for conformance checks).
     - `embed_images(images, *, pool_factor=None)`: page multi-vectors, pooled on the model's device.
-    - `default_query_prefix`, `dim`, `family`.
+    - `default_query_prefix`, `dim`, `family`, `fingerprint` (content identity the multi-vector stores record).
     """
 
-    def __init__(self, model: Any, processor: Any, *, device: str, model_id: str, family: ColPaliFamily) -> None:
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        *,
+        device: str,
+        model_id: str,
+        family: ColPaliFamily,
+        token: Secret | None = None,
+    ) -> None:
         """
         Wrap a loaded model and processor.
 
@@ -251,6 +261,7 @@ class LateInteractionEncoder(CachedModel):
         :param device: Torch device string.
         :param model_id: Id or path it was loaded from.
         :param family: Its family.
+        :param token: Hugging Face token (to find a Hub checkpoint's cached files for `fingerprint`).
         """
         self.model = model
         self.processor = processor
@@ -258,6 +269,10 @@ class LateInteractionEncoder(CachedModel):
         self.model_id = model_id
         self.family = family
         self.dim = int(getattr(model, "dim", 128))
+        # Computed after loading, so a Hub checkpoint's files are in the local cache (nothing is downloaded).
+        # For a PEFT adapter checkpoint (e.g. vidore/colqwen2.5-v0.2) this fingerprints the adapter's own
+        # adapter_config.json and adapter weights, which is what tells two fine-tunes of one base apart.
+        self.fingerprint: str = checkpoint_fingerprint(model_id, token=token)
 
     @classmethod
     def _load(cls, spec: LoadSpec) -> LateInteractionEncoder:
@@ -275,7 +290,7 @@ class LateInteractionEncoder(CachedModel):
             model_what=f"{family.model_class} model",
             processor_what=f"{family.processor_class} processor",
         )
-        return cls(hf_model, processor, device=spec.device, model_id=spec.model, family=family)
+        return cls(hf_model, processor, device=spec.device, model_id=spec.model, family=family, token=spec.token)
 
     @property
     def default_query_prefix(self) -> str:

@@ -501,7 +501,7 @@ class CachedModel:
 _FINGERPRINT_SAMPLE = 1 << 16
 
 
-def checkpoint_fingerprint(model: str, *, token: Secret | None = None) -> str:
+def checkpoint_fingerprint(model: str, *, token: Secret | None = None, _depth: int = 0) -> str:
     """
     A content fingerprint of a checkpoint: the same weights give the same value wherever the folder lives.
 
@@ -509,6 +509,8 @@ def checkpoint_fingerprint(model: str, *, token: Secret | None = None) -> str:
     first and last 64 KiB (the safetensors header, with every tensor's name, shape and offset, and samples of
     the data), so two different fine-tunes of one architecture differ, while moving or copying a folder, or
     loading it by Hub id instead of path, does not change the value. Reading is bounded (a few hundred KiB).
+    A PEFT adapter's `base_model_name_or_path` is replaced by its base's fingerprint before hashing, so an
+    adapter whose base folder was moved (and the adapter config pointed to the new place) keeps its identity.
 
     :param model: Model id (resolved in the Hugging Face cache, never downloaded: call it after loading) or
         local directory.
@@ -537,7 +539,10 @@ def checkpoint_fingerprint(model: str, *, token: Secret | None = None) -> str:
         path = folder / name
         if path.is_file():
             digest.update(name.encode())
-            digest.update(path.read_bytes())
+            data = path.read_bytes()
+            if name == "adapter_config.json":
+                data = _adapter_identity(data, token=token, depth=_depth)
+            digest.update(data)
     for path in sorted(folder.glob("*.safetensors")):
         size = path.stat().st_size
         digest.update(f"{path.name}:{size}".encode())
@@ -547,6 +552,19 @@ def checkpoint_fingerprint(model: str, *, token: Secret | None = None) -> str:
                 fh.seek(max(size - _FINGERPRINT_SAMPLE, _FINGERPRINT_SAMPLE))
                 digest.update(fh.read(_FINGERPRINT_SAMPLE))
     return "sha256:" + digest.hexdigest()
+
+
+def _adapter_identity(data: bytes, *, token: Secret | None, depth: int) -> bytes:
+    """A PEFT `adapter_config.json` with its base model named by content (the base's fingerprint), not by path."""
+    try:
+        config = json.loads(data)
+    except ValueError:
+        return data
+    base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    if not isinstance(base, str) or not base or depth >= 2:  # an adapter on an adapter at most
+        return data
+    config["base_model_name_or_path"] = checkpoint_fingerprint(base, token=token, _depth=depth + 1)
+    return json.dumps(config, sort_keys=True).encode()
 
 
 def serialize_loading_params(component: Any) -> dict[str, Any]:

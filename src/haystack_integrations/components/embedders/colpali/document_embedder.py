@@ -186,6 +186,8 @@ class ColPaliDocumentEmbedder:
                 self.multivector_store,
                 dim=encoder.dim,
                 model=self.model,
+                # The checkpoint's content identity: a moved or copied model folder still fits its index.
+                fingerprint=encoder.fingerprint,
                 component=type(self).__name__,
                 # Recorded in the store so a ranker pools pages it encodes on the fly the same way.
                 pool_factor=self.pool_factor if self.pool_factor is not None else 1,

@@ -186,7 +186,11 @@ class ColPaliRanker:
                 encoder = LateInteractionEncoder.get(LoadSpec.of(self))
                 if self.multivector_store is not None:
                     check_store_compatible(
-                        self.multivector_store, dim=encoder.dim, model=self.model, component=type(self).__name__
+                        self.multivector_store,
+                        dim=encoder.dim,
+                        model=self.model,
+                        fingerprint=encoder.fingerprint,
+                        component=type(self).__name__,
                     )
                 self._encoder = encoder
                 cpu_kernel_threads()  # starts the MaxSim worker pool now rather than in the first query
