@@ -577,7 +577,7 @@ def _quickstart_env(tmp_path: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_quickstart_tiny_runs_offline_quietly_and_prints_sources_and_answers(tmp_path: Path) -> None:
+def test_quickstart_tiny_runs_offline_quietly_and_prints_citations_and_answers(tmp_path: Path) -> None:
     out = subprocess.run(
         [sys.executable, "examples/quickstart.py", "--tiny", "--workdir", str(tmp_path)],
         cwd=REPO,
@@ -590,7 +590,7 @@ def test_quickstart_tiny_runs_offline_quietly_and_prints_sources_and_answers(tmp
     assert "TINY MODE" in out.stdout
     assert out.stdout.count("\nQ: ") == 3
     assert out.stdout.count("\nA: ") == 3
-    assert "sources:" in out.stdout
+    assert "citations:" in out.stdout
     assert "image" in out.stdout
     assert "page 1" in out.stdout or "page 2" in out.stdout or "page 3" in out.stdout
     # Quiet: no blank-line runs, no model-config warnings, no teardown traceback, no telemetry retries.
