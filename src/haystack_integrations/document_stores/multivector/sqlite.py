@@ -13,6 +13,7 @@ from haystack import default_from_dict, default_to_dict
 
 from haystack_integrations.common.multimodal_rag.errors import MultiVectorStoreError
 from haystack_integrations.common.multimodal_rag.numerics.maxsim import maxsim, maxsim_chunks
+from haystack_integrations.common.multimodal_rag.validation import check_positive_int
 from haystack_integrations.document_stores.multivector.protocol import (
     as_multivector,
     as_query,
@@ -79,9 +80,7 @@ class SQLiteMultiVectorStore:
         :raises MultiVectorStoreError: When the file is not a store of ours, is corrupt, or was created with
             another dim, dtype or model.
         """
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            msg = f"dim must be a positive integer, got {dim!r}"
-            raise ValueError(msg)
+        check_positive_int("dim", dim)
         self._np_dtype = check_dtype(dtype)
         self.path = str(path)
         self.dim = dim

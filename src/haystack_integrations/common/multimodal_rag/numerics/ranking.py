@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 from haystack import Document
+
+from haystack_integrations.common.multimodal_rag.validation import check_int, check_number
 
 #: The retriever's (stage-1) score, kept by the first ranker that replaces `score`.
 DENSE_SCORE_META_KEY = "dense_score"
@@ -27,16 +28,10 @@ def check_top_k_and_threshold(top_k: int | None, score_threshold: float | None) 
     :param score_threshold: Minimum score, or `None`.
     :raises ValueError: On a negative or non-integer `top_k`, or a non-finite threshold.
     """
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
-        msg = f"top_k must be a non-negative integer, got {top_k!r}"
-        raise ValueError(msg)
-    if score_threshold is not None and (
-        isinstance(score_threshold, bool)
-        or not isinstance(score_threshold, (int, float))
-        or not math.isfinite(score_threshold)
-    ):
-        msg = f"score_threshold must be a finite number or None, got {score_threshold!r}"
-        raise ValueError(msg)
+    if top_k is not None:
+        check_int("top_k", top_k, minimum=0)
+    if score_threshold is not None:
+        check_number("score_threshold", score_threshold)
 
 
 def score_sort_key(document: Document) -> tuple[bool, float]:

@@ -22,7 +22,7 @@ from haystack_integrations.common.multimodal_rag.numerics.ranking import (
     check_top_k_and_threshold,
     select_top,
 )
-from haystack_integrations.common.multimodal_rag.validation import check_positive_int, check_query
+from haystack_integrations.common.multimodal_rag.validation import check_int, check_positive_int, check_query
 from haystack_integrations.document_stores.multivector.protocol import (
     MultiVectorStore,
     check_store_compatible,
@@ -145,9 +145,7 @@ class ColPaliRanker:
         """
         check_top_k_and_threshold(top_k, score_threshold)
         check_positive_int("batch_size", batch_size)
-        if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 0:
-            msg = f"cache_size must be a non-negative integer, got {cache_size!r}"
-            raise ValueError(msg)
+        check_int("cache_size", cache_size, minimum=0)
         if query_prefix is not None and not _encoder_takes_query_prefix():
             msg = (
                 "ColPaliRanker: query_prefix needs LateInteractionEncoder.embed_queries(..., query_prefix=...), "
