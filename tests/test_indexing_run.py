@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -20,16 +21,25 @@ def _late_failing_jpeg(path: Path) -> Path:
     return path
 
 
+@dataclass
+class Probe:
+    """The settings `IndexingRun.start` reads from an embedder."""
+
+    on_error: str = "skip"
+    file_path_meta_field: str = "file_path"
+    root_path: str | None = None
+
+
 def _start(documents: list[Document], on_error: str = "skip") -> IndexingRun:
-    run = IndexingRun.start("Probe", documents, file_path_meta_field="file_path", root_path=None, on_error=on_error)
+    run = IndexingRun.start(Probe(on_error=on_error), documents)
     assert run is not None
     return run
 
 
 def test_start_refuses_a_non_list_and_returns_none_for_no_documents() -> None:
     with pytest.raises(TypeError, match="Probe expects a list of Documents"):
-        IndexingRun.start("Probe", "text", file_path_meta_field="file_path", root_path=None, on_error="raise")
-    assert IndexingRun.start("Probe", [], file_path_meta_field="file_path", root_path=None, on_error="raise") is None
+        IndexingRun.start(Probe(on_error="raise"), "text")
+    assert IndexingRun.start(Probe(on_error="raise"), []) is None
 
 
 def test_start_names_repeated_ids_and_header_failures_but_decodes_nothing(tmp_path: Path) -> None:

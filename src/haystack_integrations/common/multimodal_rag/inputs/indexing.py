@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Protocol
 
 from haystack import Document
 from PIL import Image
@@ -31,6 +31,19 @@ from haystack_integrations.common.multimodal_rag.inputs.planning import (
 #: Embeds one decoded batch: `(positions, images, failed)` -> reason per further failed position (e.g. an image
 #: the model's processor refuses). `failed` holds the positions of the batch whose file could not be decoded.
 BatchEmbedder = Callable[[list[int], list[Image.Image], dict[int, str]], dict[int, str]]
+
+
+class IndexingComponent(Protocol):
+    """What `IndexingRun.start` reads from a document embedder (read-only, so `Literal` values fit)."""
+
+    @property
+    def file_path_meta_field(self) -> str: ...
+
+    @property
+    def root_path(self) -> str | None: ...
+
+    @property
+    def on_error(self) -> str: ...
 
 
 @dataclass
@@ -52,38 +65,32 @@ class IndexingRun:
     failures: dict[int, str]
 
     @classmethod
-    def start(
-        cls,
-        component: str,
-        documents: object,
-        *,
-        file_path_meta_field: str,
-        root_path: str | Path | None,
-        on_error: str,
-    ) -> IndexingRun | None:
+    def start(cls, embedder: IndexingComponent, documents: object) -> IndexingRun | None:
         """
         Check the input and plan it. Pixels are not decoded here (only headers and integrity are checked).
 
-        :param component: Component name, for messages.
+        :param embedder: The document embedder; its class name, `file_path_meta_field`, `root_path` and
+            `on_error` are used.
         :param documents: What the component received.
-        :param file_path_meta_field: Meta key holding image/PDF paths.
-        :param root_path: Directory file paths are resolved in (and confined to).
-        :param on_error: `"raise"` or `"skip"`.
         :returns: The run, or `None` for an empty input (nothing to do).
         :raises TypeError: If `documents` is not a list of Documents.
         """
+        component = type(embedder).__name__
         check_documents_input(component, documents)
         assert isinstance(documents, list)
         if not documents:
             return None
         plan = plan_documents(
-            documents, file_path_meta_field=file_path_meta_field, root_path=root_path, probe_pixels=False
+            documents,
+            file_path_meta_field=embedder.file_path_meta_field,
+            root_path=embedder.root_path,
+            probe_pixels=False,
         )
         # A store keeps one entry per id: a later repeat is a failure (a document that is also broken keeps the
         # reason it is broken).
         for i, reason in duplicate_id_failures(documents).items():
             plan.failures.setdefault(i, reason)
-        return cls(component, documents, plan, on_error, dict(plan.failures))
+        return cls(component, documents, plan, embedder.on_error, dict(plan.failures))
 
     def raise_if_failed(self) -> None:
         """

@@ -209,13 +209,7 @@ class ColPaliDocumentEmbedder:
         :raises DocumentProcessingError: With `on_error="raise"`, when any document cannot be encoded; nothing is
             written to the store then.
         """
-        run = IndexingRun.start(
-            type(self).__name__,
-            documents,
-            file_path_meta_field=self.file_path_meta_field,
-            root_path=self.root_path,
-            on_error=self.on_error,
-        )
+        run = IndexingRun.start(self, documents)
         if run is None:
             return {"documents": [], "failed_documents": []}
         # With on_error="raise", repeated ids and unreadable files are named before the model is loaded.

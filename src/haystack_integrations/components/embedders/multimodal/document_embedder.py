@@ -185,13 +185,7 @@ class MultimodalDocumentEmbedder:
         component_name = type(self).__name__
         # Headers and integrity are checked up front; pixels are decoded once, in their batch. A file that only
         # fails when decoded (e.g. a truncated JPEG) joins the same single error: nothing is returned before it.
-        run = IndexingRun.start(
-            component_name,
-            documents,
-            file_path_meta_field=self.file_path_meta_field,
-            root_path=self.root_path,
-            on_error=self.on_error,
-        )
+        run = IndexingRun.start(self, documents)
         if run is None:
             return {"documents": [], "failed_documents": []}
         self.warm_up()
