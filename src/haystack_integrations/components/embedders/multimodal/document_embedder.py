@@ -9,9 +9,9 @@ from haystack.document_stores.types import DocumentStore
 from haystack.utils import ComponentDevice, Secret
 from PIL import Image
 
-from haystack_integrations.common.multimodal_rag.backends.dense import DenseEncoder
-from haystack_integrations.common.multimodal_rag.backends.loading import LoadSpec, serialize_loading_params
-from haystack_integrations.common.multimodal_rag.index_guard import IndexModelGuard, model_record
+from haystack_integrations.common.multimodal_rag.backends.dense import DenseEmbedderBase
+from haystack_integrations.common.multimodal_rag.backends.loading import serialize_loading_params
+from haystack_integrations.common.multimodal_rag.index_guard import model_record
 from haystack_integrations.common.multimodal_rag.inputs.failures import validate_on_error
 from haystack_integrations.common.multimodal_rag.inputs.indexing import IndexingRun
 from haystack_integrations.common.multimodal_rag.inputs.media import MODALITY_META_KEY
@@ -23,7 +23,7 @@ _SOURCE_TYPE = {"text": "text", "image": "image", "page": "page"}
 
 
 @component
-class MultimodalDocumentEmbedder:
+class MultimodalDocumentEmbedder(DenseEmbedderBase):
     """
     Embeds text, image and PDF-page documents into ONE vector space with a CLIP-family dual encoder.
 
@@ -67,6 +67,8 @@ class MultimodalDocumentEmbedder:
     ```
     """
 
+    _GUARD_ROLE = "write"
+
     def __init__(
         self,
         model: str = "google/siglip-so400m-patch14-384",
@@ -107,35 +109,20 @@ class MultimodalDocumentEmbedder:
         """
         check_positive_int("batch_size", batch_size)
         validate_on_error(on_error)
-        self.model = model
+        self._init_dense(
+            model=model,
+            device=device,
+            token=token,
+            normalize_embeddings=normalize_embeddings,
+            local_files_only=local_files_only,
+            model_kwargs=model_kwargs,
+            document_store=document_store,
+        )
         self.file_path_meta_field = file_path_meta_field
         self.root_path = root_path
-        self.device = device
-        self.token = token
         self.batch_size = batch_size
         self.progress_bar = progress_bar
-        self.normalize_embeddings = normalize_embeddings
-        self.local_files_only = local_files_only
-        self.model_kwargs = model_kwargs
         self.on_error = on_error
-        self.document_store = document_store
-        self._encoder: DenseEncoder | None = None
-        self._guard = (
-            IndexModelGuard(document_store, component=type(self).__name__) if document_store is not None else None
-        )
-
-    def warm_up(self) -> None:
-        """
-        Load the model and processor (idempotent), then check the index's model when a `document_store` is set.
-
-        :raises ModelLoadError: When the model cannot be loaded; the message says how to fix it.
-        :raises EmbeddingModelMismatchError: When the document store holds vectors of another model.
-        """
-        if self._encoder is None:
-            self._encoder = DenseEncoder.get(LoadSpec.of(self))
-        identity = self._encoder.identity()  # computed once per loaded model; recorded on every document
-        if self._guard is not None:
-            self._guard.check(identity, role="write")
 
     def to_dict(self) -> dict[str, Any]:
         """
