@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 
-from haystack_integrations.common.multimodal_rag.numerics.ranking import check_top_k_and_threshold
+from haystack_integrations.common.multimodal_rag.numerics.ranking import (
+    call_top_k_and_threshold,
+    check_top_k_and_threshold,
+)
 from haystack_integrations.common.multimodal_rag.validation import check_int, check_number, check_positive_int
 
 
@@ -75,3 +79,13 @@ def test_check_top_k_and_threshold_uses_the_shared_validators(top_k: object, thr
         check_top_k_and_threshold(top_k, threshold)  # type: ignore[arg-type]
     check_top_k_and_threshold(0, None)
     check_top_k_and_threshold(None, -3.5)
+
+
+def test_call_top_k_and_threshold_falls_back_to_the_init_values_and_validates() -> None:
+    ranker = SimpleNamespace(top_k=5, score_threshold=0.25)
+    assert call_top_k_and_threshold(ranker, None, None) == (5, 0.25)
+    assert call_top_k_and_threshold(ranker, 0, -1.0) == (0, -1.0)
+    with pytest.raises(ValueError, match=r"^top_k must be a non-negative integer, got -2$"):
+        call_top_k_and_threshold(ranker, -2, None)
+    with pytest.raises(ValueError, match=r"^top_k must be a non-negative integer, got -1$"):
+        call_top_k_and_threshold(SimpleNamespace(top_k=-1, score_threshold=None), None, None)

@@ -19,6 +19,7 @@ from haystack_integrations.common.multimodal_rag.numerics.maxsim import cpu_kern
 from haystack_integrations.common.multimodal_rag.numerics.ranking import (
     DENSE_SCORE_META_KEY,
     LATE_INTERACTION_SCORE_META_KEY,
+    call_top_k_and_threshold,
     check_top_k_and_threshold,
     select_top,
 )
@@ -340,9 +341,7 @@ class ColPaliRanker:
                 msg = f"{component_name} needs `query` or `query_multivector_embedding`; got neither"
                 raise ValueError(msg)
             check_query(component_name, query)
-        top_k = self.top_k if top_k is None else top_k
-        score_threshold = self.score_threshold if score_threshold is None else score_threshold
-        check_top_k_and_threshold(top_k, score_threshold)
+        top_k, score_threshold = call_top_k_and_threshold(self, top_k, score_threshold)
         if not documents or top_k == 0:
             return {"documents": []}
 
