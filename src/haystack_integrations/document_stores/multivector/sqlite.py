@@ -12,7 +12,7 @@ import numpy as np
 from haystack import default_from_dict, default_to_dict
 
 from haystack_integrations.common.multimodal_rag.errors import MultiVectorStoreError
-from haystack_integrations.common.multimodal_rag.numerics.maxsim import maxsim, maxsim_chunks
+from haystack_integrations.common.multimodal_rag.numerics.maxsim import maxsim_by_id, maxsim_chunks
 from haystack_integrations.common.multimodal_rag.validation import check_positive_int
 from haystack_integrations.document_stores.multivector.protocol import (
     as_multivector,
@@ -376,11 +376,7 @@ class SQLiteMultiVectorStore:
         """
         query = as_query(query_vectors, dim=self.dim, store_name=self._describe())
         if device is not None and not str(device).startswith("cpu"):
-            vectors = self.get(ids)
-            if not vectors:
-                return {}
-            on_device = maxsim(query, list(vectors.values()), device=device)
-            return dict(zip(vectors.keys(), on_device.tolist(), strict=True))
+            return maxsim_by_id(query, self.get(ids), device=device)
         unique = list(dict.fromkeys(check_ids(ids)))
         found: list[str] = []
 

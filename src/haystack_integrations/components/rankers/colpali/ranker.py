@@ -15,7 +15,7 @@ from haystack_integrations.common.multimodal_rag.backends.colpali import LateInt
 from haystack_integrations.common.multimodal_rag.backends.loading import LoadSpec, serialize_loading_params
 from haystack_integrations.common.multimodal_rag.errors import MultiVectorStoreError
 from haystack_integrations.common.multimodal_rag.inputs.planning import iter_image_batches, plan_documents
-from haystack_integrations.common.multimodal_rag.numerics.maxsim import cpu_kernel_threads, maxsim
+from haystack_integrations.common.multimodal_rag.numerics.maxsim import cpu_kernel_threads, maxsim_by_id
 from haystack_integrations.common.multimodal_rag.numerics.ranking import (
     DENSE_SCORE_META_KEY,
     LATE_INTERACTION_SCORE_META_KEY,
@@ -356,9 +356,7 @@ class ColPaliRanker:
         if missing:
             self.warm_up()
             vectors, problems = self._read_through(missing)
-            if vectors:
-                scores = maxsim(query_vectors, list(vectors.values()), device=self._score_device())
-                late.update(zip(vectors.keys(), scores.tolist(), strict=True))
+            late.update(maxsim_by_id(query_vectors, vectors, device=self._score_device()))
             if problems:
                 logger.warning(
                     "{component}: {count} candidate(s) have no stored multi-vector and no readable image; they keep "
