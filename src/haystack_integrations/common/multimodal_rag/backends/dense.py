@@ -274,7 +274,6 @@ class DenseEmbedderBase:
 
     def _init_dense(
         self,
-        *,
         model: str,
         device: ComponentDevice | None,
         token: Secret | None,
@@ -282,8 +281,13 @@ class DenseEmbedderBase:
         local_files_only: bool,
         model_kwargs: dict[str, Any] | None,
         document_store: DocumentStore | None,
+        /,
     ) -> None:
-        """Store the shared settings; nothing is loaded."""
+        """
+        Store the shared settings; nothing is loaded.
+
+        Positional (each embedder passes its own parameters of the same names, in this order, on one line).
+        """
         self.model = model
         self.device = device
         self.token = token

@@ -109,15 +109,7 @@ class MultimodalDocumentEmbedder(DenseEmbedderBase):
         """
         check_positive_int("batch_size", batch_size)
         validate_on_error(on_error)
-        self._init_dense(
-            model=model,
-            device=device,
-            token=token,
-            normalize_embeddings=normalize_embeddings,
-            local_files_only=local_files_only,
-            model_kwargs=model_kwargs,
-            document_store=document_store,
-        )
+        self._init_dense(model, device, token, normalize_embeddings, local_files_only, model_kwargs, document_store)
         self.file_path_meta_field = file_path_meta_field
         self.root_path = root_path
         self.batch_size = batch_size

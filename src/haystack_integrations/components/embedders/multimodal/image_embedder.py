@@ -60,15 +60,7 @@ class MultimodalImageEmbedder(DenseEmbedderBase):
             model, and otherwise fails with `EmbeddingModelMismatchError` naming both models. `None` disables
             the check.
         """
-        self._init_dense(
-            model=model,
-            device=device,
-            token=token,
-            normalize_embeddings=normalize_embeddings,
-            local_files_only=local_files_only,
-            model_kwargs=model_kwargs,
-            document_store=document_store,
-        )
+        self._init_dense(model, device, token, normalize_embeddings, local_files_only, model_kwargs, document_store)
         self.root_path = root_path
 
     def to_dict(self) -> dict[str, Any]:

@@ -59,15 +59,7 @@ class MultimodalTextEmbedder(DenseEmbedderBase):
             model, and otherwise fails with `EmbeddingModelMismatchError` naming both models. `None` disables
             the check.
         """
-        self._init_dense(
-            model=model,
-            device=device,
-            token=token,
-            normalize_embeddings=normalize_embeddings,
-            local_files_only=local_files_only,
-            model_kwargs=model_kwargs,
-            document_store=document_store,
-        )
+        self._init_dense(model, device, token, normalize_embeddings, local_files_only, model_kwargs, document_store)
 
     def to_dict(self) -> dict[str, Any]:
         """
