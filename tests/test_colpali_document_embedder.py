@@ -341,3 +341,16 @@ def test_to_dict_round_trip_keeps_the_new_options(tmp_path: Path) -> None:
     restored = ColPaliDocumentEmbedder.from_dict(data)
     assert restored.processor_kwargs == {"max_num_visual_tokens": 512}
     assert restored.on_error == "skip"
+
+
+def test_repeated_ids_and_unreadable_files_are_named_in_one_error_before_the_model_loads(pages_dir: Path) -> None:
+    # The model path does not exist: the error about the documents must come first, without loading anything.
+    docs = _page_docs(pages_dir)[:2]
+    twin = Document(id=docs[0].id, meta={"file_path": str(pages_dir / "page4.png")})
+    broken = Document(meta={"file_path": str(make_corrupt_image(pages_dir / "broken.png"))})
+    store = InMemoryMultiVectorStore()
+    embedder = ColPaliDocumentEmbedder(str(pages_dir / "no-such-model"), multivector_store=store, progress_bar=False)
+    with pytest.raises(DocumentProcessingError, match="duplicate document id") as info:
+        embedder.run([*docs, twin, broken])
+    assert [doc_id for doc_id, _ in info.value.failures] == [twin.id, broken.id]
+    assert store.count() == 0

@@ -5,7 +5,7 @@ import pytest
 import torch
 from colpali_engine.utils.processing_utils import BaseVisualRetrieverProcessor
 
-from haystack_integrations.common.multimodal_rag.numerics.maxsim import maxsim
+from haystack_integrations.common.multimodal_rag.numerics.maxsim import maxsim, maxsim_by_id
 from haystack_integrations.testing.multimodal_rag.reference import maxsim_reference
 
 
@@ -225,3 +225,14 @@ def test_read_only_stored_pages_score_without_a_warning_on_every_call() -> None:
         second = maxsim(query, pages)
     np.testing.assert_allclose(first, second)
     np.testing.assert_allclose(first, maxsim_reference(query, pages), rtol=1e-3)
+
+
+def test_maxsim_by_id_keys_the_scores_by_document_id_and_computes_nothing_for_no_pages() -> None:
+    rng = np.random.default_rng(3)
+    query = rng.standard_normal((4, 8)).astype(np.float32)
+    pages = {"b": rng.standard_normal((5, 8)).astype(np.float32), "a": rng.standard_normal((2, 8)).astype(np.float32)}
+    scores = maxsim_by_id(query, pages)
+    assert list(scores) == ["b", "a"]
+    for doc_id, page in pages.items():
+        assert scores[doc_id] == pytest.approx(float((query @ page.T).max(axis=1).sum()), rel=1e-5)
+    assert maxsim_by_id(np.zeros((0, 8)), {}) == {}  # not even the query is looked at

@@ -51,36 +51,68 @@ def check_int(name: str, value: object, *, minimum: int = 0, maximum: int | None
     ):
         if maximum is not None:
             kind = f"an integer in [{minimum}, {maximum}]"
+        elif minimum in (0, 1):
+            kind = "a non-negative integer" if minimum == 0 else "a positive integer"
         else:
-            kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+            kind = f"an integer >= {minimum}"
         msg = f"{name} must be {kind}, got {value!r}"
         raise ValueError(msg)
     return value
 
 
-def check_number(name: str, value: object, *, minimum: float | None = None, maximum: float | None = None) -> float:
+def check_number(
+    name: str,
+    value: object,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    above: float | None = None,
+    finite: bool = True,
+) -> float:
     """
-    Validate a finite real-number parameter in `[minimum, maximum]` (booleans are not numbers here).
+    Validate a real-number parameter in `[minimum, maximum]` and `> above` (booleans are not numbers here).
+
+    NaN is always refused.
 
     :param name: Parameter name for the message.
     :param value: The value.
     :param minimum: Smallest allowed value, or `None`.
     :param maximum: Largest allowed value, or `None`.
+    :param above: The value must be strictly greater than this, or `None` (`above=0.0`: "a positive number").
+    :param finite: Refuse infinities too.
     :returns: The value as a float.
-    :raises ValueError: When it is not a finite number in range.
+    :raises ValueError: When it is not a (finite) number in range.
     """
     if (
         isinstance(value, bool)
         or not isinstance(value, (int, float))
-        or not math.isfinite(value)
+        or math.isnan(value)
+        or (finite and not math.isfinite(value))
         or (minimum is not None and value < minimum)
         or (maximum is not None and value > maximum)
+        or (above is not None and not value > above)
     ):
-        low = "-inf" if minimum is None else minimum
-        high = "inf" if maximum is None else maximum
-        msg = f"{name} must be a finite number in [{low}, {high}], got {value!r}"
+        msg = f"{name} must be {_number_kind(minimum, maximum, above, finite)}, got {value!r}"
         raise ValueError(msg)
     return float(value)
+
+
+def _number_kind(minimum: float | None, maximum: float | None, above: float | None, finite: bool) -> str:
+    """Say in words which numbers `check_number` accepts ("a number in [0, 1]", "a positive number", ...)."""
+    if minimum is None and maximum is None and above == 0:
+        return "a positive number"
+    bounds = []
+    if minimum is not None and maximum is not None:
+        bounds.append(f"in [{minimum:g}, {maximum:g}]")
+    elif minimum is not None:
+        bounds.append(f">= {minimum:g}")
+    elif maximum is not None:
+        bounds.append(f"<= {maximum:g}")
+    if above is not None:
+        bounds.append(f"> {above:g}")
+    # A closed interval already says the number is finite.
+    prefix = "a finite number" if finite and (minimum is None or maximum is None) else "a number"
+    return " ".join([prefix, *bounds])
 
 
 def check_query(component_name: str, text: object) -> str:

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from haystack import default_from_dict, default_to_dict
 
-from haystack_integrations.common.multimodal_rag.numerics.maxsim import maxsim
+from haystack_integrations.common.multimodal_rag.numerics.maxsim import maxsim_by_id
 from haystack_integrations.document_stores.multivector.protocol import (
     as_multivector,
     as_query,
@@ -146,11 +146,7 @@ class InMemoryMultiVectorStore:
         :raises MultiVectorStoreError: When the query is not 2-D, not finite, or of another width.
         """
         query = as_query(query_vectors, dim=self.dim, store_name=repr(self))
-        vectors = self.get(ids)
-        if not vectors:
-            return {}
-        scores = maxsim(query, list(vectors.values()), device=device)
-        return dict(zip(vectors.keys(), scores.tolist(), strict=True))
+        return maxsim_by_id(query, self.get(ids), device=device)
 
     def delete(self, ids: Iterable[str]) -> None:
         """

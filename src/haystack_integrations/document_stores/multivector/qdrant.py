@@ -11,6 +11,7 @@ from haystack import default_from_dict, default_to_dict, logging
 from haystack.utils import Secret
 
 from haystack_integrations.common.multimodal_rag.errors import MultiVectorStoreError
+from haystack_integrations.common.multimodal_rag.validation import check_positive_int
 from haystack_integrations.document_stores.multivector.protocol import (
     as_multivector,
     as_query,
@@ -97,9 +98,7 @@ class QdrantMultiVectorStore:
         if len(given) != 1:
             msg = f"QdrantMultiVectorStore needs exactly one of location, url or path; got {given or 'none'}"
             raise ValueError(msg)
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            msg = f"dim must be a positive integer, got {dim!r}"
-            raise ValueError(msg)
+        check_positive_int("dim", dim)
         if datatype is not None:
             warnings.warn(
                 "QdrantMultiVectorStore(datatype=...) is deprecated and will be removed in the next release: "

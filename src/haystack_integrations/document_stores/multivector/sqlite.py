@@ -12,7 +12,8 @@ import numpy as np
 from haystack import default_from_dict, default_to_dict
 
 from haystack_integrations.common.multimodal_rag.errors import MultiVectorStoreError
-from haystack_integrations.common.multimodal_rag.numerics.maxsim import maxsim, maxsim_chunks
+from haystack_integrations.common.multimodal_rag.numerics.maxsim import maxsim_by_id, maxsim_chunks
+from haystack_integrations.common.multimodal_rag.validation import check_positive_int
 from haystack_integrations.document_stores.multivector.protocol import (
     as_multivector,
     as_query,
@@ -84,9 +85,7 @@ class SQLiteMultiVectorStore:
         :raises MultiVectorStoreError: When the file is not a store of ours, is corrupt, or was created with
             another dim, dtype or model.
         """
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            msg = f"dim must be a positive integer, got {dim!r}"
-            raise ValueError(msg)
+        check_positive_int("dim", dim)
         self._np_dtype = check_dtype(dtype)
         self.path = str(path)
         self.dim = dim
@@ -426,11 +425,7 @@ class SQLiteMultiVectorStore:
         """
         query = as_query(query_vectors, dim=self.dim, store_name=self._describe())
         if device is not None and not str(device).startswith("cpu"):
-            vectors = self.get(ids)
-            if not vectors:
-                return {}
-            on_device = maxsim(query, list(vectors.values()), device=device)
-            return dict(zip(vectors.keys(), on_device.tolist(), strict=True))
+            return maxsim_by_id(query, self.get(ids), device=device)
         unique = list(dict.fromkeys(check_ids(ids)))
         found: list[str] = []
 

@@ -15,6 +15,7 @@ from haystack_integrations.common.multimodal_rag.inputs.media import (
     PAGE_NUMBER_META_KEY,
     classify,
 )
+from haystack_integrations.common.multimodal_rag.validation import check_int
 
 logger = logging.getLogger(__name__)
 
@@ -102,9 +103,8 @@ class CorpusEntry:
                 msg = f"corpus entry '{doc_id}': modality {modality!r} does not match its source (a {inferred})"
                 raise ValueError(msg)
         if inferred == "page":
-            if isinstance(page_number, bool) or not isinstance(page_number, int) or page_number < 1:
-                msg = f"corpus entry '{doc_id}': a PDF page needs 'page_number' (1-based), got {page_number!r}"
-                raise ValueError(msg)
+            # "...: a PDF page needs 'page_number', which must be a positive integer, got None"
+            check_int(f"corpus entry '{doc_id}': a PDF page needs 'page_number', which", page_number, minimum=1)
         elif page_number is not None:
             msg = f"corpus entry '{doc_id}': 'page_number' is only for PDF pages"
             raise ValueError(msg)

@@ -6,6 +6,8 @@ import math
 import numbers
 from collections.abc import Iterable, Mapping, Sequence
 
+from haystack_integrations.common.multimodal_rag.validation import check_int
+
 #: Cut-off of the reciprocal rank (`mrr@10`), as in MS MARCO, BEIR and the ViDoRe/MTEB reports.
 MRR_CUTOFF = 10
 
@@ -36,9 +38,7 @@ def _check_k_values(k_values: Iterable[int]) -> list[int]:
         msg = "k_values must not be empty"
         raise ValueError(msg)
     for k in ks:
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            msg = f"every k must be a positive integer, got {k!r}"
-            raise ValueError(msg)
+        check_int("every k", k, minimum=1)
     return sorted(set(ks))
 
 

@@ -27,7 +27,12 @@ from typing import Any
 
 import torch
 
-from haystack_integrations.testing.multimodal_rag.tiny_models import _corpus, _train_bpe, build_tiny_qwen2_vl
+from haystack_integrations.testing.multimodal_rag.tiny_models import (
+    TINY_TOWER,
+    _corpus,
+    _train_bpe,
+    build_tiny_qwen2_vl,
+)
 
 #: The families a tiny checkpoint can be built for, by colpali-engine class name.
 FAMILIES: tuple[str, ...] = ("ColPali", "ColQwen2", "ColQwen2_5", "ColQwen3", "ColIdefics3", "ColModernVBert")
@@ -272,10 +277,7 @@ def build_tiny_colidefics3(path: str | Path, *, tile: int = 28, seed: int = 0) -
         text_config={
             "model_type": "llama",
             "vocab_size": len(tokenizer),
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
+            **TINY_TOWER,
             "num_key_value_heads": 1,
             "max_position_embeddings": 2048,
             "pad_token_id": tokenizer.pad_token_id,
@@ -320,10 +322,7 @@ def build_tiny_colmodernvbert(path: str | Path, *, tile: int = 28, seed: int = 0
         text_config={
             "model_type": "modernbert",
             "vocab_size": len(tokenizer),
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
+            **TINY_TOWER,
             "max_position_embeddings": 2048,
             "global_attn_every_n_layers": 1,
             "local_attention": 16,

@@ -63,6 +63,14 @@ QWEN_CHAT_TEMPLATE = (
 # Special-token ids of the SentencePiece tokenizer trained by `_train_sentencepiece`.
 _SPM_TOKEN_IDS = {"pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 1}
 
+#: The size of every tiny transformer tower (text or vision) that has no reason to differ: 2 layers of width 32.
+TINY_TOWER: dict[str, int] = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+}
+
 
 def _corpus(repeat: int = 8) -> list[str]:
     return list(SENTENCES) * repeat
@@ -162,18 +170,12 @@ def build_tiny_siglip(path: str | Path, *, image_size: int = 32, seed: int = 0) 
     config = SiglipConfig(
         text_config={
             "vocab_size": len(tokenizer),
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
+            **TINY_TOWER,
             "max_position_embeddings": SIGLIP_TEXT_LENGTH,
             **_SPM_TOKEN_IDS,
         },
         vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
+            **TINY_TOWER,
             "image_size": image_size,
             "patch_size": 8,
         },
@@ -229,20 +231,14 @@ def build_tiny_clip(path: str | Path, *, image_size: int = 32, seed: int = 0) ->
     config = CLIPConfig(
         text_config={
             "vocab_size": len(tokenizer),
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
+            **TINY_TOWER,
             "max_position_embeddings": CLIP_TEXT_LENGTH,
             "bos_token_id": tokenizer.bos_token_id,
             "eos_token_id": tokenizer.eos_token_id,
             "pad_token_id": tokenizer.pad_token_id,
         },
         vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
+            **TINY_TOWER,
             "image_size": image_size,
             "patch_size": 8,
         },
@@ -255,6 +251,22 @@ def build_tiny_clip(path: str | Path, *, image_size: int = 32, seed: int = 0) ->
     )
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
     return out
+
+
+#: The special tokens of the Gemma-style tokenizers of the SigLIP 2 builders.
+_GEMMA_SPECIALS = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>")
+
+
+def _siglip_text_config(tokenizer: Any) -> dict[str, Any]:
+    """The text tower of the SigLIP / SigLIP 2 builders: tiny, 64 positions, the tokenizer's special ids."""
+    return {
+        "vocab_size": len(tokenizer),
+        **TINY_TOWER,
+        "max_position_embeddings": SIGLIP_TEXT_LENGTH,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
 
 
 def build_tiny_siglip2(path: str | Path, *, seed: int = 0) -> Path:
@@ -271,8 +283,7 @@ def build_tiny_siglip2(path: str | Path, *, seed: int = 0) -> Path:
 
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
-    vocab, merges = _train_bpe(specials, byte_level=False)
+    vocab, merges = _train_bpe(list(_GEMMA_SPECIALS), byte_level=False)
     # The Gemma-based SigLIP 2 tokenizer as SigLIP 2 was trained: right padding to 64 tokens, no attention
     # mask (transformers docs/source/en/model_doc/siglip2.md: "pass padding="max_length" and max_length=64 as
     # that's how the model was trained"; Siglip2Processor text defaults padding="max_length", max_length=64).
@@ -285,22 +296,9 @@ def build_tiny_siglip2(path: str | Path, *, seed: int = 0) -> Path:
         model_input_names=["input_ids"],
     )
     config = Siglip2Config(
-        text_config={
-            "vocab_size": len(tokenizer),
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "max_position_embeddings": SIGLIP_TEXT_LENGTH,
-            "pad_token_id": tokenizer.pad_token_id,
-            "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-        },
+        text_config=_siglip_text_config(tokenizer),
         vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
+            **TINY_TOWER,
             "patch_size": 8,
             "num_patches": 16,
         },
@@ -332,26 +330,12 @@ def build_tiny_siglip2_fixres(path: str | Path, *, image_size: int = 32, seed: i
 
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
-    vocab, merges = _train_bpe(specials, byte_level=False)
+    vocab, merges = _train_bpe(list(_GEMMA_SPECIALS), byte_level=False)
     tokenizer = GemmaTokenizer(vocab=vocab, merges=merges, model_max_length=SIGLIP_TEXT_LENGTH)
     config = SiglipConfig(
-        text_config={
-            "vocab_size": len(tokenizer),
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "max_position_embeddings": SIGLIP_TEXT_LENGTH,
-            "pad_token_id": tokenizer.pad_token_id,
-            "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-        },
+        text_config=_siglip_text_config(tokenizer),
         vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
+            **TINY_TOWER,
             "image_size": image_size,
             "patch_size": 8,
         },

@@ -27,11 +27,13 @@ Default dtype and attention kernel: see `acceleration.py` (applied by `load_mode
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 from haystack import logging
+from haystack.document_stores.types import DocumentStore
+from haystack.utils import ComponentDevice, Secret
 from PIL import Image
 
 from haystack_integrations.common.multimodal_rag.backends.loading import (
@@ -42,6 +44,7 @@ from haystack_integrations.common.multimodal_rag.backends.loading import (
     model_dtype,
 )
 from haystack_integrations.common.multimodal_rag.errors import ModelLoadError
+from haystack_integrations.common.multimodal_rag.index_guard import IndexModelGuard
 
 logger = logging.getLogger(__name__)
 
@@ -245,3 +248,71 @@ def _lowercases_itself(tokenizer: Any) -> bool:
     except ImportError:  # sentencepiece/protobuf missing: such a tokenizer cannot have been loaded either
         return False
     return isinstance(tokenizer, SiglipTokenizer) and bool(getattr(tokenizer, "do_lower_case", False))
+
+
+class DenseEmbedderBase:
+    """
+    What the three dense embedders share: their loading settings, the encoder loaded at `warm_up`, the index guard.
+
+    Each embedder still lists every init parameter in its own `__init__` and `to_dict` (house style); it calls
+    `_init_dense` to store the shared ones and inherits `warm_up`. `_GUARD_ROLE` says how the guard checks the
+    index: `"query"` (a query embedder: the index must have been built with this model) or `"write"` (the document
+    embedder: the index must hold no other model's vectors).
+    """
+
+    _GUARD_ROLE: ClassVar[Literal["query", "write"]] = "query"
+
+    model: str
+    device: ComponentDevice | None
+    token: Secret | None
+    normalize_embeddings: bool
+    local_files_only: bool
+    model_kwargs: dict[str, Any] | None
+    document_store: DocumentStore | None
+    _encoder: DenseEncoder | None
+    _guard: IndexModelGuard | None
+
+    def _init_dense(
+        self,
+        model: str,
+        device: ComponentDevice | None,
+        token: Secret | None,
+        normalize_embeddings: bool,
+        local_files_only: bool,
+        model_kwargs: dict[str, Any] | None,
+        document_store: DocumentStore | None,
+        /,
+    ) -> None:
+        """
+        Store the shared settings; nothing is loaded.
+
+        Positional (each embedder passes its own parameters of the same names, in this order, on one line).
+        """
+        self.model = model
+        self.device = device
+        self.token = token
+        self.normalize_embeddings = normalize_embeddings
+        self.local_files_only = local_files_only
+        self.model_kwargs = model_kwargs
+        self.document_store = document_store
+        self._encoder = None
+        self._guard = (
+            IndexModelGuard(document_store, component=type(self).__name__) if document_store is not None else None
+        )
+
+    def warm_up(self) -> None:
+        """
+        Load the model and processor (idempotent), then check the index's model when a `document_store` is set.
+
+        :raises ModelLoadError: When the model cannot be loaded; the message says how to fix it.
+        :raises EmbeddingModelMismatchError: When the document store holds vectors of another model.
+        """
+        if self._encoder is None:
+            self._encoder = DenseEncoder.get(LoadSpec.of(self))
+        if self._guard is None and self._GUARD_ROLE == "query":
+            return
+        # The document embedder records the identity on every document, so it is computed at warm-up; the query
+        # embedders compute it only for the guard.
+        identity = self._encoder.identity()
+        if self._guard is not None:
+            self._guard.check(identity, role=self._GUARD_ROLE)

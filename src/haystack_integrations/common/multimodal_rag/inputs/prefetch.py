@@ -13,6 +13,8 @@ import threading
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
+from haystack_integrations.common.multimodal_rag.validation import check_positive_int
+
 T = TypeVar("T")
 
 _DONE = object()
@@ -36,9 +38,7 @@ def prefetch(items: Iterable[T], *, depth: int = 1) -> Iterator[T]:
     :returns: An iterator over the same items.
     :raises ValueError: When `depth` < 1.
     """
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-        msg = f"depth must be a positive integer, got {depth!r}"
-        raise ValueError(msg)
+    check_positive_int("depth", depth)
     return _prefetch(items, depth)
 
 

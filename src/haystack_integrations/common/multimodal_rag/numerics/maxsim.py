@@ -31,7 +31,7 @@ import math
 import os
 import threading
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -212,6 +212,24 @@ def maxsim(query: ArrayLike, pages: Sequence[ArrayLike], *, device: str | torch.
     if device is not None and torch.device(device).type != "cpu":
         return maxsim_padded(query, pages, device=device)
     return maxsim_chunks(query, [pages])
+
+
+def maxsim_by_id(
+    query: ArrayLike, pages: Mapping[str, ArrayLike], *, device: str | torch.device | None = None
+) -> dict[str, float]:
+    """
+    `maxsim` of one query against pages keyed by document id.
+
+    :param query: Query token vectors, shape `(Lq, d)`.
+    :param pages: Page vectors per document id (e.g. a store's `get`).
+    :param device: As for `maxsim`.
+    :returns: `{document_id: MaxSim}`; `{}` (nothing computed) when `pages` is empty.
+    :raises ValueError: As for `maxsim`.
+    """
+    if not pages:
+        return {}
+    scores = maxsim(query, list(pages.values()), device=device)
+    return dict(zip(pages.keys(), scores.tolist(), strict=True))
 
 
 def maxsim_chunks(query: ArrayLike, chunks: Iterable[Sequence[ArrayLike]]) -> np.ndarray:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
+from typing import Protocol
 
 from haystack import Document
+
+from haystack_integrations.common.multimodal_rag.validation import check_int, check_number
 
 #: The retriever's (stage-1) score, kept by the first ranker that replaces `score`.
 DENSE_SCORE_META_KEY = "dense_score"
@@ -27,16 +29,36 @@ def check_top_k_and_threshold(top_k: int | None, score_threshold: float | None) 
     :param score_threshold: Minimum score, or `None`.
     :raises ValueError: On a negative or non-integer `top_k`, or a non-finite threshold.
     """
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
-        msg = f"top_k must be a non-negative integer, got {top_k!r}"
-        raise ValueError(msg)
-    if score_threshold is not None and (
-        isinstance(score_threshold, bool)
-        or not isinstance(score_threshold, (int, float))
-        or not math.isfinite(score_threshold)
-    ):
-        msg = f"score_threshold must be a finite number or None, got {score_threshold!r}"
-        raise ValueError(msg)
+    if top_k is not None:
+        check_int("top_k", top_k, minimum=0)
+    if score_threshold is not None:
+        check_number("score_threshold", score_threshold)
+
+
+class _Ranker(Protocol):
+    @property
+    def top_k(self) -> int | None: ...
+
+    @property
+    def score_threshold(self) -> float | None: ...
+
+
+def call_top_k_and_threshold(
+    ranker: _Ranker, top_k: int | None, score_threshold: float | None
+) -> tuple[int | None, float | None]:
+    """
+    A ranker's `top_k` and `score_threshold` for one `run()`: the call's values, else the init values; validated.
+
+    :param ranker: The ranker (its `top_k` and `score_threshold` are the defaults).
+    :param top_k: The call's `top_k`, or `None`.
+    :param score_threshold: The call's `score_threshold`, or `None`.
+    :returns: `(top_k, score_threshold)` in effect.
+    :raises ValueError: As `check_top_k_and_threshold`.
+    """
+    top_k = ranker.top_k if top_k is None else top_k
+    score_threshold = ranker.score_threshold if score_threshold is None else score_threshold
+    check_top_k_and_threshold(top_k, score_threshold)
+    return top_k, score_threshold
 
 
 def score_sort_key(document: Document) -> tuple[bool, float]:

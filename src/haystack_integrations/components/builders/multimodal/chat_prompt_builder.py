@@ -23,6 +23,7 @@ from haystack_integrations.common.multimodal_rag.inputs.media import (
 from haystack_integrations.common.multimodal_rag.numerics.ranking import score_sort_key
 from haystack_integrations.common.multimodal_rag.validation import (
     check_image_size,
+    check_int,
     check_query,
     compile_template,
 )
@@ -187,12 +188,8 @@ class MultimodalChatPromptBuilder:
             0 turns the cache off.
         :raises ValueError: On a template with a syntax error or invalid sizes.
         """
-        if isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 0:
-            msg = f"max_images must be a non-negative integer, got {max_images!r}"
-            raise ValueError(msg)
-        if isinstance(image_cache_size, bool) or not isinstance(image_cache_size, int) or image_cache_size < 0:
-            msg = f"image_cache_size must be a non-negative integer, got {image_cache_size!r}"
-            raise ValueError(msg)
+        check_int("max_images", max_images, minimum=0)
+        check_int("image_cache_size", image_cache_size, minimum=0)
         self.image_size = check_image_size(image_size)
         self._template = compile_template(template, DEFAULT_TEMPLATE, parameter="template")
         self.template = template

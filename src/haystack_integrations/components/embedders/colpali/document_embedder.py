@@ -6,22 +6,14 @@ from typing import Any
 
 from haystack import Document, component, default_from_dict, default_to_dict, logging
 from haystack.utils import ComponentDevice, Secret
-from tqdm import tqdm
+from PIL import Image
 
 from haystack_integrations.common.multimodal_rag.backends.colpali import LateInteractionEncoder, check_processor_kwargs
 from haystack_integrations.common.multimodal_rag.backends.loading import LoadSpec, serialize_loading_params
-from haystack_integrations.common.multimodal_rag.inputs.failures import (
-    OnError,
-    check_documents_input,
-    validate_on_error,
-)
+from haystack_integrations.common.multimodal_rag.inputs.failures import OnError, validate_on_error
+from haystack_integrations.common.multimodal_rag.inputs.indexing import IndexingRun
 from haystack_integrations.common.multimodal_rag.inputs.media import MODALITY_META_KEY
-from haystack_integrations.common.multimodal_rag.inputs.planning import (
-    iter_image_batches,
-    plan_documents,
-    raise_if_failed,
-    split_outputs,
-)
+from haystack_integrations.common.multimodal_rag.inputs.planning import iter_image_batches, raise_if_failed
 from haystack_integrations.common.multimodal_rag.validation import check_positive_int
 from haystack_integrations.document_stores.multivector.protocol import (
     MultiVectorStore,
@@ -40,26 +32,6 @@ MULTIVECTOR_FIELD = "multivector_embedding"
 def document_has_multivector_field() -> bool:
     """Whether the installed Haystack's `Document` has a `multivector_embedding` field (Haystack >= 3.5)."""
     return any(f.name == MULTIVECTOR_FIELD for f in dataclasses.fields(Document))
-
-
-def duplicate_id_failures(documents: list[Document]) -> dict[int, str]:
-    """
-    The positions of documents whose id an EARLIER document of the batch already has, with the reason.
-
-    :param documents: The batch.
-    :returns: Reason per later duplicate (the first occurrence is kept).
-    """
-    first: dict[str, int] = {}
-    failures: dict[int, str] = {}
-    for i, doc in enumerate(documents):
-        if doc.id in first:
-            failures[i] = (
-                f"duplicate document id '{doc.id}' (also the id of the document at position {first[doc.id]} of "
-                "this batch): a store keeps one entry per id, so only the first is embedded"
-            )
-        else:
-            first[doc.id] = i
-    return failures
 
 
 @component
@@ -239,54 +211,40 @@ class ColPaliDocumentEmbedder:
         :raises DocumentProcessingError: With `on_error="raise"`, when any document cannot be encoded; nothing is
             written to the store then.
         """
-        component_name = type(self).__name__
-        check_documents_input(component_name, documents)
-        if not documents:
+        run = IndexingRun.start(self, documents)
+        if run is None:
             return {"documents": [], "failed_documents": []}
-        duplicates = duplicate_id_failures(documents)
-        if self.on_error == "raise":
-            raise_if_failed(component_name, documents, duplicates)
+        # With on_error="raise", repeated ids and unreadable files are named before the model is loaded.
+        run.raise_if_failed()
         self.warm_up()
         assert self._encoder is not None
         encoder = self._encoder
-
-        # With on_error="raise" every image is decoded and checked against the processor's size rules up front,
-        # one batch at a time, so that no bad document is discovered after earlier batches were written.
-        plan = plan_documents(
-            documents, file_path_meta_field=self.file_path_meta_field, root_path=self.root_path, probe_pixels=False
-        )
-        failures = {**plan.failures, **duplicates}
-        visual = [i for i in plan.visual_indices() if i not in duplicates]
+        plan = run.plan
+        visual = plan.visual_indices()
         if self.on_error == "raise":
-            raise_if_failed(component_name, documents, failures)
-            failures.update(self._validate(encoder, documents, plan, visual))
-            raise_if_failed(component_name, documents, failures)
+            # Every image is decoded and checked against the processor's size rules up front, one batch at a time,
+            # so that no bad document is discovered after earlier batches were written.
+            run.failures.update(self._validate(encoder, documents, plan, visual))
+            run.raise_if_failed()
 
         counts: dict[int, int] = {}
         filled: dict[int, list[list[float]]] = {}  # only with fill_multivector_embedding=True
-        with tqdm(
-            total=len(visual), disable=not self.progress_bar, desc=f"{component_name} ({encoder.model_id})", unit="page"
-        ) as bar:
-            for positions, images, failed in iter_image_batches(plan, visual, self.batch_size):
-                try:
-                    batch, positions, refused = self._process(encoder, documents, positions, images)
-                    failed.update(refused)
-                    if failed and self.on_error == "raise":
-                        raise_if_failed(component_name, documents, failed)
-                    failures.update(failed)
-                    if positions:
-                        kept = [images[k] for k in batch.kept]
-                        vectors = encoder.embed_images(kept, pool_factor=self.pool_factor, batch=batch.inputs)
-                        self.multivector_store.write(
-                            {documents[i].id: v for i, v in zip(positions, vectors, strict=True)}
-                        )
-                        counts.update({i: int(v.shape[0]) for i, v in zip(positions, vectors, strict=True)})
-                        if self.fill_multivector_embedding:
-                            filled.update({i: v.tolist() for i, v in zip(positions, vectors, strict=True)})
-                finally:
-                    for image in images:
-                        image.close()
-                bar.update(len(positions) + len(failed))
+
+        def write_batch(positions: list[int], images: list[Image.Image], failed: dict[int, str]) -> dict[int, str]:
+            batch, positions, refused = self._process(encoder, documents, positions, images)
+            if self.on_error == "raise" and (failed or refused):
+                raise_if_failed(run.component, documents, {**failed, **refused})
+            if positions:
+                kept = [images[k] for k in batch.kept]
+                vectors = encoder.embed_images(kept, pool_factor=self.pool_factor, batch=batch.inputs)
+                self.multivector_store.write({documents[i].id: v for i, v in zip(positions, vectors, strict=True)})
+                counts.update({i: int(v.shape[0]) for i, v in zip(positions, vectors, strict=True)})
+                if self.fill_multivector_embedding:
+                    filled.update({i: v.tolist() for i, v in zip(positions, vectors, strict=True)})
+            return refused
+
+        with run.progress(len(visual), encoder.model_id, "page", enabled=self.progress_bar) as bar:
+            run.embed_image_batches(visual, self.batch_size, write_batch, progress_bar=bar)
 
         def make_output(i: int, doc: Document) -> Document:
             if i not in counts:
@@ -300,7 +258,7 @@ class ColPaliDocumentEmbedder:
                 return replace(doc, **fields)
             return replace(doc, meta=meta)
 
-        return split_outputs(documents, failures, make_output)
+        return run.outputs(make_output)
 
     def _validate(
         self, encoder: LateInteractionEncoder, documents: list[Document], plan: Any, visual: list[int]

@@ -7,23 +7,14 @@ import numpy as np
 from haystack import Document, component, default_from_dict, default_to_dict, logging
 from haystack.document_stores.types import DocumentStore
 from haystack.utils import ComponentDevice, Secret
-from tqdm import tqdm
+from PIL import Image
 
-from haystack_integrations.common.multimodal_rag.backends.dense import DenseEncoder
-from haystack_integrations.common.multimodal_rag.backends.loading import LoadSpec, serialize_loading_params
-from haystack_integrations.common.multimodal_rag.index_guard import IndexModelGuard, model_record
-from haystack_integrations.common.multimodal_rag.inputs.failures import (
-    check_documents_input,
-    duplicate_id_failures,
-    validate_on_error,
-)
+from haystack_integrations.common.multimodal_rag.backends.dense import DenseEmbedderBase
+from haystack_integrations.common.multimodal_rag.backends.loading import serialize_loading_params
+from haystack_integrations.common.multimodal_rag.index_guard import model_record
+from haystack_integrations.common.multimodal_rag.inputs.failures import validate_on_error
+from haystack_integrations.common.multimodal_rag.inputs.indexing import IndexingRun
 from haystack_integrations.common.multimodal_rag.inputs.media import MODALITY_META_KEY
-from haystack_integrations.common.multimodal_rag.inputs.planning import (
-    iter_image_batches,
-    plan_documents,
-    raise_if_failed,
-    split_outputs,
-)
 from haystack_integrations.common.multimodal_rag.validation import batched, check_positive_int
 
 logger = logging.getLogger(__name__)
@@ -32,7 +23,7 @@ _SOURCE_TYPE = {"text": "text", "image": "image", "page": "page"}
 
 
 @component
-class MultimodalDocumentEmbedder:
+class MultimodalDocumentEmbedder(DenseEmbedderBase):
     """
     Embeds text, image and PDF-page documents into ONE vector space with a CLIP-family dual encoder.
 
@@ -76,6 +67,8 @@ class MultimodalDocumentEmbedder:
     ```
     """
 
+    _GUARD_ROLE = "write"
+
     def __init__(
         self,
         model: str = "google/siglip-so400m-patch14-384",
@@ -116,35 +109,12 @@ class MultimodalDocumentEmbedder:
         """
         check_positive_int("batch_size", batch_size)
         validate_on_error(on_error)
-        self.model = model
+        self._init_dense(model, device, token, normalize_embeddings, local_files_only, model_kwargs, document_store)
         self.file_path_meta_field = file_path_meta_field
         self.root_path = root_path
-        self.device = device
-        self.token = token
         self.batch_size = batch_size
         self.progress_bar = progress_bar
-        self.normalize_embeddings = normalize_embeddings
-        self.local_files_only = local_files_only
-        self.model_kwargs = model_kwargs
         self.on_error = on_error
-        self.document_store = document_store
-        self._encoder: DenseEncoder | None = None
-        self._guard = (
-            IndexModelGuard(document_store, component=type(self).__name__) if document_store is not None else None
-        )
-
-    def warm_up(self) -> None:
-        """
-        Load the model and processor (idempotent), then check the index's model when a `document_store` is set.
-
-        :raises ModelLoadError: When the model cannot be loaded; the message says how to fix it.
-        :raises EmbeddingModelMismatchError: When the document store holds vectors of another model.
-        """
-        if self._encoder is None:
-            self._encoder = DenseEncoder.get(LoadSpec.of(self))
-        identity = self._encoder.identity()  # computed once per loaded model; recorded on every document
-        if self._guard is not None:
-            self._guard.check(identity, role="write")
 
     def to_dict(self) -> dict[str, Any]:
         """
@@ -192,36 +162,34 @@ class MultimodalDocumentEmbedder:
         :raises EmbeddingModelMismatchError: When `document_store` holds vectors of another model.
         """
         component_name = type(self).__name__
-        check_documents_input(component_name, documents)
-        if not documents:
+        # Headers and integrity are checked up front; pixels are decoded once, in their batch. A file that only
+        # fails when decoded (e.g. a truncated JPEG) joins the same single error: nothing is returned before it.
+        run = IndexingRun.start(self, documents)
+        if run is None:
             return {"documents": [], "failed_documents": []}
         self.warm_up()
         assert self._encoder is not None
         encoder = self._encoder
-
-        # Headers and integrity are checked up front; pixels are decoded once, in their batch. A file that only
-        # fails when decoded (e.g. a truncated JPEG) joins the same single error: nothing is returned before it.
-        plan = plan_documents(
-            documents, file_path_meta_field=self.file_path_meta_field, root_path=self.root_path, probe_pixels=False
-        )
-        for i, reason in duplicate_id_failures(documents).items():
-            plan.failures.setdefault(i, reason)
-        failures = dict(plan.failures)
+        plan = run.plan
         record = model_record(encoder.identity(), normalized=self.normalize_embeddings)
         truncated: list[tuple[str, int]] = []
 
         def doomed() -> bool:
             # With on_error="raise" and a failure known, the rest is only decoded, to name every bad file.
-            return bool(failures) and self.on_error == "raise"
+            return bool(run.failures) and self.on_error == "raise"
 
         embeddings: dict[int, np.ndarray] = {}
+
+        def embed_images(positions: list[int], images: list[Image.Image], _failed: dict[int, str]) -> dict[int, str]:
+            if images and not doomed():
+                vectors = encoder.embed_images(images, normalize=self.normalize_embeddings)
+                embeddings.update(zip(positions, vectors, strict=True))
+            return {}
+
         text_indices = plan.indices("text")
         visual_indices = plan.visual_indices()
-        with tqdm(
-            total=len(text_indices) + len(visual_indices),
-            disable=not self.progress_bar,
-            desc=f"{component_name} ({encoder.model_id})",
-            unit="doc",
+        with run.progress(
+            len(text_indices) + len(visual_indices), encoder.model_id, "doc", enabled=self.progress_bar
         ) as bar:
             for chunk in batched(text_indices, self.batch_size):
                 if doomed():
@@ -233,16 +201,8 @@ class MultimodalDocumentEmbedder:
                 vectors = encoder.embed_texts(texts, normalize=self.normalize_embeddings)
                 embeddings.update(zip(chunk, vectors, strict=True))
                 bar.update(len(chunk))
-            for positions, images, failed in iter_image_batches(plan, visual_indices, self.batch_size):
-                failures.update(failed)
-                if images and not doomed():
-                    vectors = encoder.embed_images(images, normalize=self.normalize_embeddings)
-                    embeddings.update(zip(positions, vectors, strict=True))
-                for image in images:
-                    image.close()
-                bar.update(len(positions) + len(failed))
-        if self.on_error == "raise":
-            raise_if_failed(component_name, documents, failures)
+            run.embed_image_batches(visual_indices, self.batch_size, embed_images, progress_bar=bar)
+        run.raise_if_failed()
         if truncated:
             shown = ", ".join(f"'{doc_id}' ({count} tokens)" for doc_id, count in truncated[:10])
             more = f" and {len(truncated) - 10} more" if len(truncated) > 10 else ""
@@ -275,7 +235,7 @@ class MultimodalDocumentEmbedder:
             }
             return replace(doc, embedding=embeddings[i].tolist(), meta=meta)
 
-        result = split_outputs(documents, failures, make_output)
+        result = run.outputs(make_output)
         if result["failed_documents"]:
             logger.warning(
                 "{component} skipped {count} document(s) that could not be embedded; see their "

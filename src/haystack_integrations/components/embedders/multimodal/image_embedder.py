@@ -9,15 +9,14 @@ from haystack.dataclasses import ByteStream, ImageContent
 from haystack.document_stores.types import DocumentStore
 from haystack.utils import ComponentDevice, Secret
 
-from haystack_integrations.common.multimodal_rag.backends.dense import DenseEncoder
-from haystack_integrations.common.multimodal_rag.backends.loading import LoadSpec, serialize_loading_params
+from haystack_integrations.common.multimodal_rag.backends.dense import DenseEmbedderBase
+from haystack_integrations.common.multimodal_rag.backends.loading import serialize_loading_params
 from haystack_integrations.common.multimodal_rag.errors import MediaError
-from haystack_integrations.common.multimodal_rag.index_guard import IndexModelGuard
 from haystack_integrations.common.multimodal_rag.inputs.media import VISUAL_MODALITIES, classify, load_image, locate
 
 
 @component
-class MultimodalImageEmbedder:
+class MultimodalImageEmbedder(DenseEmbedderBase):
     """
     Embeds one query image (query-by-image) with the vision tower of a CLIP-family dual encoder.
 
@@ -61,30 +60,8 @@ class MultimodalImageEmbedder:
             model, and otherwise fails with `EmbeddingModelMismatchError` naming both models. `None` disables
             the check.
         """
-        self.model = model
+        self._init_dense(model, device, token, normalize_embeddings, local_files_only, model_kwargs, document_store)
         self.root_path = root_path
-        self.device = device
-        self.token = token
-        self.normalize_embeddings = normalize_embeddings
-        self.local_files_only = local_files_only
-        self.model_kwargs = model_kwargs
-        self.document_store = document_store
-        self._encoder: DenseEncoder | None = None
-        self._guard = (
-            IndexModelGuard(document_store, component=type(self).__name__) if document_store is not None else None
-        )
-
-    def warm_up(self) -> None:
-        """
-        Load the model and processor (idempotent), then check the index's model when a `document_store` is set.
-
-        :raises ModelLoadError: When the model cannot be loaded; the message says how to fix it.
-        :raises EmbeddingModelMismatchError: When the document store holds vectors of another model.
-        """
-        if self._encoder is None:
-            self._encoder = DenseEncoder.get(LoadSpec.of(self))
-        if self._guard is not None:
-            self._guard.check(self._encoder.identity(), role="query")
 
     def to_dict(self) -> dict[str, Any]:
         """

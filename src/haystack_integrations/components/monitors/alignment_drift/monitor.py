@@ -17,7 +17,7 @@ from haystack_integrations.common.multimodal_rag.numerics.statistics import (
     mean_gap_change,
     psi_against_bins,
 )
-from haystack_integrations.common.multimodal_rag.validation import check_positive_int
+from haystack_integrations.common.multimodal_rag.validation import check_number, check_positive_int
 from haystack_integrations.components.monitors.alignment_drift.state import GROUPS, DriftStateFile, StoredState
 
 logger = logging.getLogger(__name__)
@@ -158,17 +158,10 @@ class AlignmentDriftMonitor:
         if method not in METHODS:
             msg = f"method must be one of {METHODS}, got {method!r}"
             raise ValueError(msg)
-        if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not threshold > 0:
-            msg = f"threshold must be a positive number, got {threshold!r}"
-            raise ValueError(msg)
-        if persist_interval is not None and (
-            isinstance(persist_interval, bool)
-            or not isinstance(persist_interval, int | float)
-            or not persist_interval > 0
-            or not math.isfinite(persist_interval)
-        ):
-            msg = f"persist_interval must be a positive number of seconds or None, got {persist_interval!r}"
-            raise ValueError(msg)
+        # An infinite threshold (never alarm) has always been accepted; `persist_interval` must be finite.
+        check_number("threshold", threshold, above=0.0, finite=False)
+        if persist_interval is not None:
+            check_number("persist_interval", persist_interval, above=0.0)
         self.window_size = window_size
         self.min_samples = min_samples
         self.threshold = threshold

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from haystack_integrations.common.multimodal_rag.errors import DriftStateError
+from haystack_integrations.common.multimodal_rag.validation import check_int
 
 try:  # POSIX
     import fcntl
@@ -111,14 +112,8 @@ def parse_state(text: str, modalities: tuple[str, ...]) -> StoredState:
     counts: dict[str, int] = {}
     for modality in modalities:
         count = state.get("modality_counts", {}).get(modality, 0)
-        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-            msg = f"modality_counts[{modality!r}] must be a non-negative integer, got {count!r}"
-            raise ValueError(msg)
-        counts[modality] = count
-    calls = state["calls"]
-    if isinstance(calls, bool) or not isinstance(calls, int) or calls < 0:
-        msg = f"calls must be a non-negative integer, got {calls!r}"
-        raise ValueError(msg)
+        counts[modality] = check_int(f"modality_counts[{modality!r}]", count, minimum=0)
+    calls = check_int("calls", state["calls"], minimum=0)
     return StoredState(windows, baseline, pending, counts, calls, bool(state["drifted"]))
 
 

@@ -15,14 +15,15 @@ from haystack_integrations.common.multimodal_rag.backends.colpali import LateInt
 from haystack_integrations.common.multimodal_rag.backends.loading import LoadSpec, serialize_loading_params
 from haystack_integrations.common.multimodal_rag.errors import MultiVectorStoreError
 from haystack_integrations.common.multimodal_rag.inputs.planning import iter_image_batches, plan_documents
-from haystack_integrations.common.multimodal_rag.numerics.maxsim import cpu_kernel_threads, maxsim
+from haystack_integrations.common.multimodal_rag.numerics.maxsim import cpu_kernel_threads, maxsim_by_id
 from haystack_integrations.common.multimodal_rag.numerics.ranking import (
     DENSE_SCORE_META_KEY,
     LATE_INTERACTION_SCORE_META_KEY,
+    call_top_k_and_threshold,
     check_top_k_and_threshold,
     select_top,
 )
-from haystack_integrations.common.multimodal_rag.validation import check_positive_int, check_query
+from haystack_integrations.common.multimodal_rag.validation import check_int, check_positive_int, check_query
 from haystack_integrations.document_stores.multivector.protocol import (
     MultiVectorStore,
     check_store_compatible,
@@ -145,9 +146,7 @@ class ColPaliRanker:
         """
         check_top_k_and_threshold(top_k, score_threshold)
         check_positive_int("batch_size", batch_size)
-        if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 0:
-            msg = f"cache_size must be a non-negative integer, got {cache_size!r}"
-            raise ValueError(msg)
+        check_int("cache_size", cache_size, minimum=0)
         if query_prefix is not None and not _encoder_takes_query_prefix():
             msg = (
                 "ColPaliRanker: query_prefix needs LateInteractionEncoder.embed_queries(..., query_prefix=...), "
@@ -346,9 +345,7 @@ class ColPaliRanker:
                 msg = f"{component_name} needs `query` or `query_multivector_embedding`; got neither"
                 raise ValueError(msg)
             check_query(component_name, query)
-        top_k = self.top_k if top_k is None else top_k
-        score_threshold = self.score_threshold if score_threshold is None else score_threshold
-        check_top_k_and_threshold(top_k, score_threshold)
+        top_k, score_threshold = call_top_k_and_threshold(self, top_k, score_threshold)
         if not documents or top_k == 0:
             return {"documents": []}
 
@@ -363,9 +360,7 @@ class ColPaliRanker:
         if missing:
             self.warm_up()
             vectors, problems = self._read_through(missing)
-            if vectors:
-                scores = maxsim(query_vectors, list(vectors.values()), device=self._score_device())
-                late.update(zip(vectors.keys(), scores.tolist(), strict=True))
+            late.update(maxsim_by_id(query_vectors, vectors, device=self._score_device()))
             if problems:
                 logger.warning(
                     "{component}: {count} candidate(s) have no stored multi-vector and no readable image; they keep "

@@ -30,6 +30,7 @@ from haystack_integrations.common.multimodal_rag.numerics.statistics import (
     rank_percentiles,
     zscore_transform,
 )
+from haystack_integrations.common.multimodal_rag.validation import check_number
 
 logger = logging.getLogger(__name__)
 
@@ -235,9 +236,7 @@ class ModalityScoreCalibrator:
 
     @staticmethod
     def _check_alpha(alpha: Any, name: str) -> None:
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0:
-            msg = f"{name} must be a number in [0, 1], got {alpha!r}"
-            raise ValueError(msg)
+        check_number(name, alpha, minimum=0.0, maximum=1.0)
 
     @classmethod
     def _compile_rules(cls, rules: list[dict[str, Any]] | None) -> list[tuple[re.Pattern[str], float]]:

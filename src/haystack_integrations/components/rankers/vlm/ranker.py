@@ -20,6 +20,7 @@ from haystack_integrations.common.multimodal_rag.inputs.media import VISUAL_MODA
 from haystack_integrations.common.multimodal_rag.numerics.ranking import (
     CROSS_ENCODER_SCORE_META_KEY,
     DENSE_SCORE_META_KEY,
+    call_top_k_and_threshold,
     check_top_k_and_threshold,
     score_sort_key,
 )
@@ -491,9 +492,7 @@ class VisionLanguageRanker:
         """
         name = type(self).__name__
         check_query(name, query)
-        top_k = self.top_k if top_k is None else top_k
-        score_threshold = self.score_threshold if score_threshold is None else score_threshold
-        check_top_k_and_threshold(top_k, score_threshold)
+        top_k, score_threshold = call_top_k_and_threshold(self, top_k, score_threshold)
         if not documents or top_k == 0:
             return {"documents": []}
         self.warm_up()
