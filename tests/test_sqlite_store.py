@@ -72,11 +72,11 @@ def test_dim_dtype_and_model_mismatches_are_clear_errors(tmp_path: Path) -> None
     store.write({"ok": np.ones((1, 128))})
     store.close()
     with pytest.raises(MultiVectorStoreError, match="created with dim 128, but was opened with dim=64"):
-        SQLiteMultiVectorStore(path, dim=64)
+        SQLiteMultiVectorStore(path, dim=64).warm_up()
     with pytest.raises(MultiVectorStoreError, match="created with dtype float16"):
-        SQLiteMultiVectorStore(path, dtype="float32")
+        SQLiteMultiVectorStore(path, dtype="float32").warm_up()
     with pytest.raises(MultiVectorStoreError, match=r"'org/model-a'.*'org/model-b'"):
-        SQLiteMultiVectorStore(path, model="org/model-b")
+        SQLiteMultiVectorStore(path, model="org/model-b").warm_up()
     unbound = SQLiteMultiVectorStore(path)
     assert unbound.stored_model == "org/model-a"
     with pytest.raises(MultiVectorStoreError, match=r"'org/model-a'.*'org/model-c'"):
@@ -102,20 +102,20 @@ def test_a_file_that_is_not_a_store_names_the_file(tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.sqlite"
     garbage.write_bytes(os.urandom(8192))
     with pytest.raises(MultiVectorStoreError, match=r"garbage\.sqlite.*not a multi-vector store"):
-        SQLiteMultiVectorStore(str(garbage))
+        SQLiteMultiVectorStore(str(garbage)).warm_up()
     import sqlite3
 
     other = tmp_path / "other.sqlite"
     with sqlite3.connect(other) as conn:
         conn.execute("CREATE TABLE people (name TEXT)")
     with pytest.raises(MultiVectorStoreError, match=r"other\.sqlite.*not a multi-vector store"):
-        SQLiteMultiVectorStore(str(other))
+        SQLiteMultiVectorStore(str(other)).warm_up()
 
 
 def test_read_only_store(tmp_path: Path) -> None:
     path = str(tmp_path / "mv.sqlite")
     with pytest.raises(MultiVectorStoreError, match="does not exist"):
-        SQLiteMultiVectorStore(path, read_only=True)
+        SQLiteMultiVectorStore(path, read_only=True).warm_up()
     SQLiteMultiVectorStore(path).write({"a": np.ones((2, 128))})
     reader = SQLiteMultiVectorStore(path, read_only=True)
     assert reader.count() == 1
@@ -325,7 +325,7 @@ def test_a_different_checkpoint_of_the_same_architecture_is_refused_naming_both(
         assert f"'{own_colqwen}'" in str(info.value)
         assert f"'{other}'" in str(info.value)
     with pytest.raises(MultiVectorStoreError, match="different checkpoint") as info:
-        SQLiteMultiVectorStore(path, model=other)
+        SQLiteMultiVectorStore(path, model=other).warm_up()
     assert f"'{own_colqwen}'" in str(info.value)
     assert f"'{other}'" in str(info.value)
 
@@ -384,3 +384,16 @@ def test_an_adapter_checkpoint_is_identified_by_its_own_weights_and_its_base_by_
     config["base_model_name_or_path"] = str(base)
     config_file.write_text(json.dumps(config, indent=2))
     assert _rank(str(moved), path, page_docs) == before
+
+
+def test_constructing_a_store_touches_no_file_and_checks_it_at_warm_up(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.sqlite"
+    garbage.write_bytes(b"not sqlite" * 100)
+    before = garbage.stat().st_mtime_ns
+    store = SQLiteMultiVectorStore(str(garbage))  # e.g. Pipeline.loads of a YAML naming it: nothing is read
+    assert garbage.stat().st_mtime_ns == before
+    with pytest.raises(MultiVectorStoreError, match="not a multi-vector store"):
+        store.warm_up()
+    missing = tmp_path / "sub" / "new.sqlite"
+    SQLiteMultiVectorStore(str(missing))
+    assert not missing.parent.exists()

@@ -73,7 +73,7 @@ class SQLiteMultiVectorStore:
         read_only: bool = False,
     ) -> None:
         """
-        Open (or create) the store.
+        Configure the store; the file is opened (or created) by `warm_up()` or the first use.
 
         :param path: The SQLite file; its folder is created if needed.
         :param dim: Width of the vectors.
@@ -100,10 +100,19 @@ class SQLiteMultiVectorStore:
         self._stored_pool_factor: int | None = None
         self._initialised = False
         self._init_lock = threading.Lock()
-        # An existing file is checked now (clear errors early); a new one is created on first use, so loading a
-        # pipeline from YAML creates no files.
-        if Path(self.path).exists() or read_only:
-            self._ensure_initialised()
+        # No file is touched here: the file is opened, checked (or created) by `warm_up()` or the first use, so
+        # loading a pipeline from YAML reads and creates nothing. Components bind the store in their warm_up, so
+        # a mismatched file still fails before any model runs.
+
+    def warm_up(self) -> None:
+        """
+        Open and check the file now (create it unless `read_only`); idempotent. Every other method does this on
+        first use.
+
+        :raises MultiVectorStoreError: When the file is not a store of ours, is corrupt, or was created with
+            another dim, dtype or model.
+        """
+        self._ensure_initialised()
 
     # --- connections -------------------------------------------------------------------------------
 
