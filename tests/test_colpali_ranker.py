@@ -346,7 +346,7 @@ def test_read_through_pages_are_pooled_like_the_stored_ones(
     assert [d.id for d in read_through["documents"]] == [d.id for d in stored["documents"]]
     for a, b in zip(read_through["documents"], stored["documents"], strict=True):
         assert a.score == pytest.approx(b.score, rel=1e-5)
-        assert ranker._cache.get(a.id).shape == pooled_store.get([a.id])[a.id].shape
+        assert ranker._cache.get(ranker._cache_key(a)).shape == pooled_store.get([a.id])[a.id].shape
 
 
 def test_the_embedder_records_its_pool_factor_so_a_page_missing_from_the_store_scores_the_same(
@@ -438,3 +438,30 @@ def test_on_a_gpu_model_the_store_scores_on_the_models_device(
     on_gpu = ranker.run(documents=docs, query_multivector_embedding=embedding)["documents"]
     assert devices == [None, "cuda:0"]
     assert [d.score for d in on_gpu] == pytest.approx([d.score for d in on_cpu], rel=1e-5)
+
+
+def test_an_edited_page_file_is_encoded_again_not_served_from_the_cache(tiny_colqwen2: str, tmp_path: Path) -> None:
+    import os
+
+    page = make_image(tmp_path / "slide.png", color="red")
+    doc = Document(id="slide", meta={"file_path": str(page)})
+    ranker = ColPaliRanker(tiny_colqwen2)
+    first = ranker.run(query="chart", documents=[doc])["documents"][0].score
+    again = ranker.run(query="chart", documents=[doc])["documents"][0].score
+    assert again == first  # served from the cache
+    make_image(page, color="blue")  # same path, same id, new pixels
+    stat = page.stat()
+    os.utime(page, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10_000_000_000))
+    edited = ranker.run(query="chart", documents=[doc])["documents"][0].score
+    assert edited != pytest.approx(first, rel=1e-6)
+
+
+def test_processor_kwargs_reach_the_ranker_s_encoder_and_round_trip(tiny_colqwen2: str) -> None:
+    from haystack_integrations.common.multimodal_rag.backends.loading import LoadSpec
+
+    ranker = ColPaliRanker(tiny_colqwen2, processor_kwargs={"max_num_visual_tokens": 4})
+    assert LoadSpec.of(ranker).processor_kwargs == {"max_num_visual_tokens": 4}
+    restored = ColPaliRanker.from_dict(ranker.to_dict())
+    assert restored.processor_kwargs == {"max_num_visual_tokens": 4}
+    with pytest.raises(TypeError, match="processor_kwargs"):
+        ColPaliRanker(tiny_colqwen2, processor_kwargs="max_pixels=4")  # type: ignore[arg-type]

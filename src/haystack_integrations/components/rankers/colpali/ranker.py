@@ -4,16 +4,19 @@ import inspect
 import math
 import threading
 from collections import OrderedDict
+from collections.abc import Hashable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from haystack import Document, component, default_from_dict, default_to_dict, logging
 from haystack.utils import ComponentDevice, Secret
 
-from haystack_integrations.common.multimodal_rag.backends.colpali import LateInteractionEncoder
+from haystack_integrations.common.multimodal_rag.backends.colpali import LateInteractionEncoder, check_processor_kwargs
 from haystack_integrations.common.multimodal_rag.backends.loading import LoadSpec, serialize_loading_params
-from haystack_integrations.common.multimodal_rag.errors import MultiVectorStoreError
+from haystack_integrations.common.multimodal_rag.errors import MediaError, MultiVectorStoreError
+from haystack_integrations.common.multimodal_rag.inputs.media import resolve_path
 from haystack_integrations.common.multimodal_rag.inputs.planning import iter_image_batches, plan_documents
 from haystack_integrations.common.multimodal_rag.numerics.maxsim import cpu_kernel_threads, maxsim_by_id
 from haystack_integrations.common.multimodal_rag.numerics.ranking import (
@@ -38,17 +41,17 @@ class _LRUCache:
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._data: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._data: OrderedDict[Hashable, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, key: str) -> np.ndarray | None:
+    def get(self, key: Hashable) -> np.ndarray | None:
         with self._lock:
             value = self._data.get(key)
             if value is not None:
                 self._data.move_to_end(key)
             return value
 
-    def put(self, key: str, value: np.ndarray) -> None:
+    def put(self, key: Hashable, value: np.ndarray) -> None:
         if self.size <= 0:
             return
         with self._lock:
@@ -114,6 +117,7 @@ class ColPaliRanker:
         score_threshold: float | None = None,
         normalize_scores: bool = True,
         query_prefix: str | None = None,
+        processor_kwargs: dict[str, Any] | None = None,
         device: ComponentDevice | None = None,
         token: Secret | None = Secret.from_env_var(["HF_API_TOKEN", "HF_TOKEN"], strict=False),  # noqa: B008
         batch_size: int = 4,
@@ -134,6 +138,9 @@ class ColPaliRanker:
         :param normalize_scores: Divide MaxSim by the number of query tokens.
         :param query_prefix: Text put before each query when this ranker encodes it; `None` keeps the model
             family's own query processing. Needs an encoder that supports it (checked here).
+        :param processor_kwargs: Extra keyword arguments for the processor's `from_pretrained`, as given to the
+            `ColPaliDocumentEmbedder` that built the index (e.g. a visual-token budget), so pages this ranker
+            encodes on the fly match the stored ones; `None` uses the family's training recipe, like the embedder.
         :param device: Device to run on; `None` picks the best available. On a GPU, MaxSim runs there too.
         :param token: Hugging Face token, for gated or private models.
         :param batch_size: Pages per forward pass when encoding on the fly.
@@ -147,6 +154,7 @@ class ColPaliRanker:
         check_top_k_and_threshold(top_k, score_threshold)
         check_positive_int("batch_size", batch_size)
         check_int("cache_size", cache_size, minimum=0)
+        check_processor_kwargs(processor_kwargs)
         if query_prefix is not None and not _encoder_takes_query_prefix():
             msg = (
                 "ColPaliRanker: query_prefix needs LateInteractionEncoder.embed_queries(..., query_prefix=...), "
@@ -159,6 +167,7 @@ class ColPaliRanker:
         self.score_threshold = score_threshold
         self.normalize_scores = normalize_scores
         self.query_prefix = query_prefix
+        self.processor_kwargs = processor_kwargs
         self.device = device
         self.token = token
         self.batch_size = batch_size
@@ -208,6 +217,7 @@ class ColPaliRanker:
             score_threshold=self.score_threshold,
             normalize_scores=self.normalize_scores,
             query_prefix=self.query_prefix,
+            processor_kwargs=self.processor_kwargs,
             batch_size=self.batch_size,
             cache_size=self.cache_size,
             file_path_meta_field=self.file_path_meta_field,
@@ -280,13 +290,29 @@ class ColPaliRanker:
         factor = self.multivector_store.pool_factor if self.multivector_store is not None else None
         return factor if factor is not None and factor > 1 else None
 
+    def _cache_key(self, doc: Document) -> tuple[Any, ...]:
+        # Ids come from path and page, so an edited file keeps its id: the key also holds the file's size and
+        # modification time (or the blob's length and hash), and a changed page is encoded again.
+        if doc.blob is not None:
+            return (doc.id, "blob", len(doc.blob.data), hash(doc.blob.data))
+        value = doc.meta.get(self.file_path_meta_field)
+        if not isinstance(value, (str, Path)):
+            return (doc.id, None)  # planning reports the problem
+        try:
+            stat = resolve_path(value, self.root_path, meta_field=self.file_path_meta_field).stat()
+        except (MediaError, OSError, TypeError):
+            return (doc.id, None)  # planning reports the problem
+        return (doc.id, str(value), stat.st_size, stat.st_mtime_ns)
+
     def _read_through(self, documents: list[Document]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         """Vectors for candidates without stored ones: from the cache, or planned, loaded and encoded now."""
         assert self._encoder is not None
         vectors: dict[str, np.ndarray] = {}
         todo: list[Document] = []
+        keys: dict[str, tuple[Any, ...]] = {}
         for doc in {d.id: d for d in documents}.values():
-            cached = self._cache.get(doc.id)
+            keys[doc.id] = self._cache_key(doc)
+            cached = self._cache.get(keys[doc.id])
             if cached is not None:
                 vectors[doc.id] = cached
             else:
@@ -310,7 +336,7 @@ class ColPaliRanker:
             for i, array in zip(positions, encoded, strict=True):
                 stored = np.ascontiguousarray(array, dtype=self._cache_dtype)
                 vectors[todo[i].id] = stored
-                self._cache.put(todo[i].id, stored)
+                self._cache.put(keys[todo[i].id], stored)
         return vectors, problems
 
     @component.output_types(documents=list[Document])
