@@ -189,11 +189,14 @@ def _answer(rag: Any, question: str) -> None:
     for citation in out["prompt_builder"]["citations"]:
         if not citation["included"]:
             continue
-        page = f", page {citation['page_number']}" if citation["page_number"] else ""
+        # Text chunks carry their file's page_number too (DocumentSplitter); only PDF pages are cited by page.
+        page = f", page {citation['page_number']}" if citation["modality"] == "page" and citation["page_number"] else ""
         file_name = Path(citation["file_path"]).name if citation["file_path"] else "-"
         score = f"{citation['score']:.3f}" if citation["score"] is not None else "n/a"
         print(f"   [{citation['number']}] {citation['modality']:<8} score {score}  {file_name}{page}")
     answer = out["generator"]["replies"][0].text or ""
+    # A random tiny model emits arbitrary tokens: keep control characters off the terminal.
+    answer = "".join(ch if ch.isprintable() or ch in "\n\t" else "\ufffd" for ch in answer)
     print("A: " + textwrap.fill(answer, width=100, subsequent_indent="   "))
     drift = out["monitor"]["drift_report"]
     print(f"   (drift monitor: {drift['status']}, {drift['samples']} scores in window)")
