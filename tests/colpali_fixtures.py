@@ -1,4 +1,7 @@
-"""Tiny checkpoints of every colpali-engine family, built once per test session (imported by the ColPali tests)."""
+"""ColPali test fixtures: tiny checkpoints of every colpali-engine family (built once per session) and page corpora.
+
+Registered as a pytest plugin by `tests/conftest.py`; the plain helpers are imported by the ColPali test modules.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +9,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from haystack import Document
 
+from haystack_integrations.components.embedders.colpali import ColPaliDocumentEmbedder
 from haystack_integrations.testing.multimodal_rag.tiny_colpali import build_tiny_colpali_family
+from tests.helpers import COLORS, make_image, make_pdf
 
 
 @pytest.fixture(scope="session", name="tiny_colpali_family")
@@ -22,3 +28,25 @@ def tiny_colpali_family_fixture(tmp_path_factory: pytest.TempPathFactory) -> Cal
         return built[family]
 
     return get
+
+
+@pytest.fixture
+def pages_dir(tmp_path: Path) -> Path:
+    """Five images of different widths and a three-page PDF."""
+    for i, color in enumerate(COLORS[:5]):
+        make_image(tmp_path / f"page{i}.png", size=(56 + 14 * i, 56), color=color)
+    make_pdf(tmp_path / "deck.pdf", pages=3, size=(80, 60))
+    return tmp_path
+
+
+def page_docs(pages_dir: Path) -> list[Document]:
+    """Documents for `pages_dir`'s images and PDF pages, with descending retriever scores."""
+    docs = [Document(meta={"file_path": str(pages_dir / f"page{i}.png")}, score=0.5 - i / 100) for i in range(5)]
+    docs += [Document(meta={"file_path": str(pages_dir / "deck.pdf"), "page_number": p}, score=0.3) for p in (1, 2, 3)]
+    return docs
+
+
+def embed_pages(model: str, docs: list[Document], store: object, **kwargs: object) -> dict[str, list[Document]]:
+    """Run a `ColPaliDocumentEmbedder` (progress bar off) writing to `store`."""
+    kwargs.setdefault("progress_bar", False)
+    return ColPaliDocumentEmbedder(model, multivector_store=store, **kwargs).run(docs)  # type: ignore[arg-type]

@@ -1,1 +1,1 @@
-pytest_plugins = ["tests.helpers", "tests.vlm_fixtures"]
+pytest_plugins = ["tests.helpers", "tests.vlm_fixtures", "tests.colpali_fixtures"]

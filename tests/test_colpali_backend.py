@@ -8,7 +8,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from haystack import Document
 from PIL import Image
 
 from haystack_integrations.common.multimodal_rag.backends.colpali import (
@@ -29,22 +28,7 @@ from haystack_integrations.components.rankers.colpali import ColPaliRanker
 from haystack_integrations.document_stores.multivector import InMemoryMultiVectorStore
 from haystack_integrations.testing.multimodal_rag.reference import maxsim_reference
 from haystack_integrations.testing.multimodal_rag.tiny_colpali import FAMILIES
-from tests.colpali_fixtures import tiny_colpali_family_fixture  # noqa: F401 - registers the fixture
-from tests.helpers import COLORS, make_image, make_pdf
-
-
-@pytest.fixture
-def pages_dir(tmp_path: Path) -> Path:
-    for i, color in enumerate(COLORS[:5]):
-        make_image(tmp_path / f"page{i}.png", size=(56 + 14 * i, 56), color=color)
-    make_pdf(tmp_path / "deck.pdf", pages=3, size=(80, 60))
-    return tmp_path
-
-
-def _page_docs(pages_dir: Path) -> list[Document]:
-    docs = [Document(meta={"file_path": str(pages_dir / f"page{i}.png")}, score=0.5 - i / 100) for i in range(5)]
-    docs += [Document(meta={"file_path": str(pages_dir / "deck.pdf"), "page_number": p}, score=0.3) for p in (1, 2, 3)]
-    return docs
+from tests.colpali_fixtures import page_docs as _page_docs
 
 
 @pytest.mark.parametrize(

@@ -23,26 +23,9 @@ from haystack_integrations.components.embedders.colpali import ColPaliDocumentEm
 from haystack_integrations.components.embedders.multimodal import MultimodalDocumentEmbedder, MultimodalTextEmbedder
 from haystack_integrations.components.rankers.colpali import ColPaliRanker
 from haystack_integrations.document_stores.multivector import InMemoryMultiVectorStore, QdrantMultiVectorStore
-from tests.helpers import COLORS, make_image, make_pdf
-
-
-@pytest.fixture
-def pages_dir(tmp_path: Path) -> Path:
-    for i, color in enumerate(COLORS[:5]):
-        make_image(tmp_path / f"page{i}.png", size=(56 + 14 * i, 56), color=color)
-    make_pdf(tmp_path / "deck.pdf", pages=3, size=(80, 60))
-    return tmp_path
-
-
-def _page_docs(pages_dir: Path) -> list[Document]:
-    docs = [Document(meta={"file_path": str(pages_dir / f"page{i}.png")}, score=0.5 - i / 100) for i in range(5)]
-    docs += [Document(meta={"file_path": str(pages_dir / "deck.pdf"), "page_number": p}, score=0.3) for p in (1, 2, 3)]
-    return docs
-
-
-def _embed_pages(model: str, docs: list[Document], store, **kwargs) -> dict[str, list[Document]]:
-    kwargs.setdefault("progress_bar", False)
-    return ColPaliDocumentEmbedder(model, multivector_store=store, **kwargs).run(docs)
+from tests.colpali_fixtures import embed_pages as _embed_pages
+from tests.colpali_fixtures import page_docs as _page_docs
+from tests.helpers import make_image
 
 
 def _reference_scores(model: str, query: str, store: InMemoryMultiVectorStore, ids: list[str]) -> np.ndarray:

@@ -16,7 +16,6 @@ from haystack_integrations.common.multimodal_rag.backends.colpali import (
 from haystack_integrations.common.multimodal_rag.backends.loading import LoadSpec
 from haystack_integrations.components.embedders.colpali import ColPaliTextEmbedder
 from haystack_integrations.components.rankers.colpali import ColPaliRanker
-from tests.colpali_fixtures import tiny_colpali_family_fixture  # noqa: F401 - registers the fixture
 
 QUERIES = ["which slide shows the sales forecast", "invoice total"]  # two lengths: the batch is padded
 
