@@ -199,3 +199,46 @@ def test_invalid_parameters_are_clear_errors(kwargs: dict, message: str) -> None
 def test_something_that_is_not_a_retriever_is_refused() -> None:
     with pytest.raises(TypeError, match="retriever"):
         FilterAwareRetriever(object())
+
+
+def test_an_empty_filter_result_is_not_cached_so_new_documents_are_found_at_once() -> None:
+    store = _store(100)
+    retriever = FilterAwareRetriever(InMemoryEmbeddingRetriever(store), top_k=3, cache_ttl_s=3600)
+    flt = {"field": "meta.bucket", "operator": "==", "value": 500}
+    assert retriever.run(query_embedding=[0.1] * DIM, filters=flt)["oversampling"]["mode"] == "empty"
+    store.write_documents([Document(id="new", embedding=[0.1] * DIM, meta={"bucket": 500})])
+    out = retriever.run(query_embedding=[0.1] * DIM, filters=flt)
+    assert [d.id for d in out["documents"]] == ["new"]
+
+
+def test_filters_whose_values_print_alike_do_not_share_a_cache_entry() -> None:
+    import datetime
+
+    assert _filter_key_of({"value": "2020-01-01 00:00:00"}) != _filter_key_of({"value": datetime.datetime(2020, 1, 1)})
+
+
+def _filter_key_of(filters: dict) -> str:
+    from haystack_integrations.components.retrievers.oversampling.retriever import _filter_key
+
+    return _filter_key(filters)
+
+
+class _BrokenCountStore:
+    def __init__(self, matched: float) -> None:
+        self.matched = matched
+
+    def count_documents(self) -> int:
+        return 100
+
+    def count_documents_by_filter(self, filters: dict) -> float:
+        return self.matched
+
+
+@pytest.mark.parametrize("matched", [float("nan"), -5])
+def test_a_store_count_that_makes_no_sense_falls_back_to_the_fixed_factor(matched: float) -> None:
+    spy = SpyRetriever(_store())
+    spy.document_store = _BrokenCountStore(matched)
+    retriever = FilterAwareRetriever(spy, top_k=10, fallback_factor=4)
+    out = retriever.run(query_embedding=[0.1] * DIM, filters=_bucket_below(5))
+    assert out["oversampling"]["mode"] == "fallback"
+    assert spy.calls == [40]

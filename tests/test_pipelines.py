@@ -669,3 +669,26 @@ def test_the_shipped_pipelines_are_found_in_a_checkout_and_travel_inside_the_whe
     shipped = pyproject["tool"]["hatch"]["build"]["targets"]["wheel"]["force-include"]
     for name in ("indexing.yaml", "rag.yaml"):
         assert shipped[f"examples/pipelines/{name}"] == f"haystack_integrations/pipelines/multimodal_rag/shipped/{name}"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("components:\n  - a\n  - b\n", "'components' is a list"),
+        ("components:\n  x: null\n", "component 'x' is not a mapping"),
+        ("components:\n  x:\n    type: a.B\n    init_parameters: [1, 2]\n", "'init_parameters' that are not a mapping"),
+        ("- just\n- a list\n", "got list"),
+    ],
+)
+def test_yaml_that_is_not_a_pipeline_is_one_clear_error(text: str, message: str) -> None:
+    from haystack_integrations.common.multimodal_rag.errors import PipelineLoadError
+
+    with pytest.raises(PipelineLoadError, match=message):
+        load_pipeline(text)
+
+
+def test_a_directory_given_as_the_pipeline_is_a_clear_error(tmp_path: Path) -> None:
+    from haystack_integrations.common.multimodal_rag.errors import PipelineLoadError
+
+    with pytest.raises(PipelineLoadError, match="is a directory"):
+        load_pipeline(tmp_path)

@@ -397,3 +397,9 @@ def test_constructing_a_store_touches_no_file_and_checks_it_at_warm_up(tmp_path:
     missing = tmp_path / "sub" / "new.sqlite"
     SQLiteMultiVectorStore(str(missing))
     assert not missing.parent.exists()
+
+
+@pytest.mark.parametrize("path", ["", ":memory:", "file::memory:?cache=shared"])
+def test_an_in_memory_sqlite_path_is_refused_naming_the_in_memory_store(path: str) -> None:
+    with pytest.raises(ValueError, match="InMemoryMultiVectorStore"):
+        SQLiteMultiVectorStore(path)

@@ -87,6 +87,14 @@ class SQLiteMultiVectorStore:
         """
         check_positive_int("dim", dim)
         self._np_dtype = check_dtype(dtype)
+        if str(path).strip() in ("", ":memory:") or str(path).startswith("file::memory:"):
+            # SQLite gives every connection (here: every thread) its own in-memory database: vectors written in one
+            # thread would be missing in another and lost on close. Use InMemoryMultiVectorStore instead.
+            msg = (
+                f"SQLiteMultiVectorStore needs a file path, got {path!r}; "
+                "for vectors in memory use InMemoryMultiVectorStore"
+            )
+            raise ValueError(msg)
         self.path = str(path)
         self.dim = dim
         self.dtype = dtype

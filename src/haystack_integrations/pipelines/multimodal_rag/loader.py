@@ -113,6 +113,26 @@ def shipped_pipeline(name: str) -> Path:
     raise FileNotFoundError(msg)
 
 
+def _check_shape(data: Any) -> None:
+    """Refuse, with one clear error, what is not a serialized pipeline (before anything is rewritten or built)."""
+    problem = None
+    if not isinstance(data, dict):
+        problem = f"the YAML is a {type(data).__name__}, not a mapping"
+    elif not isinstance(data.get("components", {}), dict):
+        problem = f"'components' is a {type(data['components']).__name__}, not a mapping of name to component"
+    else:
+        for name, component in data.get("components", {}).items():
+            if not isinstance(component, dict) or not isinstance(component.get("type"), str):
+                problem = f"component '{name}' is not a mapping with a 'type'"
+            elif not isinstance(component.get("init_parameters", {}), dict):
+                problem = f"component '{name}' has 'init_parameters' that are not a mapping"
+            if problem:
+                break
+    if problem:
+        msg = f"not a Haystack pipeline: {problem}"
+        raise PipelineLoadError(msg)
+
+
 def _is_component(value: Any) -> bool:
     return (
         isinstance(value, dict)
@@ -198,10 +218,12 @@ def rewrite_pipeline_dict(
         against `base_dir`, an explicit `null` is kept (with a warning).
     :returns: The rewritten dict.
     :raises ValueError: On an unknown `generator` value.
+    :raises PipelineLoadError: When `data` is not shaped like a serialized pipeline.
     """
     if generator not in (None, "local", "openai"):
         msg = f"generator must be None, 'local' or 'openai', got {generator!r}"
         raise ValueError(msg)
+    _check_shape(data)
     out = copy.deepcopy(data)
     base = Path(base_dir).expanduser().resolve() if base_dir is not None else None
     root = str(Path(root_path).expanduser().resolve()) if root_path is not None else None
@@ -274,6 +296,9 @@ def load_pipeline(
     :returns: The pipeline (components are not warmed up yet).
     :raises PipelineLoadError: On an alias bomb, invalid YAML, or YAML that is not a pipeline.
     """
+    if _looks_like_path(source) and Path(source).is_dir():
+        msg = f"{source} is a directory, not a pipeline YAML file"
+        raise PipelineLoadError(msg)
     text = Path(source).read_text(encoding="utf-8") if _looks_like_path(source) else str(source)
     data = load_yaml(text)
     if not isinstance(data, dict):

@@ -40,6 +40,11 @@ class OversamplingReport(TypedDict):
     mode: str
 
 
+def _filter_key(filters: dict[str, Any]) -> str:
+    # Values that print alike but compare differently (a datetime and its string) must not share an entry.
+    return json.dumps(filters, sort_keys=True, default=lambda value: f"<{type(value).__qualname__}>{value!r}")
+
+
 def _filter_policy_of(retriever: Any) -> FilterPolicy:
     policy = getattr(retriever, "filter_policy", getattr(retriever, "_filter_policy", FilterPolicy.REPLACE))
     return policy if isinstance(policy, FilterPolicy) else FilterPolicy.from_str(str(policy))
@@ -138,7 +143,7 @@ class FilterAwareRetriever:
         :param filters: Haystack filters.
         :returns: A value in [0, 1], or `None` when the store cannot count them.
         """
-        key = json.dumps(filters, sort_keys=True, default=str)
+        key = _filter_key(filters)
         now = time.monotonic()
         with self._lock:
             hit = self._cache.get(key)
@@ -148,8 +153,12 @@ class FilterAwareRetriever:
         value: float | None
         try:
             store = self.document_store
-            total = store.count_documents()
-            value = 0.0 if total == 0 else min(1.0, store.count_documents_by_filter(filters) / total)
+            total = float(store.count_documents())
+            matched = float(store.count_documents_by_filter(filters))
+            if not (math.isfinite(total) and math.isfinite(matched)) or total < 0 or matched < 0:
+                msg = f"the store counted {matched!r} of {total!r} documents"
+                raise ValueError(msg)
+            value = 0.0 if total == 0 else min(1.0, matched / total)
         except Exception as e:
             value = None
             if key not in self._warned:
@@ -161,7 +170,8 @@ class FilterAwareRetriever:
                     error=f"{type(e).__name__}: {e}",
                     factor=self.fallback_factor,
                 )
-        if self.cache_ttl_s > 0:
+        # An empty result is not cached: documents written a moment later must be found at once.
+        if self.cache_ttl_s > 0 and value != 0.0:
             with self._lock:
                 self._cache[key] = (now, value)
                 self._cache.move_to_end(key)
