@@ -76,6 +76,28 @@ def _page(path: Path, size: tuple[int, int], seed: int, fmt: str = "PNG") -> Pat
     return path
 
 
+def _profile(folder: str | None, name: str, fn: Callable[[], object], device: str) -> None:
+    """Write torch.profiler's busiest operators (host and device time) of one call of `fn` to `folder/name.txt`."""
+    if not folder:
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    _sync(device)
+    started = time.perf_counter()
+    with profile(activities=activities) as prof:
+        fn()
+        _sync(device)
+    wall = time.perf_counter() - started
+    averages = prof.key_averages()
+    lines = [f"{name}: {wall * 1000:.0f} ms wall under the profiler"]
+    for key in ("self_cpu_time_total", "self_device_time_total" if device.startswith("cuda") else None):
+        if key:
+            lines.append(f"\n## sorted by {key}\n" + averages.table(sort_by=key, row_limit=35, max_name_column_width=70))
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    (Path(folder) / f"{name}.txt").write_text("\n".join(lines))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
@@ -85,6 +107,7 @@ def main() -> None:
     parser.add_argument("--pages", type=int, default=32)
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--only", nargs="*", choices=("ranker", "query", "pages", "vlm", "dense"))
+    parser.add_argument("--profile", help="also write a torch.profiler table of one run per row into this folder")
     args = parser.parse_args()
     only = set(args.only or ("ranker", "query", "pages", "vlm", "dense"))
     device, work = args.device, Path(args.workdir)
@@ -113,6 +136,7 @@ def main() -> None:
             out = embedder.run(docs)
             _sync(device)
             rate = len(out["documents"]) / (time.perf_counter() - started)
+            _profile(args.profile, "pages", lambda: embedder.run(docs[:16]), device)
             count = out["documents"][0].meta["multivector_count"]
             rows.append(
                 (
@@ -140,6 +164,7 @@ def main() -> None:
                     ms = _median_ms(
                         lambda c=candidates: ranker.run(query=QUERY, documents=c), device=device, repeats=args.repeats
                     )
+                    _profile(args.profile, f"ranker{n}", lambda c=candidates: ranker.run(query=QUERY, documents=c), device)
                     rows.append(
                         (
                             f"ColPaliRanker.run, query encode + MaxSim, {n} stored candidates (768x128 fp16)",
@@ -165,6 +190,7 @@ def main() -> None:
             repeats=max(3, args.repeats // 3),
             warmup=1,
         )
+        _profile(args.profile, "vlm", lambda: vlm_ranker.run(query=QUERY, documents=candidates), device)
         rows.append(
             ("VisionLanguageRanker, 80 image candidates (768x512), Qwen2-VL-2B-shaped", f"{ms / 1000:.2f} s p50")
         )
@@ -182,6 +208,7 @@ def main() -> None:
         started = time.perf_counter()
         dense.run(docs)
         _sync(device)
+        _profile(args.profile, "dense", lambda: dense.run(docs[:128]), device)
         rows.append(
             (
                 "MultimodalDocumentEmbedder, SigLIP-so400m-shaped, 640x480 JPEGs",
