@@ -69,7 +69,10 @@ def test_embed_image_batches_collects_decode_and_embed_failures_and_closes_every
     seen: list[tuple[list[int], dict[int, str]]] = []
     images_seen: list[Image.Image] = []
 
-    def embed(positions: list[int], images: list[Image.Image], failed: dict[int, str]) -> dict[int, str]:
+    def embed(
+        positions: list[int], images: list[Image.Image], failed: dict[int, str], prepared: None
+    ) -> dict[int, str]:
+        assert prepared is None  # no `prepare` given
         assert all(i in run.failures for i in failed)  # decode failures are known before embed runs
         seen.append((positions, dict(failed)))
         images_seen.extend(images)
@@ -96,12 +99,57 @@ def test_embed_image_batches_closes_the_batch_when_embed_raises(tmp_path: Path) 
     run = _start(docs)
     held: list[Image.Image] = []
 
-    def embed(positions: list[int], images: list[Image.Image], failed: dict[int, str]) -> dict[int, str]:
+    def embed(
+        positions: list[int], images: list[Image.Image], failed: dict[int, str], prepared: None
+    ) -> dict[int, str]:
         held.extend(images)
         raise RuntimeError("model crashed")
 
     with pytest.raises(RuntimeError, match="model crashed"):
         run.embed_image_batches(run.plan.visual_indices(), 2, embed)
+    assert len(held) == 2
+    for image in held:
+        with pytest.raises(ValueError, match="closed"):
+            image.load()
+
+
+def test_prepare_runs_in_the_background_and_its_result_reaches_embed(tmp_path: Path) -> None:
+    import threading
+
+    docs = [Document(id=f"d{i}", meta={"file_path": str(make_image(tmp_path / f"{i}.png"))}) for i in range(5)]
+    run = _start(docs)
+    prepared_in: list[str] = []
+    received: list[tuple[list[int], object]] = []
+
+    def prepare(positions: list[int], images: list[Image.Image]) -> tuple[list[int], list[tuple[int, int]]]:
+        prepared_in.append(threading.current_thread().name)
+        return list(positions), [image.size for image in images]  # reads the pixels' metadata while they are open
+
+    def embed(
+        positions: list[int], images: list[Image.Image], failed: dict[int, str], prepared: object
+    ) -> dict[int, str]:
+        received.append((positions, prepared))
+        return {}
+
+    run.embed_image_batches(run.plan.visual_indices(), 2, embed, prepare=prepare)
+    assert [positions for positions, _ in received] == [[0, 1], [2, 3], [4]]
+    for positions, prepared in received:
+        assert prepared == (positions, [(48, 40)] * len(positions))
+    assert prepared_in
+    assert all(name != threading.current_thread().name for name in prepared_in)
+
+
+def test_a_failing_prepare_surfaces_in_the_caller_and_closes_its_batch(tmp_path: Path) -> None:
+    docs = [Document(id=f"d{i}", meta={"file_path": str(make_image(tmp_path / f"{i}.png"))}) for i in range(2)]
+    run = _start(docs)
+    held: list[Image.Image] = []
+
+    def prepare(positions: list[int], images: list[Image.Image]) -> None:
+        held.extend(images)
+        raise RuntimeError("processor crashed")
+
+    with pytest.raises(RuntimeError, match="processor crashed"):
+        run.embed_image_batches(run.plan.visual_indices(), 2, lambda *a: {}, prepare=prepare)
     assert len(held) == 2
     for image in held:
         with pytest.raises(ValueError, match="closed"):

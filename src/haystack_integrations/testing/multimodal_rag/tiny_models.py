@@ -395,8 +395,10 @@ def _qwen_vl_config(tokenizer: Any, *, version: str, hidden_size: int = 32, laye
     if version == "2.5":
         from transformers import Qwen2_5_VLConfig
 
+        # Like Qwen2.5-VL-3B (32 blocks, full attention in 7/15/23/31, windowed attention elsewhere): one windowed
+        # block, then one full-attention block, so both attention layouts run.
         vision_config: dict[str, Any] = {
-            "depth": 1,
+            "depth": 2,
             "hidden_size": 32,
             "intermediate_size": 64,
             "num_heads": 2,
@@ -405,7 +407,7 @@ def _qwen_vl_config(tokenizer: Any, *, version: str, hidden_size: int = 32, laye
             "spatial_merge_size": 2,
             "temporal_patch_size": 2,
             "window_size": 56,
-            "fullatt_block_indexes": [0],
+            "fullatt_block_indexes": [1],
         }
         return Qwen2_5_VLConfig(text_config=text_config, vision_config=vision_config, **token_ids)
     from transformers import Qwen2VLConfig

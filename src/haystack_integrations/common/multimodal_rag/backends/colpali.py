@@ -301,8 +301,17 @@ class LateInteractionEncoder(CachedModel):
         return str(getattr(self.processor, "query_prefix", ""))
 
     def _forward(self, batch: Any) -> list[torch.Tensor]:
+        embeddings = self._embed(batch)
+        mask = batch["attention_mask"].to(embeddings.device).bool()
+        return [embeddings[i][mask[i]] for i in range(embeddings.shape[0])]
+
+    def _embed(self, batch: Any) -> torch.Tensor:
+        """The model's `(batch, seq, dim)` output for a processor batch (padding rows zeroed by the model)."""
+        non_blocking = self.device.startswith("cuda")
         inputs = {
-            k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items() if k != "labels"
+            k: (v.to(self.device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v)
+            for k, v in batch.items()
+            if k != "labels"
         }
         if self.family.model_class == "ColPali":
             # ColPali runs the full PaliGemmaForConditionalGeneration and discards its logits (modeling_colpali.py:
@@ -310,9 +319,7 @@ class LateInteractionEncoder(CachedModel):
             # The embeddings are unchanged (they come from hidden_states[-1]). "labels" (PaliGemmaProcessor adds
             # them) would only add a loss over those logits.
             inputs["logits_to_keep"] = 1
-        embeddings = self.model(**inputs)  # (batch, seq, dim), padding rows zeroed by the model
-        mask = inputs["attention_mask"].bool()
-        return [embeddings[i][mask[i]] for i in range(embeddings.shape[0])]
+        return self.model(**inputs)  # type: ignore[no-any-return]
 
     def _truncate_query(self, text: str, max_query_tokens: int) -> str:
         tokenizer = self.processor.tokenizer
@@ -415,6 +422,21 @@ class LateInteractionEncoder(CachedModel):
         """
         return self.processor.process_images(images)
 
+    def pinned(self, batch: Any) -> Any:
+        """
+        `batch` with its tensors in page-locked memory when the model is on CUDA (so the copy to the GPU does not
+        wait for the host), else `batch` itself.
+
+        :param batch: A processor batch (`process_images`), or `None`.
+        :returns: The batch.
+        """
+        if batch is None or not (self.device.startswith("cuda") and torch.cuda.is_available()):
+            return batch
+        for key, value in list(batch.items()):
+            if isinstance(value, torch.Tensor):
+                batch[key] = value.pin_memory()
+        return batch
+
     @torch.inference_mode()
     def embed_images(
         self, images: list[Image.Image], *, pool_factor: int | None = None, batch: Any | None = None
@@ -431,10 +453,13 @@ class LateInteractionEncoder(CachedModel):
         """
         if not images:
             return []
-        vectors = self._forward(batch if batch is not None else self.processor.process_images(images))
+        batch = batch if batch is not None else self.processor.process_images(images)
         if pool_factor is not None and pool_factor > 1:
-            vectors = pool_tensors(vectors, pool_factor)
-        return [v.float().cpu().numpy() for v in vectors]
+            return [v.float().cpu().numpy() for v in pool_tensors(self._forward(batch), pool_factor)]
+        # One device-to-host copy for the batch; the padding rows are dropped on the host (no per-page sync).
+        embeddings = self._embed(batch).float().cpu()
+        mask = batch["attention_mask"].bool().cpu()
+        return [embeddings[i][mask[i]].numpy() for i in range(embeddings.shape[0])]
 
 
 def _ward_labels(embeddings: list[torch.Tensor], n_clusters: list[int]) -> list[torch.Tensor]:

@@ -211,7 +211,43 @@ class DenseEncoder(CachedModel):
             }
         return dict(self._identity)
 
+    def image_inputs(self, images: list[Image.Image]) -> dict[str, Any]:
+        """
+        The image processor's tensors for `images`, in page-locked memory when the model is on CUDA.
+
+        CPU work only: `MultimodalDocumentEmbedder` runs it in its background thread while the model embeds the
+        previous batch.
+
+        :param images: RGB images (at least one).
+        :returns: The processor's outputs, ready for `embed_image_inputs`.
+        """
+        inputs = self.image_processor(images=images, return_tensors="pt")
+        pin = self.device.startswith("cuda") and torch.cuda.is_available()
+        return {
+            key: (value.pin_memory() if pin and isinstance(value, torch.Tensor) else value)
+            for key, value in inputs.items()
+        }
+
     @torch.inference_mode()
+    def embed_image_inputs(self, inputs: dict[str, Any], *, normalize: bool) -> np.ndarray:
+        """
+        Embed a batch `image_inputs` prepared.
+
+        :param inputs: From `image_inputs`.
+        :param normalize: L2-normalise each embedding.
+        :returns: `float32` array of shape `(batch, dim)`.
+        """
+        non_blocking = self.device.startswith("cuda")
+        kwargs: dict[str, Any] = {}
+        for key, value in inputs.items():
+            if isinstance(value, torch.Tensor):
+                value = value.to(self.device, non_blocking=non_blocking)
+                if value.is_floating_point():
+                    value = value.to(self.dtype)
+            kwargs[key] = value
+        features = _pooled(self.model.get_image_features(**kwargs))
+        return self._finish(features, normalize)
+
     def embed_images(self, images: list[Image.Image], *, normalize: bool) -> np.ndarray:
         """
         Embed images with the vision tower.
@@ -222,16 +258,7 @@ class DenseEncoder(CachedModel):
         """
         if not images:
             return np.zeros((0, 0), dtype=np.float32)
-        inputs = self.image_processor(images=images, return_tensors="pt")
-        kwargs: dict[str, Any] = {}
-        for key, value in inputs.items():
-            if isinstance(value, torch.Tensor):
-                value = value.to(self.device)
-                if value.is_floating_point():
-                    value = value.to(self.dtype)
-            kwargs[key] = value
-        features = _pooled(self.model.get_image_features(**kwargs))
-        return self._finish(features, normalize)
+        return self.embed_image_inputs(self.image_inputs(images), normalize=normalize)
 
     @staticmethod
     def _finish(features: torch.Tensor, normalize: bool) -> np.ndarray:

@@ -160,7 +160,9 @@ def load_model_and_processor(
     :raises ModelLoadError: When either cannot be loaded.
     """
     from haystack_integrations.common.multimodal_rag.backends.acceleration import with_device_defaults
+    from haystack_integrations.common.multimodal_rag.backends.attention import use_varlen_vision_attention
 
+    requested_attention = (spec.model_kwargs or {}).get("attn_implementation")
     spec = with_device_defaults(spec)
     hf_model = load_pretrained(
         model_loader,
@@ -179,6 +181,7 @@ def load_model_and_processor(
         **pretrained_kwargs(token=spec.token, model_kwargs=spec.model_kwargs, for_model=False),
         **(spec.processor_kwargs or {}),
     )
+    use_varlen_vision_attention(hf_model, device=spec.device, requested=requested_attention)
     hf_model.to(spec.device)
     hf_model.eval()
     return hf_model, processor

@@ -22,6 +22,7 @@ from haystack.dataclasses import ChatMessage, ChatRole, ImageContent
 from PIL import Image
 
 from haystack_integrations.common.multimodal_rag.backends.acceleration import with_device_defaults
+from haystack_integrations.common.multimodal_rag.backends.attention import use_varlen_vision_attention
 from haystack_integrations.common.multimodal_rag.backends.loading import (
     CachedModel,
     LoadSpec,
@@ -243,6 +244,9 @@ class VisionLanguageModel(CachedModel):
     def _load(cls, spec: LoadSpec) -> VisionLanguageModel:
         vlm_spec = spec if isinstance(spec, VLMLoadSpec) else VLMLoadSpec(**vars(spec))
         hf_model = _load_model(cast(VLMLoadSpec, with_device_defaults(vlm_spec)))
+        use_varlen_vision_attention(
+            hf_model, device=spec.device, requested=(vlm_spec.model_kwargs or {}).get("attn_implementation")
+        )
         processor = _load_processor(vlm_spec)
         if not getattr(processor, "chat_template", None) and not getattr(
             getattr(processor, "tokenizer", None), "chat_template", None

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from haystack import Document
 from PIL import Image
@@ -22,15 +22,18 @@ from tqdm import tqdm
 from haystack_integrations.common.multimodal_rag.inputs.failures import check_documents_input, duplicate_id_failures
 from haystack_integrations.common.multimodal_rag.inputs.planning import (
     DocumentPlan,
-    iter_image_batches,
+    iter_prepared_batches,
     plan_documents,
     raise_if_failed,
     split_outputs,
 )
 
-#: Embeds one decoded batch: `(positions, images, failed)` -> reason per further failed position (e.g. an image
-#: the model's processor refuses). `failed` holds the positions of the batch whose file could not be decoded.
-BatchEmbedder = Callable[[list[int], list[Image.Image], dict[int, str]], dict[int, str]]
+#: Embeds one decoded batch: `(positions, images, failed, prepared)` -> reason per further failed position (e.g. an
+#: image the model's processor refuses). `failed` holds the positions of the batch whose file could not be decoded;
+#: `prepared` is what the run's `BatchPreparer` returned for the batch (`None` without one).
+BatchEmbedder = Callable[[list[int], list[Image.Image], dict[int, str], Any], dict[int, str]]
+#: Prepares one decoded batch in the background thread: `(positions, images)` -> what `BatchEmbedder` receives.
+BatchPreparer = Callable[[list[int], list[Image.Image]], Any]
 
 
 class IndexingComponent(Protocol):
@@ -114,7 +117,13 @@ class IndexingRun:
         return tqdm(total=total, disable=not enabled, desc=f"{self.component} ({model_id})", unit=unit)
 
     def embed_image_batches(
-        self, indices: Sequence[int], batch_size: int, embed: BatchEmbedder, *, progress_bar: tqdm | None = None
+        self,
+        indices: Sequence[int],
+        batch_size: int,
+        embed: BatchEmbedder,
+        *,
+        prepare: BatchPreparer | None = None,
+        progress_bar: tqdm | None = None,
     ) -> None:
         """
         Decode the images of `indices` one batch at a time (the next one in the background), hand each to `embed`.
@@ -124,13 +133,21 @@ class IndexingRun:
 
         :param indices: Positions of the documents to decode (image/page documents that have not failed).
         :param batch_size: Images per batch.
-        :param embed: Called once per batch, also for a batch in which nothing decoded (`images` empty).
+        :param embed: Called once per batch, also for a batch in which nothing decoded (`images` empty), with
+            what `prepare` returned for the batch (`None` without `prepare`).
+        :param prepare: Runs in the background thread after decoding (e.g. the model's processor), so that the
+            caller's thread only runs the model: `(positions, images)` -> anything `embed` needs.
         :param progress_bar: Advanced by the size of each batch.
         """
-        for positions, images, failed in iter_image_batches(self.plan, indices, batch_size):
+
+        def nothing(_positions: list[int], _images: list[Image.Image]) -> None:
+            return None
+
+        batches = iter_prepared_batches(self.plan, indices, batch_size, prepare or nothing)
+        for positions, images, failed, prepared in batches:
             self.failures.update(failed)
             try:
-                refused = embed(positions, images, failed)
+                refused = embed(positions, images, failed, prepared)
             finally:
                 for image in images:
                     image.close()

@@ -49,6 +49,7 @@ import os
 import threading
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from struct import error as struct_error
@@ -696,18 +697,53 @@ def _read_image(source: MediaLocation, draft_side: int | None = None) -> Image.I
     return _decode_image(source.path, source.label, draft_side)
 
 
+#: Threads that decode the image files of one batch concurrently (Pillow releases the GIL while it decodes; on a
+#: GPU, decoding one file after another is what kept the model waiting, issue 15). PDF pages are rendered one at
+#: a time in the calling thread: pdfium is not thread-safe.
+DECODE_THREADS = max(1, min(8, os.cpu_count() or 1))
+_DECODE_POOL: ThreadPoolExecutor | None = None
+_DECODE_POOL_PID: int | None = None  # a forked child inherits no threads: it starts its own pool
+_DECODE_POOL_LOCK = threading.Lock()
+
+
+def _decode_pool() -> ThreadPoolExecutor:
+    global _DECODE_POOL, _DECODE_POOL_PID
+    with _DECODE_POOL_LOCK:
+        if _DECODE_POOL is None or os.getpid() != _DECODE_POOL_PID:
+            _DECODE_POOL = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="multimodal-rag-decode")
+            _DECODE_POOL_PID = os.getpid()
+        return _DECODE_POOL
+
+
+def _read_image_or_error(source: MediaLocation) -> Image.Image | MediaError:
+    try:
+        return _read_image(source)
+    except MediaError as e:
+        return e
+
+
 def load_images(sources: Sequence[MediaLocation], *, max_side: int | None = None) -> list[Image.Image | MediaError]:
     """
     Decode a batch of sources into RGB images, opening each distinct PDF once.
+
+    Image files are decoded concurrently (`DECODE_THREADS` threads) while the PDF pages of the batch are rendered
+    in the calling thread.
 
     :param sources: The sources of one batch.
     :param max_side: Longest side of rendered PDF pages (images are returned at their own size).
     :returns: One RGB `PIL.Image` per source, or the `MediaError` that source raised, in order.
     """
-    results: list[Image.Image | MediaError] = []
+    results: list[Image.Image | MediaError | None] = [None] * len(sources)
+    files = [i for i, source in enumerate(sources) if not source.is_pdf]
+    pending: dict[int, Future[Image.Image | MediaError]] = {}
+    if len(files) > 1 and DECODE_THREADS > 1:
+        pool = _decode_pool()
+        pending = {i: pool.submit(_read_image_or_error, sources[i]) for i in files}
     open_pdfs: dict[Any, pdfium.PdfDocument] = {}
     try:
-        for source in sources:
+        for i, source in enumerate(sources):
+            if i in pending:
+                continue
             try:
                 if source.is_pdf:
                     key = source.path if source.path is not None else id(source.data)
@@ -715,16 +751,27 @@ def load_images(sources: Sequence[MediaLocation], *, max_side: int | None = None
                     if pdf is None:
                         pdf = _open_pdf(source)
                         open_pdfs[key] = pdf
-                    results.append(_render_page(pdf, source, max_side))
+                    results[i] = _render_page(pdf, source, max_side)
                 else:
-                    results.append(_read_image(source))
+                    results[i] = _read_image(source)
             except MediaError as e:
-                results.append(e)
+                results[i] = e
     finally:
         with _PDFIUM_LOCK:
             for pdf in open_pdfs.values():
                 pdf.close()
-    return results
+        for i, future in pending.items():  # collected even when rendering raised: no decode outlives the call
+            try:
+                results[i] = future.result()
+            except BaseException:
+                for other in pending.values():
+                    other.cancel()
+                raise
+    done: list[Image.Image | MediaError] = []
+    for result in results:
+        assert result is not None  # every position is decoded above, or the call raised
+        done.append(result)
+    return done
 
 
 def load_image(source: MediaLocation, *, max_side: int | None = None) -> Image.Image:

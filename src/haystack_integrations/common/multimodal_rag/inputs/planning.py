@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from haystack import Document
 from PIL import Image
@@ -26,6 +27,8 @@ from haystack_integrations.common.multimodal_rag.inputs.media import (
 )
 from haystack_integrations.common.multimodal_rag.inputs.prefetch import prefetch
 from haystack_integrations.common.multimodal_rag.validation import batched
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -128,6 +131,41 @@ def iter_image_batches(
     """
     batches = _decode_batches(plan, indices, batch_size, max_side)
     return prefetch(batches, depth=prefetch_depth) if prefetch_depth > 0 else batches
+
+
+def iter_prepared_batches(
+    plan: DocumentPlan,
+    indices: Sequence[int],
+    batch_size: int,
+    prepare: Callable[[list[int], list[Image.Image]], T],
+    *,
+    max_side: int | None = None,
+    prefetch_depth: int = 1,
+) -> Iterator[tuple[list[int], list[Image.Image], dict[int, str], T]]:
+    """
+    Like `iter_image_batches`, and `prepare(positions, images)` (e.g. the model's processor) runs in the
+    background thread too, so the caller only runs the model while the next batch is decoded and prepared.
+
+    :param plan: The plan holding each position's location.
+    :param indices: Positions to load (visual documents only).
+    :param batch_size: Images per batch.
+    :param prepare: Called once per batch with the positions that decoded and their images (also when none did).
+    :param max_side: Longest side of rendered PDF pages.
+    :param prefetch_depth: Batches prepared ahead of the caller; `0` prepares each batch when it is asked for.
+    :returns: An iterator of `(positions, images, failures, prepared)`.
+    """
+
+    def prepared() -> Iterator[tuple[list[int], list[Image.Image], dict[int, str], T]]:
+        for positions, images, failed in _decode_batches(plan, indices, batch_size, max_side):
+            try:
+                ready = prepare(positions, images)
+            except BaseException:
+                for image in images:
+                    image.close()
+                raise
+            yield positions, images, failed, ready
+
+    return prefetch(prepared(), depth=prefetch_depth) if prefetch_depth > 0 else prepared()
 
 
 def _decode_batches(

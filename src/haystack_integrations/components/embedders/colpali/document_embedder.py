@@ -230,8 +230,20 @@ class ColPaliDocumentEmbedder:
         counts: dict[int, int] = {}
         filled: dict[int, list[list[float]]] = {}  # only with fill_multivector_embedding=True
 
-        def write_batch(positions: list[int], images: list[Image.Image], failed: dict[int, str]) -> dict[int, str]:
-            batch, positions, refused = self._process(encoder, documents, positions, images)
+        def prepare(
+            positions: list[int], images: list[Image.Image]
+        ) -> tuple[_ProcessedBatch, list[int], dict[int, str]]:
+            # The processor runs in the background thread, beside the model's work on the previous batch.
+            batch, kept_positions, refused = self._process(encoder, documents, positions, images)
+            return _ProcessedBatch(encoder.pinned(batch.inputs), batch.kept), kept_positions, refused
+
+        def write_batch(
+            _positions: list[int],
+            images: list[Image.Image],
+            failed: dict[int, str],
+            processed: tuple[_ProcessedBatch, list[int], dict[int, str]],
+        ) -> dict[int, str]:
+            batch, positions, refused = processed
             if self.on_error == "raise" and (failed or refused):
                 raise_if_failed(run.component, documents, {**failed, **refused})
             if positions:
@@ -244,7 +256,7 @@ class ColPaliDocumentEmbedder:
             return refused
 
         with run.progress(len(visual), encoder.model_id, "page", enabled=self.progress_bar) as bar:
-            run.embed_image_batches(visual, self.batch_size, write_batch, progress_bar=bar)
+            run.embed_image_batches(visual, self.batch_size, write_batch, prepare=prepare, progress_bar=bar)
 
         def make_output(i: int, doc: Document) -> Document:
             if i not in counts:

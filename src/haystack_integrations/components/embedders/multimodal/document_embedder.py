@@ -180,9 +180,15 @@ class MultimodalDocumentEmbedder(DenseEmbedderBase):
 
         embeddings: dict[int, np.ndarray] = {}
 
-        def embed_images(positions: list[int], images: list[Image.Image], _failed: dict[int, str]) -> dict[int, str]:
-            if images and not doomed():
-                vectors = encoder.embed_images(images, normalize=self.normalize_embeddings)
+        def prepare(_positions: list[int], images: list[Image.Image]) -> dict[str, Any] | None:
+            # The image processor runs in the background thread, beside the model's work on the previous batch.
+            return encoder.image_inputs(images) if images and not doomed() else None
+
+        def embed_images(
+            positions: list[int], _images: list[Image.Image], _failed: dict[int, str], inputs: dict[str, Any] | None
+        ) -> dict[int, str]:
+            if inputs is not None and not doomed():
+                vectors = encoder.embed_image_inputs(inputs, normalize=self.normalize_embeddings)
                 embeddings.update(zip(positions, vectors, strict=True))
             return {}
 
@@ -201,7 +207,7 @@ class MultimodalDocumentEmbedder(DenseEmbedderBase):
                 vectors = encoder.embed_texts(texts, normalize=self.normalize_embeddings)
                 embeddings.update(zip(chunk, vectors, strict=True))
                 bar.update(len(chunk))
-            run.embed_image_batches(visual_indices, self.batch_size, embed_images, progress_bar=bar)
+            run.embed_image_batches(visual_indices, self.batch_size, embed_images, prepare=prepare, progress_bar=bar)
         run.raise_if_failed()
         if truncated:
             shown = ", ".join(f"'{doc_id}' ({count} tokens)" for doc_id, count in truncated[:10])
