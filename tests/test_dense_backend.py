@@ -211,3 +211,40 @@ def test_siglip2_fixres_with_a_gemma_tokenizer_gets_the_siglip2_recipe(tiny_sigl
     assert ours["input_ids"][0].tolist() == expected["input_ids"]
     assert ours["input_ids"][0, -1].item() == tokenizer.pad_token_id
     assert ours["input_ids"][0].tolist() != tokenizer(TEXT, padding="max_length", max_length=64)["input_ids"]
+
+
+@pytest.mark.parametrize("family", ["siglip", "siglip2", "clip"])
+def test_image_inputs_are_the_processors_own_on_the_host(family: str, request: pytest.FixtureRequest) -> None:
+    from PIL import Image
+
+    path = request.getfixturevalue(f"tiny_{family}")
+    encoder = _encoder(path)
+    images = [Image.new("RGB", (64 + 16 * i, 48), (40 * i, 120, 200)) for i in range(3)]
+    ours = encoder.image_inputs(images)
+    reference = encoder.image_processor(images=images, return_tensors="pt")
+    assert set(ours) == set(reference)
+    for key, value in reference.items():
+        assert torch.equal(ours[key], value)
+    np.testing.assert_allclose(
+        encoder.embed_image_inputs(ours, normalize=True), encoder.embed_images(images, normalize=True), atol=1e-6
+    )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU preprocessing runs on CUDA only")
+@pytest.mark.parametrize("family", ["siglip", "siglip2"])
+def test_on_cuda_the_torchvision_processor_runs_on_the_gpu_with_the_hosts_result(
+    family: str, request: pytest.FixtureRequest
+) -> None:
+    from PIL import Image
+
+    path = request.getfixturevalue(f"tiny_{family}")
+    encoder = DenseEncoder.get(
+        LoadSpec(model=path, component="test", device="cuda:0", token=None, local_files_only=True, model_kwargs=None)
+    )
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (48 + 8 * i, 64, 3), dtype=np.uint8)) for i in range(3)]
+    on_gpu = encoder.image_inputs(images)
+    on_host = encoder.image_processor(images=images, return_tensors="pt")
+    assert on_gpu["pixel_values"].is_cuda
+    for key, value in on_host.items():
+        torch.testing.assert_close(on_gpu[key].cpu(), value, atol=2e-3, rtol=0)  # same ops; float rounding only

@@ -25,6 +25,9 @@ from haystack_integrations.document_stores.multivector import InMemoryMultiVecto
 from haystack_integrations.testing.multimodal_rag.tiny_models import build_tiny_qwen2_vl
 from tests.helpers import make_image
 
+#: Models loaded on CUDA are switched at load time; these tests switch a CPU model by hand to compare both paths.
+CPU = ComponentDevice.from_str("cpu")
+
 
 def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int], scale: float) -> torch.Tensor:
     """transformers' SDPA path: one attention call per segment, concatenated; `(1, total, heads, dim)`."""
@@ -128,7 +131,7 @@ def switched(model: torch.nn.Module) -> Iterator[None]:
 
 def _embed(model: str, docs: list[Document], *, switch: bool) -> tuple[ColPaliDocumentEmbedder, dict]:
     store = InMemoryMultiVectorStore()
-    embedder = ColPaliDocumentEmbedder(model, multivector_store=store, progress_bar=False)
+    embedder = ColPaliDocumentEmbedder(model, multivector_store=store, progress_bar=False, device=CPU)
     embedder.warm_up()
     hf_model = embedder._encoder.model  # type: ignore[union-attr]
     with switched(hf_model) if switch else nullcontext():
@@ -160,7 +163,7 @@ def test_windows_really_are_several_segments(windowed_colqwen25: str, tmp_path: 
 
     from transformers import AttentionInterface
 
-    embedder = ColPaliDocumentEmbedder(windowed_colqwen25, multivector_store=InMemoryMultiVectorStore())
+    embedder = ColPaliDocumentEmbedder(windowed_colqwen25, multivector_store=InMemoryMultiVectorStore(), device=CPU)
     embedder.warm_up()
     with switched(embedder._encoder.model):  # type: ignore[union-attr]
         AttentionInterface.register(VARLEN_ATTENTION, spy)
@@ -194,7 +197,7 @@ def test_vlm_ranker_scores_identically(tiny_instruct: str, tmp_path: Path) -> No
     for i, size in enumerate([(112, 84), (56, 140), (84, 84)]):
         make_image(tmp_path / f"c{i}.png", size=size, color=(60 * i, 90, 200 - 50 * i))
         docs.append(Document(id=f"c{i}", meta={"file_path": str(tmp_path / f"c{i}.png")}, score=0.5))
-    ranker = VisionLanguageRanker(tiny_instruct, recipe="zero_shot_yes_no", batch_size=3)
+    ranker = VisionLanguageRanker(tiny_instruct, recipe="zero_shot_yes_no", batch_size=3, device=CPU)
     want = {d.id: d.score for d in ranker.run(query="a red chart", documents=docs)["documents"]}
     with switched(ranker._vlm.model):  # type: ignore[union-attr]
         got = {d.id: d.score for d in ranker.run(query="a red chart", documents=docs)["documents"]}
