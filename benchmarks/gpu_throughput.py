@@ -93,7 +93,9 @@ def _profile(folder: str | None, name: str, fn: Callable[[], object], device: st
     lines = [f"{name}: {wall * 1000:.0f} ms wall under the profiler"]
     for key in ("self_cpu_time_total", "self_device_time_total" if device.startswith("cuda") else None):
         if key:
-            lines.append(f"\n## sorted by {key}\n" + averages.table(sort_by=key, row_limit=35, max_name_column_width=70))
+            lines.append(
+                f"\n## sorted by {key}\n" + averages.table(sort_by=key, row_limit=35, max_name_column_width=70)
+            )
     Path(folder).mkdir(parents=True, exist_ok=True)
     (Path(folder) / f"{name}.txt").write_text("\n".join(lines))
 
@@ -164,7 +166,9 @@ def main() -> None:
                     ms = _median_ms(
                         lambda c=candidates: ranker.run(query=QUERY, documents=c), device=device, repeats=args.repeats
                     )
-                    _profile(args.profile, f"ranker{n}", lambda c=candidates: ranker.run(query=QUERY, documents=c), device)
+                    _profile(
+                        args.profile, f"ranker{n}", lambda c=candidates: ranker.run(query=QUERY, documents=c), device
+                    )
                     rows.append(
                         (
                             f"ColPaliRanker.run, query encode + MaxSim, {n} stored candidates (768x128 fp16)",
