@@ -302,3 +302,14 @@ def test_staging_refuses_bad_pages_and_scoring_a_query_of_another_width() -> Non
         maxsim_staged(np.ones((1, 4)), staged)
     with pytest.raises(ValueError, match="query must be a non-empty 2-D array"):
         maxsim_staged(np.ones((0, 8)), staged)
+
+
+def test_staging_packs_pages_in_order_when_the_copy_is_split_over_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    from haystack_integrations.common.multimodal_rag.numerics import maxsim as kernels
+
+    monkeypatch.setattr(kernels, "PACK_THREADS", 3)
+    rng = np.random.default_rng(12)
+    pages = [torch.from_numpy(_unit(rng, int(n), 16)).bfloat16() for n in rng.integers(1, 50, 20)]
+    staged = kernels.stage_pages(pages, device="cpu")
+    torch.testing.assert_close(staged.packed, torch.cat(pages), rtol=0, atol=0)
+    assert staged.device_lengths.tolist() == [p.shape[0] for p in pages]
