@@ -46,9 +46,10 @@ ArrayLike = np.ndarray | torch.Tensor
 BLOCK_ROWS = 2048
 #: Worker threads of the CPU kernel: a fixed, small number (2 of the project's 2-core target machine).
 CPU_THREADS = max(1, min(2, os.cpu_count() or 1))
-#: Threads that copy pages into the page-locked staging buffer for a GPU (GPU machines have cores to spare: one
-#: core copies about 5 GB/s, and 1000 pages of 768 x 128 float16 are 188 MiB).
-PACK_THREADS = max(1, min(4, (os.cpu_count() or 1) // 2))
+#: Threads that copy pages into the page-locked staging buffer for a GPU. One core copied about 5 GB/s on an H100
+#: machine (1000 pages of 768 x 128 float16 are 188 MiB); while a launch-bound query encoding ran beside the copy,
+#: 2 threads overlapped best there (more copy faster alone but slow the thread feeding the GPU).
+PACK_THREADS = max(1, min(2, (os.cpu_count() or 1) // 2))
 
 _LOCAL = threading.local()
 _POOL_LOCK = threading.Lock()
