@@ -400,10 +400,14 @@ def test_query_prefix_is_passed_to_an_encoder_that_supports_it(
     assert seen == ["Query: "]
 
 
+class _OwnStore(InMemoryMultiVectorStore):
+    """A store of another type: the ranker leaves its scoring to its own `score`."""
+
+
 def test_on_a_gpu_model_the_store_scores_on_the_models_device(
     tiny_colqwen2: str, pages_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store = InMemoryMultiVectorStore()
+    store = _OwnStore()
     docs = _embed_pages(tiny_colqwen2, _page_docs(pages_dir)[:3], store)["documents"]
     ranker = ColPaliRanker(tiny_colqwen2, multivector_store=store)
     ranker.warm_up()
@@ -448,3 +452,114 @@ def test_processor_kwargs_reach_the_ranker_s_encoder_and_round_trip(tiny_colqwen
     assert restored.processor_kwargs == {"max_num_visual_tokens": 4}
     with pytest.raises(TypeError, match="processor_kwargs"):
         ColPaliRanker(tiny_colqwen2, processor_kwargs="max_pixels=4")  # type: ignore[arg-type]
+
+
+def _staging_on_cpu(ranker: ColPaliRanker, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run the GPU path (fetch and stage while the query encodes, then `maxsim_staged`) on the CPU."""
+    monkeypatch.setattr(ranker, "_overlap_device", lambda: torch.device("cpu"))
+
+
+def test_the_gpu_path_fetches_in_the_background_and_scores_like_the_store(
+    tiny_colqwen2: str, pages_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from haystack_integrations.document_stores.multivector import SQLiteMultiVectorStore
+
+    for store in (InMemoryMultiVectorStore(), SQLiteMultiVectorStore(str(tmp_path / "mv.sqlite"))):
+        docs = _embed_pages(tiny_colqwen2, _page_docs(pages_dir), store)["documents"]
+        docs = [*docs, Document(id="no-vectors", content="text")]
+        ranker = ColPaliRanker(tiny_colqwen2, multivector_store=store)
+        expected = ranker.run(query="chart", documents=docs)["documents"]
+        _staging_on_cpu(ranker, monkeypatch)
+        fetch_threads: list[str] = []
+        real_get = store.get
+
+        def get(ids, real_get=real_get, fetch_threads=fetch_threads):
+            fetch_threads.append(threading.current_thread().name)
+            return real_get(ids)
+
+        def no_score(*args, **kwargs):
+            raise AssertionError("the GPU path scores the fetched pages itself")
+
+        monkeypatch.setattr(store, "get", get)
+        monkeypatch.setattr(store, "score", no_score)
+        out = ranker.run(query="chart", documents=docs)["documents"]
+        assert [d.id for d in out] == [d.id for d in expected]
+        assert out[-1].id == "no-vectors"
+        assert out[-1].score is None
+        assert "late_interaction_score" not in out[-1].meta
+        assert [d.score for d in out[:-1]] == pytest.approx([d.score for d in expected[:-1]], rel=1e-5)
+        assert [d.meta["late_interaction_score"] for d in out[:-1]] == pytest.approx(
+            [d.meta["late_interaction_score"] for d in expected[:-1]], rel=1e-5
+        )
+        assert fetch_threads
+        assert all(name.startswith("colpali-ranker-fetch") for name in fetch_threads)
+        monkeypatch.undo()
+
+
+def test_the_gpu_path_with_a_given_query_embedding_scores_like_the_store(
+    tiny_colqwen2: str, pages_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = InMemoryMultiVectorStore()
+    docs = _embed_pages(tiny_colqwen2, _page_docs(pages_dir)[:3], store)["documents"]
+    ranker = ColPaliRanker(tiny_colqwen2, multivector_store=store)
+    ranker.warm_up()
+    embedding = ColPaliTextEmbedder(tiny_colqwen2).run(text="q")["multivector_embedding"]
+    expected = ranker.run(documents=docs, query_multivector_embedding=embedding)["documents"]
+    _staging_on_cpu(ranker, monkeypatch)
+    out = ranker.run(documents=docs, query_multivector_embedding=embedding)["documents"]
+    assert [d.score for d in out] == pytest.approx([d.score for d in expected], rel=1e-5)
+
+
+def test_the_gpu_path_raises_the_store_s_errors_unchanged(
+    tiny_colqwen2: str, pages_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sqlite3
+
+    from haystack_integrations.document_stores.multivector import SQLiteMultiVectorStore
+
+    path = str(tmp_path / "mv.sqlite")
+    store = SQLiteMultiVectorStore(path)
+    docs = _embed_pages(tiny_colqwen2, _page_docs(pages_dir)[:3], store)["documents"]
+    with sqlite3.connect(path) as conn:  # a truncated blob: corruption the store reports by document id
+        conn.execute("UPDATE mv_vectors SET data = ? WHERE id = ?", (b"\0" * 6, docs[1].id))
+    store.close()
+    ranker = ColPaliRanker(tiny_colqwen2, multivector_store=store)
+    with pytest.raises(MultiVectorStoreError) as today:
+        ranker.run(query="chart", documents=docs)
+    _staging_on_cpu(ranker, monkeypatch)
+    with pytest.raises(MultiVectorStoreError) as staged:
+        ranker.run(query="chart", documents=docs)
+    assert str(staged.value) == str(today.value)
+    assert docs[1].id in str(staged.value)
+
+
+def test_the_gpu_path_refuses_a_query_that_is_not_finite_like_the_store(
+    tiny_colqwen2: str, pages_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = InMemoryMultiVectorStore()
+    docs = _embed_pages(tiny_colqwen2, _page_docs(pages_dir)[:3], store)["documents"]
+    ranker = ColPaliRanker(tiny_colqwen2, multivector_store=store)
+    ranker.warm_up()
+    assert ranker._encoder is not None
+    nan_query = np.full((4, 128), np.nan, dtype=np.float32)
+    monkeypatch.setattr(ranker._encoder, "embed_queries", lambda texts, **kwargs: [nan_query])
+    monkeypatch.setattr(ranker._encoder, "embed_query_tensor", lambda text, **kwargs: torch.from_numpy(nan_query))
+    with pytest.raises(MultiVectorStoreError, match="contains NaN or infinite values") as today:
+        ranker.run(query="chart", documents=docs)
+    _staging_on_cpu(ranker, monkeypatch)
+    with pytest.raises(MultiVectorStoreError) as staged:
+        ranker.run(query="chart", documents=docs)
+    assert str(staged.value) == str(today.value)
+
+
+def test_a_query_encoded_on_the_device_equals_the_host_copy(tiny_colqwen2: str) -> None:
+    encoder = LateInteractionEncoder.get(
+        LoadSpec(model=tiny_colqwen2, component="t", device="cpu", token=None, local_files_only=True, model_kwargs=None)
+    )
+    for prefix in (None, ""):
+        on_device = encoder.embed_query_tensor("a bar chart", query_prefix=prefix)
+        assert isinstance(on_device, torch.Tensor)
+        host = encoder.embed_queries(["a bar chart"], query_prefix=prefix)[0]
+        np.testing.assert_array_equal(on_device.float().numpy(), host)

@@ -236,3 +236,80 @@ def test_maxsim_by_id_keys_the_scores_by_document_id_and_computes_nothing_for_no
     for doc_id, page in pages.items():
         assert scores[doc_id] == pytest.approx(float((query @ page.T).max(axis=1).sum()), rel=1e-5)
     assert maxsim_by_id(np.zeros((0, 8)), {}) == {}  # not even the query is looked at
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(
+    "lengths",
+    [(1, 700, 3, 2500, 64), (1, 1, 1), (5, 1, 5), (9,), (1,), (32, 32, 32, 32)],
+    ids=["ragged", "all-length-1", "length-1-between", "one-page", "one-row", "equal-lengths"],
+)
+def test_staged_kernel_matches_the_cpu_kernel(dtype: torch.dtype, lengths: tuple[int, ...]) -> None:
+    from haystack_integrations.common.multimodal_rag.numerics.maxsim import maxsim_staged, stage_pages
+
+    rng = np.random.default_rng(len(lengths) + sum(lengths))
+    query = torch.from_numpy(np.abs(_unit(rng, 6, 32))).to(dtype)
+    # All dot products negative: a padding row (or a row of another page) winning a max would show.
+    pages = [torch.from_numpy(-np.abs(_unit(rng, n, 32))).to(dtype) for n in lengths]
+    staged = stage_pages(pages, device="cpu")
+    assert staged.packed.shape == (sum(lengths), 32)
+    assert staged.packed.dtype == dtype
+    assert staged.lengths == lengths
+    scores = maxsim_staged(query, staged)
+    assert scores.dtype == torch.float32
+    assert scores.shape == (len(lengths),)
+    np.testing.assert_allclose(scores.numpy(), maxsim(query, pages), rtol=1e-5)
+    np.testing.assert_allclose(scores.numpy(), maxsim_reference(query.float().numpy(), pages), rtol=1e-4)
+    assert (scores < 0).all()
+
+
+@pytest.mark.parametrize("lengths", [(7, 7, 7), (3, 9, 1)], ids=["equal-lengths", "ragged"])
+def test_staged_kernel_gives_a_page_with_nan_or_inf_a_non_finite_score(lengths: tuple[int, ...]) -> None:
+    from haystack_integrations.common.multimodal_rag.numerics.maxsim import maxsim_staged, stage_pages
+
+    rng = np.random.default_rng(10)
+    query = np.abs(_unit(rng, 4, 16))
+    pages = [_unit(rng, n, 16).astype(np.float16) for n in lengths]
+    pages[1][-1, 2] = np.nan
+    pages[2][0, 0] = np.inf
+    scores = maxsim_staged(query, stage_pages(pages, device="cpu")).numpy()
+    assert np.isfinite(scores[0])
+    assert not np.isfinite(scores[1])
+    assert not np.isfinite(scores[2])
+
+
+def test_staging_mixed_dtypes_packs_float32_and_empty_input_scores_nothing() -> None:
+    from haystack_integrations.common.multimodal_rag.numerics.maxsim import maxsim_staged, stage_pages
+
+    rng = np.random.default_rng(11)
+    query = _unit(rng, 3, 8)
+    pages = [_unit(rng, 4, 8).astype(np.float16), torch.from_numpy(_unit(rng, 2, 8)).bfloat16()]
+    staged = stage_pages(pages, device="cpu")
+    assert staged.packed.dtype == torch.float32
+    np.testing.assert_allclose(maxsim_staged(query, staged).numpy(), maxsim(query, pages), rtol=1e-5)
+    assert maxsim_staged(query, stage_pages([], device="cpu")).shape == (0,)
+
+
+def test_staging_refuses_bad_pages_and_scoring_a_query_of_another_width() -> None:
+    from haystack_integrations.common.multimodal_rag.numerics.maxsim import maxsim_staged, stage_pages
+
+    with pytest.raises(ValueError, match="page 1 has vectors of dim 4 but page 0 has dim 8"):
+        stage_pages([np.ones((2, 8)), np.ones((2, 4))], device="cpu")
+    with pytest.raises(ValueError, match="page 0 must be a non-empty 2-D array"):
+        stage_pages([np.ones((0, 8))], device="cpu")
+    staged = stage_pages([np.ones((2, 8))], device="cpu")
+    with pytest.raises(ValueError, match="the query has vectors of dim 4 but the pages have dim 8"):
+        maxsim_staged(np.ones((1, 4)), staged)
+    with pytest.raises(ValueError, match="query must be a non-empty 2-D array"):
+        maxsim_staged(np.ones((0, 8)), staged)
+
+
+def test_staging_packs_pages_in_order_when_the_copy_is_split_over_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    from haystack_integrations.common.multimodal_rag.numerics import maxsim as kernels
+
+    monkeypatch.setattr(kernels, "PACK_THREADS", 3)
+    rng = np.random.default_rng(12)
+    pages = [torch.from_numpy(_unit(rng, int(n), 16)).bfloat16() for n in rng.integers(1, 50, 20)]
+    staged = kernels.stage_pages(pages, device="cpu")
+    torch.testing.assert_close(staged.packed, torch.cat(pages), rtol=0, atol=0)
+    assert staged.device_lengths.tolist() == [p.shape[0] for p in pages]

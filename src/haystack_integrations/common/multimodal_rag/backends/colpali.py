@@ -238,6 +238,7 @@ class LateInteractionEncoder(CachedModel):
     The API the components use:
     - `embed_queries(texts, *, query_prefix=None, max_query_tokens=DEFAULT_MAX_QUERY_TOKENS)`: query multi-vectors;
       `query_prefix=None` means the family's trained prefix (`default_query_prefix`), `""` none.
+    - `embed_query_tensor(text, ...)`: one query's multi-vector left on the model's device (GPU scoring).
     - `query_inputs(texts, ...)`: the exact model inputs `embed_queries` feeds (for conformance checks).
     - `embed_images(images, *, pool_factor=None)`: page multi-vectors, pooled on the model's device.
     - `default_query_prefix`, `dim`, `family`, `fingerprint` (content identity the multi-vector stores record).
@@ -301,12 +302,15 @@ class LateInteractionEncoder(CachedModel):
         return str(getattr(self.processor, "query_prefix", ""))
 
     def _forward(self, batch: Any) -> list[torch.Tensor]:
-        embeddings = self._embed(batch)
-        mask = batch["attention_mask"].to(embeddings.device).bool()
+        embeddings, mask = self._forward_padded(batch)
         return [embeddings[i][mask[i]] for i in range(embeddings.shape[0])]
 
     def _embed(self, batch: Any) -> torch.Tensor:
         """The model's `(batch, seq, dim)` output for a processor batch (padding rows zeroed by the model)."""
+        return self._forward_padded(batch)[0]
+
+    def _forward_padded(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(batch, seq, dim)` embeddings (padding rows zeroed by the model) and the boolean mask, on the device."""
         non_blocking = self.device.startswith("cuda")
         inputs = {
             k: (v.to(self.device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v)
@@ -319,7 +323,7 @@ class LateInteractionEncoder(CachedModel):
             # The embeddings are unchanged (they come from hidden_states[-1]). "labels" (PaliGemmaProcessor adds
             # them) would only add a loss over those logits.
             inputs["logits_to_keep"] = 1
-        return self.model(**inputs)  # type: ignore[no-any-return]
+        return self.model(**inputs), inputs["attention_mask"].bool()
 
     def _truncate_query(self, text: str, max_query_tokens: int) -> str:
         tokenizer = self.processor.tokenizer
@@ -382,6 +386,25 @@ class LateInteractionEncoder(CachedModel):
             return []
         batch = self.query_inputs(texts, query_prefix=query_prefix, max_query_tokens=max_query_tokens)
         return [v.float().cpu().numpy() for v in self._forward(batch)]
+
+    @torch.inference_mode()
+    def embed_query_tensor(
+        self, text: str, *, query_prefix: str | None = None, max_query_tokens: int = DEFAULT_MAX_QUERY_TOKENS
+    ) -> torch.Tensor:
+        """
+        Encode one query like `embed_queries`, but leave it on the model's device (no host copy or sync).
+
+        :param text: The query.
+        :param query_prefix: As for `embed_queries`.
+        :param max_query_tokens: As for `embed_queries`.
+        :returns: `(n_tokens, dim)` tensor in the model's dtype on the model's device, padding removed.
+        """
+        batch = self.query_inputs([text], query_prefix=query_prefix, max_query_tokens=max_query_tokens)
+        embeddings, _ = self._forward_padded(batch)
+        keep = batch["attention_mask"][0].bool()  # the host copy of the mask: selecting rows needs no sync
+        if bool(keep.all()):
+            return embeddings[0]
+        return embeddings[0].index_select(0, keep.nonzero().squeeze(1).to(embeddings.device, non_blocking=True))
 
     def check_image(self, image: Image.Image) -> None:
         """

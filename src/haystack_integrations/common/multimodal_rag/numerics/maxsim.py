@@ -16,13 +16,15 @@ Two paths, one result:
   torch/numpy work (OpenMP teams of several threads spin-waiting on the same cores is what collapses).
 - `maxsim_chunks(query, chunks)`: the same CPU kernel for pages that arrive batch by batch (a store's fetch):
   the caller fetches the next batch while the workers score the previous one.
-- `maxsim_padded(query, pages, device=...)`, device-generic torch: the pages are packed in one (pinned,
-  on CUDA) host buffer, moved to the device in one copy, scored in one padded and masked batched
-  matmul, and only the scores come back. `maxsim(..., device="cuda:0")` dispatches to it; the ranker
-  uses it when its model is on a GPU.
+- `maxsim_padded(query, pages, device=...)`, device-generic torch: `stage_pages` packs the pages into one
+  host buffer (on CUDA a reused page-locked one, copied to the device on a side stream without blocking the
+  host), `maxsim_staged` scores them with no host synchronisation (one batched matmul when the pages have one
+  length, else one `(rows, Lq)` matmul and a per-page segment max), and only the scores come back.
+  `maxsim(..., device="cuda:0")` dispatches to it; the ranker stages its stored pages while the query is
+  being encoded on the GPU and scores them with `maxsim_staged`.
 
-Padding rows never win a max (masked to -inf, or not there), pages may have different lengths, and a page
-containing NaN gets a NaN score (torch's max reductions propagate NaN), which callers can detect.
+Padding rows never win a max (there are none), pages may have different lengths, and a page containing NaN
+gets a non-finite score (NaN or inf), which callers can detect.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import threading
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -43,6 +46,10 @@ ArrayLike = np.ndarray | torch.Tensor
 BLOCK_ROWS = 2048
 #: Worker threads of the CPU kernel: a fixed, small number (2 of the project's 2-core target machine).
 CPU_THREADS = max(1, min(2, os.cpu_count() or 1))
+#: Threads that copy pages into the page-locked staging buffer for a GPU. One core copied about 5 GB/s on an H100
+#: machine (1000 pages of 768 x 128 float16 are 188 MiB); while a launch-bound query encoding ran beside the copy,
+#: 2 threads overlapped best there (more copy faster alone but slow the thread feeding the GPU).
+PACK_THREADS = max(1, min(2, (os.cpu_count() or 1) // 2))
 
 _LOCAL = threading.local()
 _POOL_LOCK = threading.Lock()
@@ -50,6 +57,8 @@ _POOL: ThreadPoolExecutor | None = None
 _POOL_READY = False
 _POOL_PID: int | None = None  # a forked child inherits no worker threads: it builds its own pool
 _WARN_LOCK = threading.Lock()
+_PACK_LOCK = threading.Lock()
+_PACK_POOL: tuple[ThreadPoolExecutor, int] | None = None  # and the pid it was made in (a fork gets no threads)
 _READ_ONLY_SEEN = False
 
 
@@ -81,14 +90,16 @@ def _check_query(query: ArrayLike) -> torch.Tensor:
     return query_t
 
 
-def _check_pages(pages: Sequence[ArrayLike], dim: int, offset: int = 0) -> list[torch.Tensor]:
+def _check_pages(
+    pages: Sequence[ArrayLike], dim: int, offset: int = 0, *, against: str = "the query"
+) -> list[torch.Tensor]:
     page_ts = [_as_tensor(p) for p in pages]
     for i, page in enumerate(page_ts, start=offset):
         if page.ndim != 2 or page.shape[0] == 0:
             msg = f"page {i} must be a non-empty 2-D array (vectors, dim), got shape {tuple(page.shape)}"
             raise ValueError(msg)
         if page.shape[1] != dim:
-            msg = f"page {i} has vectors of dim {page.shape[1]} but the query has dim {dim}"
+            msg = f"page {i} has vectors of dim {page.shape[1]} but {against} has dim {dim}"
             raise ValueError(msg)
     return page_ts
 
@@ -285,13 +296,207 @@ def cpu_kernel_threads() -> int:
 # --- device-generic batched kernel ----------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class StagedPages:
+    """
+    Pages packed row after row into one tensor on the scoring device, by `stage_pages`.
+
+    :param packed: `(total_rows, d)`: page 0's rows, then page 1's, ...
+    :param lengths: Rows of each page, on the host.
+    :param device_lengths: `lengths` as an int64 tensor on `packed.device`.
+    :param ready: On CUDA, recorded on the copy stream once `packed` and `device_lengths` have arrived; `None`
+        when they were made on the current stream.
+    """
+
+    packed: torch.Tensor
+    lengths: tuple[int, ...]
+    device_lengths: torch.Tensor
+    ready: torch.cuda.Event | None = None
+
+
+class _PinnedSlot:
+    """A grow-only page-locked host buffer and the event of the last copy that read it."""
+
+    def __init__(self) -> None:
+        self.buffer: torch.Tensor | None = None
+        self.last_copy: torch.cuda.Event | None = None
+
+
+def _pack(pages: Sequence[torch.Tensor], out: torch.Tensor) -> None:
+    """
+    Copy CPU pages row after row into `out` (`(total_rows, d)`, their dtype), split over `PACK_THREADS` threads.
+
+    The copies are numpy's (a memcpy that releases the GIL), not `torch.cat`: that would wake an OpenMP team in
+    the calling thread whose spinning threads take the cores the thread feeding the GPU needs.
+    """
+    global _PACK_POOL
+    dest = out.view(torch.uint8).numpy()  # bytes: numpy has no bfloat16
+    sources = [p.contiguous().view(torch.uint8).numpy() for p in pages]
+    starts = np.cumsum([0, *(p.shape[0] for p in pages)]).tolist()
+
+    def copy(lo: int, hi: int) -> None:
+        for i in range(lo, hi):
+            dest[starts[i] : starts[i + 1]] = sources[i]
+
+    parts = min(PACK_THREADS, len(pages))
+    if parts <= 1:
+        copy(0, len(pages))
+        return
+    with _PACK_LOCK:
+        if _PACK_POOL is None or _PACK_POOL[1] != os.getpid():
+            _PACK_POOL = (ThreadPoolExecutor(PACK_THREADS, thread_name_prefix="maxsim-pack"), os.getpid())
+        pool = _PACK_POOL[0]
+    cuts = [len(pages) * i // parts for i in range(parts + 1)]
+    futures = [pool.submit(copy, cuts[i], cuts[i + 1]) for i in range(parts)]
+    for future in futures:
+        future.result()
+
+
+def _pinned_slot(dtype: torch.dtype) -> _PinnedSlot:
+    slots: dict[torch.dtype, _PinnedSlot] | None = getattr(_LOCAL, "pinned", None)
+    if slots is None:
+        slots = _LOCAL.pinned = {}
+    return slots.setdefault(dtype, _PinnedSlot())
+
+
+def _copy_stream(device: torch.device) -> torch.cuda.Stream:
+    streams: dict[torch.device, torch.cuda.Stream] | None = getattr(_LOCAL, "copy_streams", None)
+    if streams is None:
+        streams = _LOCAL.copy_streams = {}
+    if device not in streams:
+        streams[device] = torch.cuda.Stream(device)
+    return streams[device]
+
+
+def _cuda_index(device: str | torch.device) -> torch.device:
+    target = torch.device(device)
+    if target.type == "cuda" and target.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return target
+
+
+def to_device(tensor: torch.Tensor, device: str | torch.device) -> torch.Tensor:
+    """
+    `tensor` on `device`, without blocking the host when it goes from the CPU to a CUDA device.
+
+    :param tensor: Any tensor (a small one: on CUDA it is copied through freshly page-locked memory).
+    :param device: The target device.
+    :returns: `tensor` itself when it is already there, else a copy (queued on the current stream on CUDA).
+    """
+    target = _cuda_index(device)
+    if tensor.device == target:
+        return tensor
+    if target.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(target, non_blocking=True)
+    return tensor.to(target)
+
+
+def stage_pages(pages: Sequence[ArrayLike], *, device: str | torch.device) -> StagedPages:
+    """
+    Pack pages into one tensor on `device`, for `maxsim_staged`.
+
+    For a CUDA device the pages are packed into a page-locked host buffer and sent in one non-blocking copy on
+    a side stream, so the call returns while the copy runs (e.g. while the query is encoded on the GPU). The
+    buffer is kept for the next call: one per thread and dtype, grow-only (it stays as large as the largest
+    request that thread made, e.g. 1000 pages x 768 x 128 float16 = 188 MiB), and reused only after its
+    previous copy has finished. Mixed page dtypes are packed as float32.
+
+    :param pages: Each `(Lp_i, d)`, `Lp_i >= 1`, one `d` for all, float16/float32/bfloat16 (numpy or torch).
+    :param device: A torch device (`"cuda:0"`, `"cpu"`, `"mps"`, ...).
+    :returns: The staged pages.
+    :raises ValueError: When a page is not 2-D, is empty, or its width differs from page 0's.
+    """
+    target = _cuda_index(device)
+    page_ts = [_as_tensor(p) for p in pages]
+    dim = int(page_ts[0].shape[-1]) if page_ts else 0
+    page_ts = _check_pages(page_ts, dim, against="page 0")
+    lengths = tuple(int(p.shape[0]) for p in page_ts)
+    dtypes = {p.dtype for p in page_ts}
+    pack_dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+    host_lengths = torch.tensor(lengths, dtype=torch.int64)
+    if not page_ts:
+        return StagedPages(torch.empty((0, 0), device=target), (), host_lengths.to(target))
+    total = sum(lengths)
+    with torch.inference_mode():
+        if target.type != "cpu" and all(p.device == target for p in page_ts):
+            packed = torch.cat([p.to(pack_dtype) for p in page_ts])
+            return StagedPages(packed, lengths, to_device(host_lengths, target))
+        host_pages = [p.to("cpu", pack_dtype) for p in page_ts]
+        if target.type != "cuda":
+            host = torch.empty((total, dim), dtype=pack_dtype)
+            _pack(host_pages, host)
+            return StagedPages(host.to(target), lengths, host_lengths.to(target))
+        slot = _pinned_slot(pack_dtype)
+        if slot.last_copy is not None:
+            slot.last_copy.synchronize()  # the previous copy out of this buffer has finished
+        if slot.buffer is None or slot.buffer.numel() < total * dim:
+            slot.buffer = None  # returned to torch's pinned-memory cache before the larger one is taken
+            slot.buffer = torch.empty(total * dim, dtype=pack_dtype, pin_memory=True)
+        host = slot.buffer[: total * dim].view(total, dim)
+        _pack(host_pages, host)
+        host_lengths = host_lengths.pin_memory()
+        # A side stream, so the copy does not queue behind (or hold up) the kernels of the current stream.
+        stream = _copy_stream(target)
+        with torch.cuda.stream(stream):
+            packed = host.to(target, non_blocking=True)
+            device_lengths = host_lengths.to(target, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(stream)
+        slot.last_copy = ready
+        return StagedPages(packed, lengths, device_lengths, ready)
+
+
+def maxsim_staged(query: ArrayLike, staged: StagedPages) -> torch.Tensor:
+    """
+    MaxSim of one query against staged pages, on their device, without a host synchronisation.
+
+    Pages of one length are scored as a `(n_pages, L, d)` batch; pages of different lengths as one
+    `(total_rows, Lq)` similarity matrix reduced per page (a segment max), so no padding is materialised.
+
+    :param query: `(Lq, d)`, float16/float32/bfloat16 (numpy or torch, on any device).
+    :param staged: From `stage_pages`.
+    :returns: `float32` tensor of shape `(n_pages,)` on the pages' device (not yet copied to the host), the
+        same values as `maxsim` up to float32 rounding. A page holding NaN or infinite values gets a non-finite
+        score.
+    :raises ValueError: When the query is not 2-D, has no tokens, or its width differs from the pages'.
+    """
+    query_t = _check_query(query)
+    packed, lengths = staged.packed, staged.lengths
+    device = packed.device
+    if not lengths:
+        return torch.empty(0, dtype=torch.float32, device=device)
+    if query_t.shape[1] != packed.shape[1]:
+        msg = f"the query has vectors of dim {query_t.shape[1]} but the pages have dim {packed.shape[1]}"
+        raise ValueError(msg)
+    with torch.inference_mode():
+        if staged.ready is not None:  # CUDA: wait for the copy on the device, not on the host
+            current = torch.cuda.current_stream(device)
+            current.wait_event(staged.ready)
+            packed.record_stream(current)
+            staged.device_lengths.record_stream(current)
+        query32 = to_device(query_t, device).to(torch.float32)
+        pages32 = packed.to(torch.float32)
+        n_pages = len(lengths)
+        if min(lengths) == max(lengths):
+            sims = torch.matmul(pages32.view(n_pages, lengths[0], -1), query32.T)  # (n_pages, L, Lq)
+            return sims.amax(dim=1).sum(dim=1)
+        sims = pages32 @ query32.T  # (total_rows, Lq)
+        # scatter_reduce's "amax" does not promise to propagate NaN: NaN becomes +inf, still non-finite.
+        sims = torch.nan_to_num(sims, nan=math.inf, posinf=math.inf, neginf=-math.inf)
+        page_of_row = torch.repeat_interleave(
+            torch.arange(n_pages, device=device), staged.device_lengths, output_size=packed.shape[0]
+        )
+        best = torch.full((n_pages, query32.shape[0]), -math.inf, dtype=torch.float32, device=device)
+        best.scatter_reduce_(0, page_of_row[:, None].expand_as(sims), sims, reduce="amax")
+        return best.sum(dim=1)
+
+
 def maxsim_padded(query: ArrayLike, pages: Sequence[ArrayLike], *, device: str | torch.device) -> np.ndarray:
     """
-    MaxSim of one query against many pages in one padded, masked, batched kernel on `device`.
+    MaxSim of one query against many pages in one batched kernel on `device`.
 
-    The pages are packed into one host buffer (page-locked when `device` is CUDA) and moved in one
-    non-blocking copy; the device pads them to `(n_pages, max_len, d)`, masks the padding rows to `-inf`
-    before the max, and only the `n_pages` scores are copied back.
+    `stage_pages` then `maxsim_staged`: the pages go to the device in one copy (from a reused page-locked
+    buffer on CUDA), the kernel needs no host synchronisation, and only the `n_pages` scores come back.
 
     :param query: `(Lq, d)`, float16/float32/bfloat16 (numpy or torch).
     :param pages: Each `(Lp_i, d)`, `Lp_i >= 1`.
@@ -302,26 +507,4 @@ def maxsim_padded(query: ArrayLike, pages: Sequence[ArrayLike], *, device: str |
     query_t, page_ts = _validate(query, pages)
     if not page_ts:
         return np.empty(0, dtype=np.float32)
-    target = torch.device(device)
-    dim = query_t.shape[1]
-    lengths = [int(p.shape[0]) for p in page_ts]
-    dtypes = {p.dtype for p in page_ts}
-    pack_dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
-    with torch.inference_mode():
-        if all(p.device == target for p in page_ts):
-            packed = torch.cat([p.to(pack_dtype) for p in page_ts])
-        else:
-            host = torch.empty(
-                (sum(lengths), dim), dtype=pack_dtype, pin_memory=target.type == "cuda" and torch.cuda.is_available()
-            )
-            torch.cat([p.cpu().to(pack_dtype) for p in page_ts], out=host)
-            packed = host.to(target, non_blocking=True)
-        n_pages, max_len = len(page_ts), max(lengths)
-        lengths_t = torch.tensor(lengths, device=target)
-        mask = torch.arange(max_len, device=target)[None, :] < lengths_t[:, None]  # (n_pages, max_len)
-        padded = torch.zeros((n_pages, max_len, dim), dtype=torch.float32, device=target)
-        padded[mask] = packed.to(torch.float32)  # row-major mask order == packing order
-        sims = torch.matmul(padded, query_t.to(target, torch.float32).T)  # (n_pages, max_len, Lq)
-        sims.masked_fill_(~mask[:, :, None], float("-inf"))
-        scores = sims.amax(dim=1).sum(dim=1)
-        return scores.to("cpu", torch.float32).numpy()
+    return maxsim_staged(query_t, stage_pages(page_ts, device=device)).cpu().numpy()

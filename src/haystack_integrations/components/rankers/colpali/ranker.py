@@ -5,11 +5,13 @@ import math
 import threading
 from collections import OrderedDict
 from collections.abc import Hashable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from haystack import Document, component, default_from_dict, default_to_dict, logging
 from haystack.utils import ComponentDevice, Secret
 
@@ -18,7 +20,14 @@ from haystack_integrations.common.multimodal_rag.backends.loading import LoadSpe
 from haystack_integrations.common.multimodal_rag.errors import MediaError, MultiVectorStoreError
 from haystack_integrations.common.multimodal_rag.inputs.media import resolve_path
 from haystack_integrations.common.multimodal_rag.inputs.planning import iter_image_batches, plan_documents
-from haystack_integrations.common.multimodal_rag.numerics.maxsim import cpu_kernel_threads, maxsim_by_id
+from haystack_integrations.common.multimodal_rag.numerics.maxsim import (
+    StagedPages,
+    cpu_kernel_threads,
+    maxsim_by_id,
+    maxsim_staged,
+    stage_pages,
+    to_device,
+)
 from haystack_integrations.common.multimodal_rag.numerics.ranking import (
     DENSE_SCORE_META_KEY,
     LATE_INTERACTION_SCORE_META_KEY,
@@ -27,13 +36,50 @@ from haystack_integrations.common.multimodal_rag.numerics.ranking import (
     select_top,
 )
 from haystack_integrations.common.multimodal_rag.validation import check_int, check_positive_int, check_query
+from haystack_integrations.document_stores.multivector.in_memory import InMemoryMultiVectorStore
 from haystack_integrations.document_stores.multivector.protocol import (
     MultiVectorStore,
     check_store_compatible,
     with_store_from_dict,
 )
+from haystack_integrations.document_stores.multivector.sqlite import SQLiteMultiVectorStore
 
 logger = logging.getLogger(__name__)
+
+#: Stores whose `score` is `get` plus the package's MaxSim kernel, so on a GPU the ranker may do those two steps
+#: itself and overlap them with query encoding. Exact types: a subclass may score its own way.
+_KERNEL_STORES = (InMemoryMultiVectorStore, SQLiteMultiVectorStore)
+
+
+def _fetch_and_stage(store: MultiVectorStore, ids: list[str], device: torch.device) -> tuple[list[str], StagedPages]:
+    vectors = store.get(ids)
+    return list(vectors), stage_pages(list(vectors.values()), device=device)
+
+
+def _score_fetched(
+    query: np.ndarray | torch.Tensor, fetch: Future[tuple[list[str], StagedPages]]
+) -> dict[str, float] | None:
+    """
+    MaxSim of the pages `_fetch_and_stage` staged, with one device->host copy (the scores and a finiteness flag).
+
+    `None` where the caller must run `store.score` instead: the fetch failed, found nothing, or the query is
+    malformed or not finite. `store.score` then raises exactly the error it raised before this path existed.
+    """
+    try:
+        found, staged = fetch.result()
+    except Exception:  # store.score raises it again, in its usual order after the query checks
+        return None
+    query_t = torch.as_tensor(query)
+    if not found or query_t.ndim != 2 or query_t.shape[0] == 0:
+        return None
+    device = staged.packed.device
+    query_t = to_device(query_t, device)
+    scores = maxsim_staged(query_t, staged)
+    finite = torch.isfinite(query_t).all().reshape(1).to(scores.dtype)
+    host = torch.cat([scores, finite]).cpu()  # the query's only device->host copy
+    if host[-1] == 0:
+        return None
+    return dict(zip(found, host[:-1].tolist(), strict=True))
 
 
 class _LRUCache:
@@ -179,6 +225,7 @@ class ColPaliRanker:
         self._encoder: LateInteractionEncoder | None = None
         self._cache = _LRUCache(cache_size)
         self._warm_lock = threading.Lock()
+        self._fetch_pool: ThreadPoolExecutor | None = None  # one thread: fetches stored pages while a query encodes
         # The on-the-fly path stores vectors like the store does, so both paths score identical values.
         self._cache_dtype = np.dtype(multivector_store.dtype if multivector_store is not None else "float16")
 
@@ -241,8 +288,29 @@ class ColPaliRanker:
         device = self._encoder.device if self._encoder is not None else None
         return None if device is None or str(device).startswith("cpu") else str(device)
 
-    def _encode_query(self, query: str) -> np.ndarray:
+    def _overlap_device(self) -> torch.device | None:
+        """The CUDA device to stage stored pages on while the query is encoded; `None` keeps `store.score`."""
+        device = self._score_device()
+        if device is None or type(self.multivector_store) not in _KERNEL_STORES:
+            return None
+        target = torch.device(device)
+        return target if target.type == "cuda" else None
+
+    def _start_fetch(self, documents: list[Document]) -> Future[tuple[list[str], StagedPages]] | None:
+        """On a GPU, fetch and stage the candidates' stored pages in the background (see `_score_fetched`)."""
+        device = self._overlap_device()
+        if device is None or self.multivector_store is None:
+            return None
+        with self._warm_lock:
+            if self._fetch_pool is None:
+                self._fetch_pool = ThreadPoolExecutor(1, thread_name_prefix="colpali-ranker-fetch")
+        ids = list(dict.fromkeys(d.id for d in documents))
+        return self._fetch_pool.submit(_fetch_and_stage, self.multivector_store, ids, device)
+
+    def _encode_query(self, query: str, *, on_device: bool = False) -> np.ndarray | torch.Tensor:
         assert self._encoder is not None
+        if on_device:  # GPU scoring: the query stays where the model put it
+            return self._encoder.embed_query_tensor(query, query_prefix=self.query_prefix)
         if self.query_prefix is None:
             return self._encoder.embed_queries([query])[0]
         embed: Any = self._encoder.embed_queries
@@ -271,7 +339,12 @@ class ColPaliRanker:
             raise ValueError(msg)
         return array
 
-    def _stored_scores(self, query: np.ndarray, documents: list[Document]) -> dict[str, float]:
+    def _stored_scores(
+        self,
+        query: np.ndarray | torch.Tensor,
+        documents: list[Document],
+        fetch: Future[tuple[list[str], StagedPages]] | None = None,
+    ) -> dict[str, float]:
         store = self.multivector_store
         if store is None:
             return {}
@@ -282,6 +355,10 @@ class ColPaliRanker:
                 f"(model '{self.model}') has dim {query.shape[1]}"
             )
             raise MultiVectorStoreError(msg)
+        if fetch is not None:
+            scores = _score_fetched(query, fetch)
+            if scores is not None:
+                return scores
         ids = list(dict.fromkeys(d.id for d in documents))
         return dict(store.score(query, ids, device=self._score_device()))
 
@@ -375,13 +452,17 @@ class ColPaliRanker:
         if not documents or top_k == 0:
             return {"documents": []}
 
+        # On a GPU the stored pages are fetched, packed and sent to the device while the query is encoded.
+        query_vectors: np.ndarray | torch.Tensor
         if query_multivector_embedding is None:
             self.warm_up()
-            query_vectors = self._encode_query(str(query))
+            fetch = self._start_fetch(documents)
+            query_vectors = self._encode_query(str(query), on_device=fetch is not None)
         else:
             query_vectors = self._check_query_embedding(query_multivector_embedding)
+            fetch = self._start_fetch(documents)
         n_query_tokens = query_vectors.shape[0]
-        late = self._stored_scores(query_vectors, documents)
+        late = self._stored_scores(query_vectors, documents, fetch)
         missing = [d for d in documents if d.id not in late]
         if missing:
             self.warm_up()
