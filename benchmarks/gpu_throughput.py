@@ -93,7 +93,9 @@ def _profile(folder: str | None, name: str, fn: Callable[[], object], device: st
     lines = [f"{name}: {wall * 1000:.0f} ms wall under the profiler"]
     for key in ("self_cpu_time_total", "self_device_time_total" if device.startswith("cuda") else None):
         if key:
-            lines.append(f"\n## sorted by {key}\n" + averages.table(sort_by=key, row_limit=35, max_name_column_width=70))
+            lines.append(
+                f"\n## sorted by {key}\n" + averages.table(sort_by=key, row_limit=35, max_name_column_width=70)
+            )
     Path(folder).mkdir(parents=True, exist_ok=True)
     (Path(folder) / f"{name}.txt").write_text("\n".join(lines))
 
@@ -108,6 +110,15 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--only", nargs="*", choices=("ranker", "query", "pages", "vlm", "dense"))
     parser.add_argument("--profile", help="also write a torch.profiler table of one run per row into this folder")
+    parser.add_argument(
+        "--vlm-batch-sizes",
+        type=int,
+        nargs="*",
+        default=[],
+        metavar="N",
+        help="also time the VisionLanguageRanker row at these batch sizes (e.g. 4 8 16), one extra row each; "
+        "the main row uses the ranker's default (batch_size=None: 16 on CUDA, 4 elsewhere)",
+    )
     args = parser.parse_args()
     only = set(args.only or ("ranker", "query", "pages", "vlm", "dense"))
     device, work = args.device, Path(args.workdir)
@@ -164,7 +175,9 @@ def main() -> None:
                     ms = _median_ms(
                         lambda c=candidates: ranker.run(query=QUERY, documents=c), device=device, repeats=args.repeats
                     )
-                    _profile(args.profile, f"ranker{n}", lambda c=candidates: ranker.run(query=QUERY, documents=c), device)
+                    _profile(
+                        args.profile, f"ranker{n}", lambda c=candidates: ranker.run(query=QUERY, documents=c), device
+                    )
                     rows.append(
                         (
                             f"ColPaliRanker.run, query encode + MaxSim, {n} stored candidates (768x128 fp16)",
@@ -180,20 +193,30 @@ def main() -> None:
         ]
         # MonoQwen2-VL-v0.1 is a LoRA on Qwen2-VL-2B-Instruct: same architecture, same cost per candidate. The
         # random base's small tokenizer has no single-token "True", so the zero-shot recipe drives it.
-        vlm_ranker = VisionLanguageRanker(
-            qwen2, recipe="zero_shot_yes_no", device=component_device, max_candidates=80, top_k=10
-        )
-        vlm_ranker.warm_up()
-        ms = _median_ms(
-            lambda: vlm_ranker.run(query=QUERY, documents=candidates),
-            device=device,
-            repeats=max(3, args.repeats // 3),
-            warmup=1,
-        )
-        _profile(args.profile, "vlm", lambda: vlm_ranker.run(query=QUERY, documents=candidates), device)
-        rows.append(
-            ("VisionLanguageRanker, 80 image candidates (768x512), Qwen2-VL-2B-shaped", f"{ms / 1000:.2f} s p50")
-        )
+        label = "VisionLanguageRanker, 80 image candidates (768x512), Qwen2-VL-2B-shaped"
+        for batch_size in [None, *args.vlm_batch_sizes]:
+            vlm_ranker = VisionLanguageRanker(
+                qwen2,
+                recipe="zero_shot_yes_no",
+                device=component_device,
+                max_candidates=80,
+                top_k=10,
+                batch_size=batch_size,
+            )
+            vlm_ranker.warm_up()
+            ms = _median_ms(
+                lambda r=vlm_ranker: r.run(query=QUERY, documents=candidates),
+                device=device,
+                repeats=max(3, args.repeats // 3),
+                warmup=1,
+            )
+            suffix = "" if batch_size is None else f"-bs{batch_size}"
+            _profile(
+                args.profile, f"vlm{suffix}", lambda r=vlm_ranker: r.run(query=QUERY, documents=candidates), device
+            )
+            rows.append(
+                (label + ("" if batch_size is None else f", batch_size={batch_size}"), f"{ms / 1000:.2f} s p50")
+            )
 
     if "dense" in only:
         siglip = str(
