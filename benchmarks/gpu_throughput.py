@@ -122,6 +122,15 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="runs per throughput row (median reported)")
     parser.add_argument("--only", nargs="*", choices=("ranker", "query", "pages", "vlm", "dense"))
     parser.add_argument("--profile", help="also write a torch.profiler table of one run per row into this folder")
+    parser.add_argument(
+        "--vlm-batch-sizes",
+        type=int,
+        nargs="*",
+        default=[],
+        metavar="N",
+        help="also time the VisionLanguageRanker row at these batch sizes (e.g. 4 8 16), one extra row each; "
+        "the main row uses the ranker's default (batch_size=None: 16 on CUDA, 4 elsewhere)",
+    )
     args = parser.parse_args()
     only = set(args.only or ("ranker", "query", "pages", "vlm", "dense"))
     device, work = args.device, Path(args.workdir)
@@ -207,20 +216,30 @@ def main() -> None:
         ]
         # MonoQwen2-VL-v0.1 is a LoRA on Qwen2-VL-2B-Instruct: same architecture, same cost per candidate. The
         # random base's small tokenizer has no single-token "True", so the zero-shot recipe drives it.
-        vlm_ranker = VisionLanguageRanker(
-            qwen2, recipe="zero_shot_yes_no", device=component_device, max_candidates=80, top_k=10
-        )
-        vlm_ranker.warm_up()
-        ms = _median_ms(
-            lambda: vlm_ranker.run(query=QUERY, documents=candidates),
-            device=device,
-            repeats=max(3, args.repeats // 3),
-            warmup=1,
-        )
-        _profile(args.profile, "vlm", lambda: vlm_ranker.run(query=QUERY, documents=candidates), device)
-        rows.append(
-            ("VisionLanguageRanker, 80 image candidates (768x512), Qwen2-VL-2B-shaped", f"{ms / 1000:.2f} s p50")
-        )
+        label = "VisionLanguageRanker, 80 image candidates (768x512), Qwen2-VL-2B-shaped"
+        for batch_size in [None, *args.vlm_batch_sizes]:
+            vlm_ranker = VisionLanguageRanker(
+                qwen2,
+                recipe="zero_shot_yes_no",
+                device=component_device,
+                max_candidates=80,
+                top_k=10,
+                batch_size=batch_size,
+            )
+            vlm_ranker.warm_up()
+            ms = _median_ms(
+                lambda r=vlm_ranker: r.run(query=QUERY, documents=candidates),
+                device=device,
+                repeats=max(3, args.repeats // 3),
+                warmup=1,
+            )
+            suffix = "" if batch_size is None else f"-bs{batch_size}"
+            _profile(
+                args.profile, f"vlm{suffix}", lambda r=vlm_ranker: r.run(query=QUERY, documents=candidates), device
+            )
+            rows.append(
+                (label + ("" if batch_size is None else f", batch_size={batch_size}"), f"{ms / 1000:.2f} s p50")
+            )
 
     if "dense" in only:
         siglip = str(

@@ -31,7 +31,7 @@ import inspect
 import itertools
 import threading
 from functools import cache
-from typing import Any
+from typing import Any, cast
 
 import torch
 from haystack import logging
@@ -123,7 +123,7 @@ def varlen_attention(
 
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
-        )  # type: ignore[return-value]
+        )
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (total, heads, dim)
     fast = _torch_varlen_attn()
     if fast is not None and not _TORCH_VARLEN_BROKEN and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
@@ -156,7 +156,7 @@ def _register() -> None:
 
 
 @cache
-def _follows_boundary_protocol(module_class: type) -> bool:
+def _follows_boundary_protocol(module_class: Any) -> bool:
     """Whether a vision attention class passes `cu_seq_lens_q` to the attention function when flash is requested."""
     try:
         source = inspect.getsource(module_class.forward)
@@ -199,9 +199,9 @@ def switch_vision_attention(model: torch.nn.Module) -> bool:
     :returns: Whether it was switched (`False` for other architectures and for towers not on SDPA).
     """
     modules = _vision_attention_modules(model)
-    if not modules or not all(_follows_boundary_protocol(type(m)) for m in modules):
+    if not modules or not all(_follows_boundary_protocol(cast(Any, type(m))) for m in modules):
         return False
-    configs = {id(m.config): m.config for m in modules if getattr(m, "config", None) is not None}
+    configs: dict[int, Any] = {id(m.config): m.config for m in modules if getattr(m, "config", None) is not None}
     if len(configs) == 0 or any(getattr(c, "_attn_implementation", None) != "sdpa" for c in configs.values()):
         return False  # eager or flash-attention already chosen: leave it
     _register()

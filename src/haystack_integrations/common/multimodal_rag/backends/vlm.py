@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -239,6 +240,9 @@ class VisionLanguageModel(CachedModel):
         self.device = device
         self.model_id = model_id
         self.dtype = model_dtype(model)
+        # A fast (Rust) tokenizer changes its own padding/truncation state at every call and fails when two
+        # threads use it at once ("Already borrowed"); the ranker preprocesses on a background thread.
+        self._processor_lock = threading.RLock()
 
     @classmethod
     def _load(cls, spec: LoadSpec) -> VisionLanguageModel:
@@ -269,9 +273,16 @@ class VisionLanguageModel(CachedModel):
             self.processor.apply_chat_template(hf_messages, add_generation_prompt=add_generation_prompt, tokenize=False)
         )
 
-    def encode(self, texts: list[str], images: list[list[Image.Image]], *, padding_side: str | None = None) -> Any:
+    def preprocess(
+        self, texts: list[str], images: list[list[Image.Image]], *, padding_side: str | None = None
+    ) -> dict[str, Any]:
         """
-        Tokenize prompts and preprocess their images into model inputs on the model's device.
+        Tokenize prompts and preprocess their images into model inputs, still on the host (CPU work only).
+
+        Safe to call from a background thread while the model runs (the processor is used by one thread at a
+        time). Floating inputs are cast to the model's dtype here, on the CPU, and on a CUDA model every tensor is
+        put in pinned memory, so `to_device` is a truly asynchronous copy (a copy from pageable memory, or one
+        that converts the dtype on the way, makes the host wait).
 
         :param texts: One rendered prompt per sample.
         :param images: The images of each sample, in the order their placeholders appear.
@@ -286,17 +297,46 @@ class VisionLanguageModel(CachedModel):
             kwargs["padding_side"] = padding_side
         if flat:
             kwargs["images"] = flat
-        inputs = self.processor(**kwargs)
-        non_blocking = self.device.startswith("cuda")
-        moved = {}
+        with self._processor_lock:
+            inputs = self.processor(**kwargs)
+        pin = self.device.startswith("cuda") and torch.cuda.is_available()
+        prepared: dict[str, Any] = {}
         for key, value in inputs.items():
             if isinstance(value, torch.Tensor):
-                if value.is_floating_point():
-                    value = value.to(self.device, dtype=self.dtype, non_blocking=non_blocking)
-                else:
-                    value = value.to(self.device, non_blocking=non_blocking)
-            moved[key] = value
-        return moved
+                if value.is_floating_point() and value.dtype != self.dtype:
+                    value = value.to(self.dtype)
+                if pin:
+                    value = value.pin_memory()
+            prepared[key] = value
+        return prepared
+
+    def to_device(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """
+        Move `preprocess` output to the model's device (asynchronously on CUDA: the inputs are pinned).
+
+        :param inputs: The output of `preprocess`.
+        :returns: The same keys, tensors on the model's device.
+        """
+        non_blocking = self.device.startswith("cuda")
+        return {
+            key: value.to(self.device, non_blocking=non_blocking) if isinstance(value, torch.Tensor) else value
+            for key, value in inputs.items()
+        }
+
+    def encode(self, texts: list[str], images: list[list[Image.Image]], *, padding_side: str | None = None) -> Any:
+        """
+        Tokenize prompts and preprocess their images into model inputs on the model's device.
+
+        `preprocess` then `to_device`.
+
+        :param texts: One rendered prompt per sample.
+        :param images: The images of each sample, in the order their placeholders appear.
+        :param padding_side: `"left"` aligns every sample's last token at the end (for scoring the next token).
+        :returns: A dict with `input_ids`, `attention_mask` and (when there are images) pixel inputs.
+        :raises ValueError: When the processor refuses an input (e.g. Qwen's "absolute aspect ratio must be
+            smaller than 200").
+        """
+        return self.to_device(self.preprocess(texts, images, padding_side=padding_side))
 
     def image_problem(self, image: Image.Image) -> str | None:
         """
@@ -311,7 +351,8 @@ class VisionLanguageModel(CachedModel):
         if image_processor is None:
             return None
         try:
-            image_processor(images=[image], return_tensors="pt")
+            with self._processor_lock:
+                image_processor(images=[image], return_tensors="pt")
         except (ValueError, RuntimeError) as e:
             return f"{type(e).__name__}: {e}"
         return None
@@ -329,10 +370,12 @@ class VisionLanguageModel(CachedModel):
         """
         head = text[: max_tokens * _CHARS_PER_TOKEN_BOUND]
         # Tokenize at most one token past the budget: that is enough to know whether the text fits.
-        ids = self.tokenizer(head, add_special_tokens=False, truncation=True, max_length=max_tokens + 1)["input_ids"]
-        if len(ids) <= max_tokens:
-            return (text, None) if len(head) == len(text) else (head, len(text))
-        return str(self.tokenizer.decode(ids[:max_tokens])), len(text)
+        with self._processor_lock:
+            encoded = self.tokenizer(head, add_special_tokens=False, truncation=True, max_length=max_tokens + 1)
+            ids = encoded["input_ids"]
+            if len(ids) <= max_tokens:
+                return (text, None) if len(head) == len(text) else (head, len(text))
+            return str(self.tokenizer.decode(ids[:max_tokens])), len(text)
 
 
 #: Upper bound on characters per token used to pre-cut huge texts before tokenizing (Qwen2's BPE tokens are

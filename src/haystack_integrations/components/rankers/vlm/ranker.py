@@ -1,7 +1,11 @@
 from __future__ import annotations
 
+import os
 import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any, Literal, get_args
 
 import torch
@@ -17,6 +21,7 @@ from haystack_integrations.common.multimodal_rag.backends.vlm import (
 )
 from haystack_integrations.common.multimodal_rag.errors import MediaError, ModelLoadError
 from haystack_integrations.common.multimodal_rag.inputs.media import VISUAL_MODALITIES, load_document_image, modality_of
+from haystack_integrations.common.multimodal_rag.inputs.prefetch import prefetch
 from haystack_integrations.common.multimodal_rag.numerics.ranking import (
     CROSS_ENCODER_SCORE_META_KEY,
     DENSE_SCORE_META_KEY,
@@ -25,7 +30,6 @@ from haystack_integrations.common.multimodal_rag.numerics.ranking import (
     score_sort_key,
 )
 from haystack_integrations.common.multimodal_rag.validation import (
-    batched,
     check_image_size,
     check_positive_int,
     check_query,
@@ -91,6 +95,34 @@ def _case_variants(token: str) -> list[str]:
     return variants
 
 
+#: Most threads decoding candidate images at once (Pillow and pdfium release the GIL while they decode; pdfium
+#: calls are serialised by the shared loader's lock).
+MAX_DECODE_WORKERS = 8
+
+
+#: `batch_size=None` on a CUDA device: a Qwen2-VL-2B candidate costs ~500 visual tokens at 768x512, so 16 of
+#: them fill a forward pass well (see the README's performance section); on other devices 4, the old default.
+CUDA_BATCH_SIZE = 16
+CPU_BATCH_SIZE = 4
+
+
+def _decode_workers(n_images: int) -> int:
+    return max(1, min(MAX_DECODE_WORKERS, os.cpu_count() or 1, n_images))
+
+
+_Candidate = tuple[Document, str, list[Image.Image]]
+#: Gives a candidate's `(is_image, images)`, waiting for its decode; raises its MediaError.
+_Load = Callable[[], tuple[bool, list[Image.Image]]]
+
+
+@dataclass
+class _EncodedBatch:
+    """One batch the processor accepted: its documents and their model inputs, still on the host."""
+
+    documents: list[Document]
+    inputs: dict[str, Any]
+
+
 @component
 class VisionLanguageRanker:
     """
@@ -151,7 +183,7 @@ class VisionLanguageRanker:
         top_k: int | None = None,
         score_threshold: float | None = None,
         max_candidates: int = 32,
-        batch_size: int = 4,
+        batch_size: int | None = None,
         max_query_tokens: int = 256,
         max_text_tokens: int = 1024,
         image_size: tuple[int, int] | list[int] | None = None,
@@ -185,7 +217,10 @@ class VisionLanguageRanker:
         :param score_threshold: Drop judged documents whose probability is below this value.
         :param max_candidates: Most candidates judged per query (the best by incoming score within each modality,
             shared round-robin between the modalities of a mixed list).
-        :param batch_size: Candidates per forward pass.
+        :param batch_size: Candidates per forward pass. `None` (default): `CUDA_BATCH_SIZE` (16) when the model
+            runs on a CUDA GPU, `CPU_BATCH_SIZE` (4) elsewhere. Larger batches keep a GPU busier (fewer forward
+            passes, each with a fixed host cost); activation memory grows with the batch (about 16 x 1280 visual
+            tokens at the default pixel budget), so lower it on a small GPU.
         :param max_query_tokens: The query is cut to this many tokens (with a warning).
         :param max_text_tokens: A text candidate's content is cut to this many tokens (with a warning).
         :param image_size: `(width, height)` box images are shrunk to fit before the processor sees them.
@@ -207,7 +242,8 @@ class VisionLanguageRanker:
             raise ValueError(msg)
         check_top_k_and_threshold(top_k, score_threshold)
         check_positive_int("max_candidates", max_candidates)
-        check_positive_int("batch_size", batch_size)
+        if batch_size is not None:
+            check_positive_int("batch_size", batch_size)
         check_positive_int("max_query_tokens", max_query_tokens)
         check_positive_int("max_text_tokens", max_text_tokens)
         spec = _RECIPES[recipe]
@@ -381,58 +417,83 @@ class VisionLanguageRanker:
         parts.append({"type": "text", "text": text})
         return [{"role": "user", "content": parts}]
 
-    def _prepare(self, query: str, doc: Document, truncated: list[str]) -> tuple[str, list[Image.Image]]:
-        """The prompt text and images of one candidate (raises MediaError for unreadable images)."""
+    def _effective_batch_size(self) -> int:
+        """`batch_size`, or for `None` the default of the device the model is on."""
+        if self.batch_size is not None:
+            return self.batch_size
         assert self._vlm is not None
+        return CUDA_BATCH_SIZE if str(self._vlm.device).startswith("cuda") else CPU_BATCH_SIZE
+
+    def _load_images(self, doc: Document) -> tuple[bool, list[Image.Image]]:
+        """Whether a candidate is shown as an image, and its images (raises MediaError when unreadable)."""
         modality = modality_of(doc, file_path_meta_field=self.file_path_meta_field)
-        images: list[Image.Image] = []
-        is_image = modality in VISUAL_MODALITIES
-        if is_image:
-            images.append(
-                load_document_image(
-                    doc,
-                    modality,
-                    file_path_meta_field=self.file_path_meta_field,
-                    root_path=self.root_path,
-                    fit=self.image_size,
-                )
-            )
+        if modality not in VISUAL_MODALITIES:
+            return False, []
+        image = load_document_image(
+            doc,
+            modality,
+            file_path_meta_field=self.file_path_meta_field,
+            root_path=self.root_path,
+            fit=self.image_size,
+        )
+        return True, [image]
+
+    def _start_loading(self, window: list[Document]) -> tuple[list[_Load], ThreadPoolExecutor | None, list[Future]]:
+        """
+        Start decoding the image candidates of `window` on a small thread pool.
+
+        :returns: One callable per candidate giving `_load_images`' result (waiting for its decode; re-raising its
+            MediaError), the pool (`None` when there are no images) and the futures (for clean-up).
+        """
+
+        def visual(doc: Document) -> bool:
+            try:
+                return modality_of(doc, file_path_meta_field=self.file_path_meta_field) in VISUAL_MODALITIES
+            except MediaError:
+                return False  # raised again (and reported) when it is loaded
+
+        flags = [visual(doc) for doc in window]
+        n_images = sum(flags)
+        pool = (
+            ThreadPoolExecutor(_decode_workers(n_images), thread_name_prefix="vlm-ranker-decode") if n_images else None
+        )
+        futures: list[Future] = []
+        loads: list[_Load] = []
+        for doc, is_visual in zip(window, flags, strict=True):
+            if pool is not None and is_visual:
+                future = pool.submit(self._load_images, doc)
+                futures.append(future)
+                loads.append(future.result)
+            else:
+                loads.append(partial(self._load_images, doc))
+        return loads, pool, futures
+
+    def _prompt(self, query: str, doc: Document, *, is_image: bool, truncated: list[str]) -> str:
+        """The rendered prompt of one candidate (its text cut to `max_text_tokens`)."""
+        assert self._vlm is not None
         content, original = self._vlm.truncate(doc.content or "", self.max_text_tokens)
         if original is not None:
             truncated.append(f"'{doc.id}' ({original} characters)")
         messages = self.messages_for(query, content, is_image=is_image, meta=doc.meta)
-        return self._vlm.prompt_text(messages), images
+        return self._vlm.prompt_text(messages)
 
-    @torch.inference_mode()
-    def _score_batch(self, prompts: list[str], images: list[list[Image.Image]]) -> torch.Tensor:
-        """P(relevant) of each sample, left on the model's device (no host sync)."""
-        assert self._vlm is not None
-        assert self._answer_ids is not None
-        assert self._answer_index is not None
-        n_positive = len(self._answer_ids[0])
-        inputs = self._vlm.encode(prompts, images, padding_side="left")
-        logits = self._vlm.model(**inputs, logits_to_keep=1).logits[:, -1, :]
-        selected = logits.index_select(-1, self._answer_index.to(logits.device)).float()
-        # log P(any positive variant) - log P(any negative variant); with one token each this is the card's
-        # softmax([True, False])[0] (MonoQwen) / sigmoid(yes - no) (Qwen3-VL-Reranker).
-        margin = torch.logsumexp(selected[:, :n_positive], -1) - torch.logsumexp(selected[:, n_positive:], -1)
-        return torch.sigmoid(margin)
-
-    def _score_chunk(
-        self, chunk: list[tuple[Document, str, list[Image.Image]]], refused: list[tuple[Document, str]]
-    ) -> tuple[list[Document], torch.Tensor | None]:
-        """Score a batch; when the processor refuses it, find the candidates it refuses and score the rest."""
+    def _encode_chunk(self, chunk: list[_Candidate], refused: list[tuple[Document, str]]) -> _EncodedBatch | None:
+        """
+        Preprocess a batch on the host; when the processor refuses it, find the candidates it refuses (named in
+        `refused`) and preprocess the rest. `None` when it refuses them all.
+        """
         assert self._vlm is not None
         try:
-            return [d for d, _, _ in chunk], self._score_batch([p for _, p, _ in chunk], [i for _, _, i in chunk])
+            inputs = self._vlm.preprocess([p for _, p, _ in chunk], [i for _, _, i in chunk], padding_side="left")
+            return _EncodedBatch([d for d, _, _ in chunk], inputs)
         except ValueError:
             pass
-        kept: list[tuple[Document, str, list[Image.Image]]] = []
+        kept: list[_Candidate] = []
         for doc, prompt, images in chunk:
             problem = next((p for p in (self._vlm.image_problem(img) for img in images) if p is not None), None)
             if problem is None:
                 try:
-                    self._vlm.encode([prompt], [images], padding_side="left")
+                    self._vlm.preprocess([prompt], [images], padding_side="left")
                 except ValueError as e:
                     problem = f"{type(e).__name__}: {e}"
             if problem is None:
@@ -441,8 +502,67 @@ class VisionLanguageRanker:
                 size = f" ({images[0].width}x{images[0].height})" if images else ""
                 refused.append((doc, f"the model's processor refuses it{size}: {problem}"))
         if not kept:
-            return [], None
-        return [d for d, _, _ in kept], self._score_batch([p for _, p, _ in kept], [i for _, _, i in kept])
+            return None
+        inputs = self._vlm.preprocess([p for _, p, _ in kept], [i for _, _, i in kept], padding_side="left")
+        return _EncodedBatch([d for d, _, _ in kept], inputs)
+
+    def _encoded_batches(
+        self,
+        query: str,
+        window: list[Document],
+        loads: list[_Load],
+        batch_size: int,
+        *,
+        unreadable: list[tuple[Document, str]],
+        refused: list[tuple[Document, str]],
+        truncated: list[str],
+    ) -> Iterator[_EncodedBatch]:
+        """
+        The judged candidates' model inputs, batch after batch, in window order (the producer of the pipeline).
+
+        All tokenizer and processor work of a query happens here (in one thread, the prefetch thread): the
+        candidate's decoded image is awaited, its prompt rendered, and every `batch_size` readable candidates are
+        preprocessed. Each batch's images are closed once their pixels are in the inputs.
+        """
+        pending: list[_Candidate] = []
+
+        def flush() -> _EncodedBatch | None:
+            batch = self._encode_chunk(pending, refused)
+            for _, _, images in pending:
+                for image in images:
+                    image.close()
+            pending.clear()
+            return batch
+
+        for doc, load in zip(window, loads, strict=True):
+            try:
+                is_image, images = load()
+            except MediaError as e:
+                unreadable.append((doc, str(e)))
+                continue
+            pending.append((doc, self._prompt(query, doc, is_image=is_image, truncated=truncated), images))
+            if len(pending) == batch_size:
+                batch = flush()
+                if batch is not None:
+                    yield batch
+        if pending:
+            batch = flush()
+            if batch is not None:
+                yield batch
+
+    @torch.inference_mode()
+    def _score_inputs(self, inputs: dict[str, Any]) -> torch.Tensor:
+        """P(relevant) of each sample of a preprocessed batch, left on the model's device (no host sync)."""
+        assert self._vlm is not None
+        assert self._answer_ids is not None
+        assert self._answer_index is not None
+        n_positive = len(self._answer_ids[0])
+        logits = self._vlm.model(**self._vlm.to_device(inputs), logits_to_keep=1).logits[:, -1, :]
+        selected = logits.index_select(-1, self._answer_index.to(logits.device)).float()
+        # log P(any positive variant) - log P(any negative variant); with one token each this is the card's
+        # softmax([True, False])[0] (MonoQwen) / sigmoid(yes - no) (Qwen3-VL-Reranker).
+        margin = torch.logsumexp(selected[:, :n_positive], -1) - torch.logsumexp(selected[:, n_positive:], -1)
+        return torch.sigmoid(margin)
 
     def _select_for_judging(self, documents: list[Document]) -> tuple[list[Document], list[Document]]:
         """
@@ -507,16 +627,34 @@ class VisionLanguageRanker:
                 limit=self.max_query_tokens,
             )
         window, rest = self._select_for_judging(documents)
-        prepared: list[tuple[Document, str, list[Image.Image]]] = []
         unreadable: list[tuple[Document, str]] = []
+        refused: list[tuple[Document, str]] = []
         truncated: list[str] = []
-        for doc in window:
-            try:
-                prompt, images = self._prepare(query, doc, truncated)
-            except MediaError as e:
-                unreadable.append((doc, str(e)))
-                continue
-            prepared.append((doc, prompt, images))
+        scored_docs: list[Document] = []
+        scores: list[torch.Tensor] = []
+        # Images are decoded concurrently; the processor prepares batch i+1 on a background thread while the model
+        # runs batch i (depth 1: at most three batches of inputs are alive).
+        loads, pool, futures = self._start_loading(window)
+        try:
+            batches = self._encoded_batches(
+                query,
+                window,
+                loads,
+                self._effective_batch_size(),
+                unreadable=unreadable,
+                refused=refused,
+                truncated=truncated,
+            )
+            for batch in prefetch(batches, depth=1):
+                scored_docs.extend(batch.documents)
+                scores.append(self._score_inputs(batch.inputs))
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+                for future in futures:  # images decoded but never preprocessed (the query failed)
+                    if not future.cancelled() and future.exception() is None:
+                        for image in future.result()[1]:
+                            image.close()
         if truncated:
             logger.warning(
                 "{component}: the text of {count} candidate(s) was cut to max_text_tokens={limit} tokens: {details}",
@@ -525,17 +663,8 @@ class VisionLanguageRanker:
                 limit=self.max_text_tokens,
                 details=", ".join(truncated),
             )
-
-        scored_docs: list[Document] = []
-        scores: list[torch.Tensor] = []
-        for chunk in batched(prepared, self.batch_size):
-            docs, probabilities = self._score_chunk(list(chunk), unreadable)
-            scored_docs.extend(docs)
-            if probabilities is not None:
-                scores.append(probabilities)
-        for _, _, images in prepared:
-            for image in images:
-                image.close()
+        # Unreadable ones first, then the refused ones, as they were found when decoding came before batching.
+        unreadable.extend(refused)
         if unreadable:
             logger.warning(
                 "{component}: {count} candidate(s) could not be shown to the model and keep their incoming score: "
