@@ -224,7 +224,7 @@ def main() -> None:
                 device=component_device,
                 max_candidates=80,
                 top_k=10,
-                batch_size=batch_size,
+                **({} if batch_size is None else {"batch_size": batch_size}),  # None: the ranker's own default
             )
             vlm_ranker.warm_up()
             ms = _median_ms(
