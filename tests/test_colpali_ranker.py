@@ -27,6 +27,9 @@ from tests.colpali_fixtures import embed_pages as _embed_pages
 from tests.colpali_fixtures import page_docs as _page_docs
 from tests.helpers import make_image
 
+#: Tests that compare with a float32 CPU reference or fake a device pin the CPU (the default is the best device).
+CPU = ComponentDevice.from_str("cpu")
+
 
 def _reference_scores(model: str, query: str, store: InMemoryMultiVectorStore, ids: list[str]) -> np.ndarray:
     """MaxSim computed independently with colpali-engine's own scorer, one page at a time."""
@@ -48,16 +51,18 @@ def _reference_scores(model: str, query: str, store: InMemoryMultiVectorStore, i
 
 
 def test_ranking_equals_reference_maxsim_from_colpali_engine(tiny_colqwen2: str, pages_dir: Path) -> None:
+    # On the CPU throughout, like the float32 reference (on a GPU the model runs in bfloat16).
     store = InMemoryMultiVectorStore()
-    docs = _embed_pages(tiny_colqwen2, _page_docs(pages_dir), store)["documents"]
+    docs = _embed_pages(tiny_colqwen2, _page_docs(pages_dir), store, device=CPU)["documents"]
     query = "a bar chart of quarterly revenue"
-    out = ColPaliRanker(tiny_colqwen2, multivector_store=store, top_k=len(docs)).run(query=query, documents=docs)
+    ranker = ColPaliRanker(tiny_colqwen2, multivector_store=store, top_k=len(docs), device=CPU)
+    out = ranker.run(query=query, documents=docs)
     ranked = out["documents"]
     reference = _reference_scores(tiny_colqwen2, query, store, [d.id for d in docs])
     expected_order = [docs[i].id for i in np.argsort(-reference, kind="stable")]
     assert [d.id for d in ranked] == expected_order
     by_id = dict(zip([d.id for d in docs], reference, strict=True))
-    n_tokens = len(ColPaliTextEmbedder(tiny_colqwen2).run(text=query)["multivector_embedding"])
+    n_tokens = len(ColPaliTextEmbedder(tiny_colqwen2, device=CPU).run(text=query)["multivector_embedding"])
     for doc in ranked:
         assert doc.meta["late_interaction_score"] == pytest.approx(by_id[doc.id], rel=1e-4)
         assert doc.score == pytest.approx(by_id[doc.id] / n_tokens, rel=1e-4)
@@ -408,8 +413,8 @@ def test_on_a_gpu_model_the_store_scores_on_the_models_device(
     tiny_colqwen2: str, pages_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = _OwnStore()
-    docs = _embed_pages(tiny_colqwen2, _page_docs(pages_dir)[:3], store)["documents"]
-    ranker = ColPaliRanker(tiny_colqwen2, multivector_store=store)
+    docs = _embed_pages(tiny_colqwen2, _page_docs(pages_dir)[:3], store, device=CPU)["documents"]
+    ranker = ColPaliRanker(tiny_colqwen2, multivector_store=store, device=CPU)
     ranker.warm_up()
     devices: list[object] = []
     real = store.score
@@ -420,7 +425,7 @@ def test_on_a_gpu_model_the_store_scores_on_the_models_device(
 
     monkeypatch.setattr(store, "score", spy)
     on_cpu = ranker.run(query="q", documents=docs)["documents"]
-    embedding = ColPaliTextEmbedder(tiny_colqwen2).run(text="q")["multivector_embedding"]
+    embedding = ColPaliTextEmbedder(tiny_colqwen2, device=CPU).run(text="q")["multivector_embedding"]
     monkeypatch.setattr(ranker._encoder, "device", "cuda:0")  # the model "moved" to a GPU
     on_gpu = ranker.run(documents=docs, query_multivector_embedding=embedding)["documents"]
     assert devices == [None, "cuda:0"]

@@ -246,5 +246,11 @@ def test_on_cuda_the_torchvision_processor_runs_on_the_gpu_with_the_hosts_result
     on_gpu = encoder.image_inputs(images)
     on_host = encoder.image_processor(images=images, return_tensors="pt")
     assert on_gpu["pixel_values"].is_cuda
+    # The same torchvision operations, on another device: the GPU's antialiased bicubic resize of uint8 pixels rounds
+    # differently from the host's uint8 kernel. Measured on an H100 (2026-11-23): up to 3 grey levels apart on ~15% of
+    # the values (0.0235 after SigLIP's [-1, 1] normalisation, where one level is 2/255).
+    level = 2 / 255
     for key, value in on_host.items():
-        torch.testing.assert_close(on_gpu[key].cpu(), value, atol=2e-3, rtol=0)  # same ops; float rounding only
+        difference = (on_gpu[key].cpu().float() - value.float()).abs()
+        assert float(difference.max()) <= 4 * level
+        assert float(difference.mean()) <= level

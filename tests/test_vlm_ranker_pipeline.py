@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 from haystack import Document, Pipeline
+from haystack.utils import ComponentDevice
 from PIL import Image
 
 from haystack_integrations.components.rankers.vlm import VisionLanguageRanker
@@ -218,7 +219,7 @@ def test_a_failing_forward_pass_stops_the_pipeline_and_the_next_query_runs(
 
 
 def test_batch_size_defaults_by_device_and_round_trips(tiny_monoqwen: str) -> None:
-    ranker = VisionLanguageRanker(tiny_monoqwen)
+    ranker = VisionLanguageRanker(tiny_monoqwen, device=ComponentDevice.from_str("cpu"))
     assert ranker.batch_size is None
     assert ranker.to_dict()["init_parameters"]["batch_size"] is None
     ranker.warm_up()
