@@ -244,6 +244,7 @@ def test_on_cuda_the_torchvision_processor_runs_on_the_gpu_with_the_hosts_result
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 255, (48 + 8 * i, 64, 3), dtype=np.uint8)) for i in range(3)]
     on_gpu = encoder.image_inputs(images)
+    torch.cuda.synchronize()  # prepared on a side stream
     on_host = encoder.image_processor(images=images, return_tensors="pt")
     assert on_gpu["pixel_values"].is_cuda
     # The same torchvision operations, on another device: the GPU's antialiased bicubic resize of uint8 pixels rounds
@@ -254,3 +255,21 @@ def test_on_cuda_the_torchvision_processor_runs_on_the_gpu_with_the_hosts_result
         difference = (on_gpu[key].cpu().float() - value.float()).abs()
         assert float(difference.max()) <= 4 * level
         assert float(difference.mean()) <= level
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU preprocessing runs on CUDA only")
+def test_on_cuda_embeddings_from_side_stream_preprocessing_match_host_preprocessing(tiny_siglip: str) -> None:
+    from PIL import Image
+
+    spec = LoadSpec(
+        model=tiny_siglip, component="test", device="cuda:0", token=None, local_files_only=True, model_kwargs=None
+    )
+    encoder = DenseEncoder.get(spec)
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)) for _ in range(8)]
+    for _ in range(3):  # repeated: a missing wait on the side stream would show as a changing result
+        fast = encoder.embed_image_inputs(encoder.image_inputs(images), normalize=True)
+        host = dict(encoder.image_processor(images=images, return_tensors="pt"))
+        reference = encoder.embed_image_inputs(host, normalize=True)
+        assert np.isfinite(fast).all()
+        np.testing.assert_allclose(fast, reference, atol=5e-2)
