@@ -166,11 +166,8 @@ def _follows_boundary_protocol(module_class: Any) -> bool:
 
 
 def _vision_attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    return [
-        m
-        for m in model.modules()
-        if type(m).__name__.endswith("VisionAttention") or type(m).__name__ == "VisionAttention"
-    ]
+    # Qwen2-VL's is `VisionAttention`, Qwen2.5-VL's `Qwen2_5_VLVisionAttention`, Qwen3-VL's `Qwen3VLVisionAttention`.
+    return [m for m in model.modules() if type(m).__name__.endswith("VisionAttention")]
 
 
 def use_varlen_vision_attention(model: torch.nn.Module, *, device: str, requested: str | None) -> bool:
