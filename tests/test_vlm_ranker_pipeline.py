@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -54,19 +55,38 @@ def _warning(caplog: pytest.LogCaptureFixture) -> str:
     return next(r.getMessage() for r in caplog.records if WARNING in r.getMessage())
 
 
+@pytest.fixture
+def one() -> Iterator[ThreadPoolExecutor]:
+    """A one-thread decode pool: candidates decode one after another, as without concurrency."""
+    with ThreadPoolExecutor(1) as pool:
+        yield pool
+
+
+@pytest.fixture
+def four() -> Iterator[ThreadPoolExecutor]:
+    """A four-thread decode pool (the shared one has `min(8, cores)` threads: 2 on the CI machine)."""
+    with ThreadPoolExecutor(4) as pool:
+        yield pool
+
+
 def test_images_are_decoded_concurrently_and_unreadable_ones_are_still_reported_in_order(
-    tiny_monoqwen: str, many: list[Document], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tiny_monoqwen: str,
+    many: list[Document],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    one: ThreadPoolExecutor,
+    four: ThreadPoolExecutor,
 ) -> None:
     ranker = VisionLanguageRanker(tiny_monoqwen, max_candidates=len(many), batch_size=3)
 
-    monkeypatch.setattr(ranker_module, "_decode_workers", lambda n: 1)
+    monkeypatch.setattr(ranker_module, "decode_pool", lambda: one)
     with caplog.at_level(logging.WARNING):
         one_by_one = ranker.run(query="a red picture", documents=many)["documents"]
     sequential_warning = _warning(caplog)
     caplog.clear()
 
     # Four workers; the first two decodes wait for each other at a barrier: they can only pass it together.
-    monkeypatch.setattr(ranker_module, "_decode_workers", lambda n: min(4, n))
+    monkeypatch.setattr(ranker_module, "decode_pool", lambda: four)
     barrier = threading.Barrier(2, timeout=60)
     lock = threading.Lock()
     calls: list[str] = []
@@ -159,6 +179,7 @@ def test_refused_and_unreadable_candidates_are_reported_as_before_when_pipelined
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
+    one: ThreadPoolExecutor,
 ) -> None:
     # The shared loader pads extreme aspect ratios; hand the processor raw 1600x6 banners (which Qwen's processor
     # refuses: aspect ratio over 200) to exercise the per-candidate search after a refused batch.
@@ -181,7 +202,7 @@ def test_refused_and_unreadable_candidates_are_reported_as_before_when_pipelined
     pipelined_warning = _warning(caplog)
     caplog.clear()
     monkeypatch.setattr(ranker_module, "prefetch", _sequential)
-    monkeypatch.setattr(ranker_module, "_decode_workers", lambda n: 1)
+    monkeypatch.setattr(ranker_module, "decode_pool", lambda: one)
     with caplog.at_level(logging.WARNING):
         sequential = ranker.run(query="q", documents=docs)["documents"]
     assert _warning(caplog) == pipelined_warning

@@ -95,6 +95,7 @@ class DenseEncoder(CachedModel):
         self.model_id = model_id
         self._token = token
         self._identity: dict[str, Any] | None = None
+        self._stream: Any = None  # the CUDA stream of GPU preprocessing, created on first use
         self.tokenizer: Any = getattr(processor, "tokenizer", None)
         self.image_processor: Any = getattr(processor, "image_processor", None)
         if self.tokenizer is None or self.image_processor is None:
@@ -215,11 +216,9 @@ class DenseEncoder(CachedModel):
 
     def _preprocess_stream(self) -> Any:
         """The CUDA stream GPU preprocessing runs on (one per encoder, created on first use)."""
-        stream = getattr(self, "_stream", None)
-        if stream is None:
-            stream = torch.cuda.Stream(device=torch.device(self.device))
-            self._stream = stream
-        return stream
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device=torch.device(self.device))
+        return self._stream
 
     def image_inputs(self, images: list[Image.Image]) -> dict[str, Any]:
         """

@@ -706,7 +706,11 @@ _DECODE_POOL_PID: int | None = None  # a forked child inherits no threads: it st
 _DECODE_POOL_LOCK = threading.Lock()
 
 
-def _decode_pool() -> ThreadPoolExecutor:
+def decode_pool() -> ThreadPoolExecutor:
+    """The process's image-decoding thread pool (`DECODE_THREADS` threads, started on first use).
+
+    :returns: The pool; submit decodes of single sources to it (one batch's `load_images` already uses it).
+    """
     global _DECODE_POOL, _DECODE_POOL_PID
     with _DECODE_POOL_LOCK:
         if _DECODE_POOL is None or os.getpid() != _DECODE_POOL_PID:
@@ -737,7 +741,7 @@ def load_images(sources: Sequence[MediaLocation], *, max_side: int | None = None
     files = [i for i, source in enumerate(sources) if not source.is_pdf]
     pending: dict[int, Future[Image.Image | MediaError]] = {}
     if len(files) > 1 and DECODE_THREADS > 1:
-        pool = _decode_pool()
+        pool = decode_pool()
         pending = {i: pool.submit(_read_image_or_error, sources[i]) for i in files}
     open_pdfs: dict[Any, pdfium.PdfDocument] = {}
     try:

@@ -1,9 +1,8 @@
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, wait
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, Literal, get_args
@@ -20,7 +19,12 @@ from haystack_integrations.common.multimodal_rag.backends.vlm import (
     VLMLoadSpec,
 )
 from haystack_integrations.common.multimodal_rag.errors import MediaError, ModelLoadError
-from haystack_integrations.common.multimodal_rag.inputs.media import VISUAL_MODALITIES, load_document_image, modality_of
+from haystack_integrations.common.multimodal_rag.inputs.media import (
+    VISUAL_MODALITIES,
+    decode_pool,
+    load_document_image,
+    modality_of,
+)
 from haystack_integrations.common.multimodal_rag.inputs.prefetch import prefetch
 from haystack_integrations.common.multimodal_rag.numerics.ranking import (
     CROSS_ENCODER_SCORE_META_KEY,
@@ -95,19 +99,10 @@ def _case_variants(token: str) -> list[str]:
     return variants
 
 
-#: Most threads decoding candidate images at once (Pillow and pdfium release the GIL while they decode; pdfium
-#: calls are serialised by the shared loader's lock).
-MAX_DECODE_WORKERS = 8
-
-
 #: `batch_size=None` on a CUDA device: a Qwen2-VL-2B candidate costs ~500 visual tokens at 768x512, so 16 of
 #: them fill a forward pass well (see the README's performance section); on other devices 4, the old default.
 CUDA_BATCH_SIZE = 16
 CPU_BATCH_SIZE = 4
-
-
-def _decode_workers(n_images: int) -> int:
-    return max(1, min(MAX_DECODE_WORKERS, os.cpu_count() or 1, n_images))
 
 
 _Candidate = tuple[Document, str, list[Image.Image]]
@@ -438,12 +433,12 @@ class VisionLanguageRanker:
         )
         return True, [image]
 
-    def _start_loading(self, window: list[Document]) -> tuple[list[_Load], ThreadPoolExecutor | None, list[Future]]:
+    def _start_loading(self, window: list[Document]) -> tuple[list[_Load], list[Future]]:
         """
-        Start decoding the image candidates of `window` on a small thread pool.
+        Start decoding the image candidates of `window` on the package's decode pool (`media.decode_pool`).
 
         :returns: One callable per candidate giving `_load_images`' result (waiting for its decode; re-raising its
-            MediaError), the pool (`None` when there are no images) and the futures (for clean-up).
+            MediaError), and the futures of the decodes (for clean-up).
         """
 
         def visual(doc: Document) -> bool:
@@ -452,21 +447,16 @@ class VisionLanguageRanker:
             except MediaError:
                 return False  # raised again (and reported) when it is loaded
 
-        flags = [visual(doc) for doc in window]
-        n_images = sum(flags)
-        pool = (
-            ThreadPoolExecutor(_decode_workers(n_images), thread_name_prefix="vlm-ranker-decode") if n_images else None
-        )
         futures: list[Future] = []
         loads: list[_Load] = []
-        for doc, is_visual in zip(window, flags, strict=True):
-            if pool is not None and is_visual:
-                future = pool.submit(self._load_images, doc)
+        for doc in window:
+            if visual(doc):
+                future = decode_pool().submit(self._load_images, doc)
                 futures.append(future)
                 loads.append(future.result)
             else:
                 loads.append(partial(self._load_images, doc))
-        return loads, pool, futures
+        return loads, futures
 
     def _prompt(self, query: str, doc: Document, *, is_image: bool, truncated: list[str]) -> str:
         """The rendered prompt of one candidate (its text cut to `max_text_tokens`)."""
@@ -634,7 +624,7 @@ class VisionLanguageRanker:
         scores: list[torch.Tensor] = []
         # Images are decoded concurrently; the processor prepares batch i+1 on a background thread while the model
         # runs batch i (depth 1: at most three batches of inputs are alive).
-        loads, pool, futures = self._start_loading(window)
+        loads, futures = self._start_loading(window)
         try:
             batches = self._encoded_batches(
                 query,
@@ -649,12 +639,13 @@ class VisionLanguageRanker:
                 scored_docs.extend(batch.documents)
                 scores.append(self._score_inputs(batch.inputs))
         finally:
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
-                for future in futures:  # images decoded but never preprocessed (the query failed)
-                    if not future.cancelled() and future.exception() is None:
-                        for image in future.result()[1]:
-                            image.close()
+            for future in futures:  # stop decodes not started yet (the query failed part-way)
+                future.cancel()
+            wait(futures)
+            for future in futures:  # images decoded but never preprocessed
+                if not future.cancelled() and future.exception() is None:
+                    for image in future.result()[1]:
+                        image.close()
         if truncated:
             logger.warning(
                 "{component}: the text of {count} candidate(s) was cut to max_text_tokens={limit} tokens: {details}",
