@@ -5,7 +5,8 @@ Prints the GPU rows of the performance issue as a table of medians, with the dev
 - `ColPaliRanker.run` (query encode + MaxSim) over 100 and 1000 stored candidates (768 x 128 fp16 each),
   ColQwen2.5-3B-shaped;
 - ColQwen2.5-3B-shaped query encoding alone;
-- `ColPaliDocumentEmbedder` pages/s on 1024 x 1365 pages at 768 visual tokens;
+- `ColPaliDocumentEmbedder` pages/s on 1024 x 1365 pages at 768 visual tokens (also with `pool_factor=3`), and
+  hierarchical pooling alone as a share of the page-encoding time;
 - `VisionLanguageRanker` seconds for 80 image candidates (768 x 512), Qwen2-VL-2B-shaped;
 - `MultimodalDocumentEmbedder` images/s on 640 x 480 JPEGs, SigLIP-so400m-shaped.
 
@@ -31,6 +32,7 @@ from haystack import Document
 from haystack.utils import ComponentDevice
 from PIL import Image, ImageDraw
 
+from haystack_integrations.common.multimodal_rag.numerics.pooling import pool_tensors
 from haystack_integrations.components.embedders.colpali import ColPaliDocumentEmbedder
 from haystack_integrations.components.embedders.multimodal import MultimodalDocumentEmbedder
 from haystack_integrations.components.rankers.colpali import ColPaliRanker
@@ -151,9 +153,11 @@ def main() -> None:
             docs = [Document(id=f"p{i}", meta={"file_path": str(p)}) for i, p in enumerate(paths)]
             # Defaults (batch_size=4; on CUDA one variable-length attention call per vision layer), a larger batch,
             # then transformers' own SDPA path (one call per 112 px window) for comparison, in the same run.
+            default_rate = 0.0
             for label, extra in (
                 ("", {}),
                 (" [batch_size=16]", {"batch_size": 16}),
+                (" [pool_factor=3]", {"pool_factor": 3}),
                 (" [per-window SDPA: attn_implementation='sdpa']", {"model_kwargs": {"attn_implementation": "sdpa"}}),
             ):
                 embedder = ColPaliDocumentEmbedder(
@@ -167,6 +171,7 @@ def main() -> None:
                 embedder.run(docs[:4])
                 rate = _rate(lambda e=embedder: e.run(docs), len(docs), device=device, runs=args.runs)
                 if not label:
+                    default_rate = rate
                     _profile(args.profile, "pages", lambda e=embedder: e.run(docs[:16]), device)
                 count = embedder.run(docs[:1])["documents"][0].meta["multivector_count"]
                 rows.append(
@@ -178,6 +183,25 @@ def main() -> None:
                 del embedder
                 if device.startswith("cuda"):
                     torch.cuda.empty_cache()
+            # Pooling alone, on the device, 16 pages of 768 topic-clustered unit vectors per call (as one batch).
+            generator = torch.Generator().manual_seed(0)
+            centres = torch.nn.functional.normalize(torch.randn(24, 128, generator=generator), dim=-1)
+            pool_pages = [
+                torch.nn.functional.normalize(
+                    centres[torch.randint(0, 24, (768,), generator=generator)]
+                    + 0.3 * torch.randn(768, 128, generator=generator),
+                    dim=-1,
+                ).to(device=device, dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32)
+                for _ in range(16)
+            ]
+            pool_ms = _median_ms(lambda: pool_tensors(pool_pages, 3), device=device, repeats=args.repeats) / 16
+            _profile(args.profile, "pooling", lambda: pool_tensors(pool_pages, 3), device)
+            rows.append(
+                (
+                    "hierarchical pooling alone (pool_factor=3), 16 pages of 768x128 per call",
+                    f"{pool_ms:.2f} ms/page ({pool_ms * default_rate / 10:.1f}% of the default row's encode time)",
+                )
+            )
         if only & {"ranker", "query"}:
             ranker_store = InMemoryMultiVectorStore()
             rng = np.random.default_rng(0)

@@ -13,16 +13,14 @@ from PIL import Image
 from haystack_integrations.common.multimodal_rag.backends.colpali import (
     QUERY_AUGMENTATION_TOKENS,
     LateInteractionEncoder,
-    _ward_labels,
     detect_family,
     family_from_config,
-    pool_multivectors,
-    pool_tensors,
 )
 from haystack_integrations.common.multimodal_rag.backends.loading import LoadSpec
 from haystack_integrations.common.multimodal_rag.errors import (
     ModelLoadError,
 )
+from haystack_integrations.common.multimodal_rag.numerics.pooling import pool_multivectors
 from haystack_integrations.components.embedders.colpali import ColPaliDocumentEmbedder, ColPaliTextEmbedder
 from haystack_integrations.components.rankers.colpali import ColPaliRanker
 from haystack_integrations.document_stores.multivector import InMemoryMultiVectorStore
@@ -231,45 +229,7 @@ def test_families_without_a_trained_budget_keep_their_processor_config(
         assert family_from_config({"architectures": [family]}, model="m").default_processor_kwargs is None
 
 
-# --- Pooling ---------------------------------------------------------------------------------------------------------
-
-
-def _partition(labels: np.ndarray) -> list[tuple[int, ...]]:
-    return sorted(tuple(np.flatnonzero(labels == c).tolist()) for c in np.unique(labels))
-
-
-def test_pooling_keeps_colpali_engine_clusters_and_vectors_on_random_pages() -> None:
-    from colpali_engine.compression.token_pooling import HierarchicalTokenPooler
-
-    pooler = HierarchicalTokenPooler()
-    generator = torch.Generator().manual_seed(0)
-    for pool_factor, sizes in ((2, (40, 37)), (3, (120, 101, 64)), (4, (257,))):
-        pages = [torch.nn.functional.normalize(torch.randn(n, 128, generator=generator), dim=-1) for n in sizes]
-        ours = pool_tensors(pages, pool_factor)  # all pages of a batch at once, padded
-        labels = _ward_labels(pages, [max(n // pool_factor, 1) for n in sizes])
-        for page, pooled, our_labels in zip(pages, ours, labels, strict=True):
-            reference, clusters = pooler._pool_single_embedding(page, pool_factor)
-            reference_partition = sorted(tuple(ix[0].tolist()) for ix in clusters.values() if ix[0].numel())
-            assert _partition(our_labels.numpy()) == reference_partition
-            assert pooled.shape == reference.shape
-            # Same vectors; only their order may differ (MaxSim does not depend on it).
-            np.testing.assert_allclose(np.sort(pooled.numpy(), axis=0), np.sort(reference.numpy(), axis=0), atol=1e-6)
-            query = torch.nn.functional.normalize(torch.randn(12, 128, generator=generator), dim=-1)
-            assert maxsim_reference(query, [pooled])[0] == pytest.approx(maxsim_reference(query, [reference])[0])
-
-
-def test_pool_multivectors_edge_cases() -> None:
-    rng = np.random.default_rng(0)
-    page = rng.standard_normal((9, 8)).astype(np.float32)
-    page /= np.linalg.norm(page, axis=1, keepdims=True)
-    assert np.array_equal(pool_multivectors([page], 1)[0], page)  # pool_factor 1: unchanged
-    single = page[:1]
-    assert np.array_equal(pool_multivectors([single], 3)[0], single)  # one vector: nothing to pool
-    pooled = pool_multivectors([page, page[:4]], 3)
-    assert [p.shape for p in pooled] == [(3, 8), (1, 8)]
-    assert pooled[0].dtype == np.float32
-    np.testing.assert_allclose(np.linalg.norm(pooled[0], axis=1), 1.0, atol=1e-6)
-    assert pool_multivectors([], 3) == []
+# --- Pooling on the model's device ------------------------------------------------------------------------------
 
 
 def test_stored_pages_are_pooled_like_pool_multivectors(
@@ -282,64 +242,3 @@ def test_stored_pages_are_pooled_like_pool_multivectors(
     for f, p in zip(full, pooled, strict=True):
         np.testing.assert_allclose(p, pool_multivectors([f], 2)[0], atol=1e-5)
         assert p.shape[0] == max(f.shape[0] // 2, 1)
-
-
-def test_the_accelerator_merge_loop_gives_the_same_clusters(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The torch loop (used on GPUs) run on CPU tensors, against the numpy loop used on the CPU.
-    from haystack_integrations.common.multimodal_rag.backends import colpali as backend
-
-    generator = torch.Generator().manual_seed(1)
-    pages = [torch.nn.functional.normalize(torch.randn(n, 64, generator=generator), dim=-1) for n in (50, 61, 33)]
-    clusters = [n // 3 for n in (50, 61, 33)]
-    numpy_labels = _ward_labels(pages, clusters)
-    monkeypatch.setattr(backend, "_NumpyOps", lambda: backend._TorchOps(torch.device("cpu")))
-    torch_labels = _ward_labels(pages, clusters)
-    for a, b in zip(numpy_labels, torch_labels, strict=True):
-        assert torch.equal(a, b)
-
-
-def _v0_3_4_smart_resize(width: int, height: int) -> tuple[int, int]:
-    """colpali-engine v0.3.4 `ColQwen2Processor.smart_resize_helper` (the recipe colqwen2-v1.0 was trained with):
-    factor 28, min_pixels 4*28*28, max_pixels 768*28*28, max_ratio 200; returns (height, width)."""
-    import math
-
-    factor, min_pixels, max_pixels = 28, 4 * 28 * 28, 768 * 28 * 28
-    h_bar = max(factor, round(height / factor) * factor)
-    w_bar = max(factor, round(width / factor) * factor)
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt((height * width) / max_pixels)
-        h_bar = math.floor(height / beta / factor) * factor
-        w_bar = math.floor(width / beta / factor) * factor
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
-
-
-@pytest.mark.parametrize("family", ["ColQwen2", "ColQwen2_5"])
-def test_page_inputs_equal_the_training_recipe(family: str, tiny_colpali_family: Callable[[str], str]) -> None:
-    # Training recipe (colpali-engine v0.3.4 ColQwen2Processor.process_images): resize each page with the helper
-    # above, then the Qwen2-VL processor with the prompt "<|im_start|>user\\n<|vision_start|><|image_pad|>
-    # <|vision_end|>Describe the image.<|im_end|><|endoftext|>". Ours: the 0.3.18 processor with the default
-    # processor_kwargs ({"max_num_visual_tokens": 768}) on the original page.
-    encoder = LateInteractionEncoder.get(_spec(tiny_colpali_family(family)))
-    processor = encoder.processor
-    prompt = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Describe the image.<|im_end|><|endoftext|>"
-    assert processor.visual_prompt_prefix == prompt
-    sizes = [(1024, 1365), (1240, 1754), (800, 600), (100, 100), (56, 3000), (3000, 40)]
-    noise = np.random.default_rng(0).integers(0, 256, (1365, 1024, 3), dtype=np.uint8)
-    pages = [Image.fromarray(noise), *(Image.new("RGB", size, "white") for size in sizes[1:])]
-    ours = encoder.process_images(pages)
-    resized = [page.resize(_v0_3_4_smart_resize(*page.size)[::-1]) for page in pages]
-    reference = processor(text=[prompt] * len(pages), images=resized, padding="longest", return_tensors="pt")
-    assert torch.equal(ours["image_grid_thw"], reference["image_grid_thw"])
-    assert torch.equal(ours["input_ids"], reference["input_ids"])
-    assert torch.equal(ours["attention_mask"], reference["attention_mask"])
-    # Pixels: one bicubic resize by the image processor vs PIL's resize then none; measured max |diff| 0.015 (in
-    # normalised units, range ~[-1.8, 2.1]) on this noise page.
-    # (colpali-engine pads each page's patches to (B, max_patches, D); the plain processor concatenates them.)
-    n_patches = int(ours["image_grid_thw"][0].prod())
-    assert float((ours["pixel_values"][0, :n_patches] - reference["pixel_values"][:n_patches]).abs().max()) < 0.05
-    image_tokens = (ours["input_ids"][0] == processor.image_token_id).sum()
-    assert int(image_tokens) == 744  # 1024x1365 -> 672x868 -> 24x31 merged patches (<= 768)

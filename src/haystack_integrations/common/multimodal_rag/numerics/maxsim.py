@@ -283,6 +283,19 @@ def maxsim_chunks(query: ArrayLike, chunks: Iterable[Sequence[ArrayLike]]) -> np
     return torch.cat(results).sum(dim=1).numpy()
 
 
+def cpu_workers() -> ThreadPoolExecutor | None:
+    """
+    The process's fixed pool of `CPU_THREADS` worker threads whose torch calls run single-threaded.
+
+    Other CPU numerics (the hierarchical pooling) submit their work here, so that they too use a bounded number of
+    cores and cannot collapse when other libraries' thread teams spin on the same cores.
+
+    :returns: The pool, or `None` when its workers cannot be pinned (a parallel backend other than OpenMP); run the
+        work in the calling thread then.
+    """
+    return _pool()
+
+
 def cpu_kernel_threads() -> int:
     """
     How many threads the CPU kernel uses: `CPU_THREADS` when its workers could be pinned to one torch
