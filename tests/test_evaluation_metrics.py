@@ -157,3 +157,36 @@ def test_trec_run_file_reproduces_the_metrics_through_pytrec_eval(tmp_path: Path
 def test_trec_run_refuses_ids_that_would_break_the_format(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="whitespace"):
         write_trec_run({"q 1": {"a": 1.0}}, tmp_path / "run.trec")
+
+
+@pytest.mark.parametrize("relevance", [float("inf"), float("nan"), -float("inf"), "1", None, True])
+def test_a_relevance_that_is_not_a_finite_number_is_refused_with_the_query_and_doc_id(relevance: object) -> None:
+    run = {"q7": {"d1": 0.9, "d2": 0.5}}
+    with pytest.raises(ValueError, match=r"relevance of document 'd1' for query 'q7' is .*expected a finite number"):
+        retrieval_metrics(run, {"q7": {"d1": relevance, "d2": 1}}, k_values=(1,))
+
+
+def test_qrels_of_a_query_that_are_not_a_mapping_are_refused_naming_the_query() -> None:
+    with pytest.raises(ValueError, match="qrels of query 'q7' are None"):
+        retrieval_metrics({"q7": {"d1": 0.5}}, {"q7": None}, k_values=(1,))  # type: ignore[dict-item]
+
+
+def test_mixed_type_doc_ids_that_tie_are_ranked_by_their_text_descending() -> None:
+    assert rank_documents({1: 0.5, "a": 0.5, "b": 0.9}) == ["b", "a", 1]  # type: ignore[dict-item]
+    # Integer ids tie-break like the docnos of their TREC run lines, which trec_eval compares as text.
+    assert rank_documents({9: 0.5, 10: 0.5}) == [9, 10]  # type: ignore[dict-item]
+    run = {"q": {1: 0.5, "a": 0.5}}
+    assert retrieval_metrics(run, {"q": {1: 1}}, k_values=(1,))["mrr@10"] == 0.5  # type: ignore[dict-item]
+
+
+@pytest.mark.parametrize(
+    ("run", "qrels", "message"),
+    [
+        ({"1": {"d1": 0.5}}, {1: {"d1": 1}}, r"query id 1 \(int\) in qrels is '1' \(str\) in the run"),
+        ({1: {"d1": 0.5}}, {"1": {"d1": 1}}, r"query id '1' \(str\) in qrels is 1 \(int\) in the run"),
+        ({"q": {"1": 0.5}}, {"q": {1: 1}}, r"document id 1 \(int\) of query 'q' in qrels is '1' \(str\) in the run"),
+    ],
+)
+def test_ids_that_match_the_run_only_as_text_are_refused_not_scored_zero(run: dict, qrels: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        retrieval_metrics(run, qrels, k_values=(1,))

@@ -242,3 +242,120 @@ def test_a_store_count_that_makes_no_sense_falls_back_to_the_fixed_factor(matche
     out = retriever.run(query_embedding=[0.1] * DIM, filters=_bucket_below(5))
     assert out["oversampling"]["mode"] == "fallback"
     assert spy.calls == [40]
+
+
+@pytest.mark.parametrize("count", ["5", True, None, [5]])
+def test_a_store_count_that_is_not_a_number_falls_back_to_the_fixed_factor(count: Any) -> None:
+    spy = SpyRetriever(_store())
+    spy.document_store = _BrokenCountStore(count)
+    retriever = FilterAwareRetriever(spy, top_k=10, fallback_factor=4)
+    out = retriever.run(query_embedding=[0.1] * DIM, filters=_bucket_below(5))
+    assert out["oversampling"]["mode"] == "fallback"
+    assert spy.calls == [40]
+
+
+class _BrokenTotalStore(_BrokenCountStore):
+    def count_documents(self) -> float:
+        return float("nan")
+
+
+def test_a_nan_total_falls_back_to_the_fixed_factor() -> None:
+    spy = SpyRetriever(_store())
+    spy.document_store = _BrokenTotalStore(5)
+    retriever = FilterAwareRetriever(spy, top_k=10, fallback_factor=4)
+    out = retriever.run(query_embedding=[0.1] * DIM, filters=_bucket_below(5))
+    assert out["oversampling"]["mode"] == "fallback"
+
+
+def test_a_top_k_above_max_top_k_wins_and_the_retriever_is_asked_for_exactly_top_k() -> None:
+    spy = SpyRetriever(_store())
+    retriever = FilterAwareRetriever(spy, top_k=10, max_top_k=50)
+    out = retriever.run(query_embedding=[0.1] * DIM, filters=_bucket_below(1), top_k=80)
+    assert spy.calls == [80]
+    assert out["oversampling"]["retriever_top_k"] == 80
+    assert out["oversampling"]["boost"] == pytest.approx(1.0)
+    # Below max_top_k the boost is still capped by it.
+    retriever.run(query_embedding=[0.1] * DIM, filters=_bucket_below(1), top_k=20)
+    assert spy.calls[-1] == 50
+
+
+@pytest.mark.parametrize(
+    ("filters", "message"),
+    [
+        ({1: "a", "b": 2}, "filter keys must be strings .* got 1 in"),
+        ({"operator": "AND", "conditions": [{"field": "meta.bucket", "operator": "<", 5: 1}]}, "got 5 in"),
+        ("meta.bucket < 5", "filters must be a mapping .* got a str: 'meta.bucket < 5'"),
+        ([_bucket_below(5)], "filters must be a mapping .* got a list"),
+    ],
+)
+def test_filters_that_cannot_be_keyed_are_refused_naming_the_filter(filters: Any, message: str) -> None:
+    from haystack.errors import FilterError
+
+    from haystack_integrations.common.multimodal_rag.errors import InvalidFiltersError
+
+    spy = SpyRetriever(_store(10))
+    with pytest.raises(InvalidFiltersError, match=message) as info:
+        FilterAwareRetriever(spy).run(query_embedding=[0.1] * DIM, filters=filters)
+    assert isinstance(info.value, FilterError)
+    assert isinstance(info.value, ValueError)
+    assert spy.calls == []
+
+
+def test_a_filter_that_contains_itself_is_refused_and_a_shared_sub_filter_is_not() -> None:
+    from haystack_integrations.common.multimodal_rag.errors import InvalidFiltersError
+
+    circular: dict[str, Any] = {"operator": "AND", "conditions": []}
+    circular["conditions"].append(circular)
+    with pytest.raises(InvalidFiltersError, match="contain themselves"):
+        FilterAwareRetriever(SpyRetriever(_store(10))).run(query_embedding=[0.1] * DIM, filters=circular)
+    shared = _bucket_below(5)
+    twice = {"operator": "OR", "conditions": [shared, shared]}
+    out = FilterAwareRetriever(InMemoryEmbeddingRetriever(_store(100))).run(query_embedding=[0.1] * DIM, filters=twice)
+    assert out["oversampling"]["selectivity"] == pytest.approx(0.05)
+
+
+def test_an_invalid_operator_raises_the_stores_filter_error_without_a_fallback_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from haystack.errors import FilterError
+
+    retriever = FilterAwareRetriever(InMemoryEmbeddingRetriever(_store(10)))
+    with caplog.at_level(logging.WARNING), pytest.raises(FilterError):
+        retriever.run(query_embedding=[0.1] * DIM, filters={"field": "meta.bucket", "operator": "~=", "value": 1})
+    assert not [r for r in caplog.records if "cannot count the filter" in r.getMessage()]
+
+
+def test_a_retriever_class_instead_of_an_instance_is_refused() -> None:
+    with pytest.raises(TypeError, match="got the class InMemoryEmbeddingRetriever: pass InMemoryEmbeddingRetriever"):
+        FilterAwareRetriever(InMemoryEmbeddingRetriever)
+
+
+@component
+class _BadOutputRetriever:
+    def __init__(self, document_store: Any, output: Any) -> None:
+        self.document_store = document_store
+        self.output = output
+
+    @component.output_types(documents=list[Document])
+    def run(self, query_embedding: list[float], filters: dict | None = None, top_k: int = 10) -> Any:
+        return self.output
+
+
+@pytest.mark.parametrize(
+    ("output", "message"),
+    [
+        ({}, r"returned \{\} \(no 'documents'\)"),
+        ({"documents": None}, "returned 'documents' = None"),
+        ({"documents": ["d1"]}, r"returned 'documents' = \['d1'\]"),
+        (None, r"returned None \(no 'documents'\)"),
+    ],
+)
+@pytest.mark.parametrize("filters", [None, _bucket_below(5)])
+def test_a_retriever_that_returns_no_documents_list_is_a_clear_error_naming_it(
+    output: Any, message: str, filters: dict | None
+) -> None:
+    from haystack_integrations.common.multimodal_rag.errors import ComponentOutputError
+
+    retriever = FilterAwareRetriever(_BadOutputRetriever(_store(10), output))
+    with pytest.raises(ComponentOutputError, match=f"wrapped retriever _BadOutputRetriever {message}"):
+        retriever.run(query_embedding=[0.1] * DIM, filters=filters)

@@ -332,3 +332,11 @@ def test_the_old_page_modality_name_is_read_as_page_with_a_visible_warning(tmp_p
         assert modality_of(doc) == "page"
     assert [w.category for w in caught] == [FutureWarning]
     assert "'page'" in str(caught[0].message)
+
+
+@pytest.mark.parametrize("page_number", [0, -1, "0"])
+def test_a_page_number_below_one_says_page_numbers_are_one_based(tmp_path: Path, page_number: object) -> None:
+    make_pdf(tmp_path / "one.pdf", pages=1)
+    document = Document(meta={"file_path": "one.pdf", "page_number": page_number})
+    with pytest.raises(MediaError, match=r"meta\['page_number'\] must be >= 1 \(page numbers are 1-based"):
+        load_document_image(document, "page", root_path=tmp_path)

@@ -43,6 +43,9 @@ from tests.helpers import COLORS, make_corrupt_image, make_image, make_pdf
 
 REPO = Path(__file__).resolve().parents[1]
 PIPELINES = REPO / "examples" / "pipelines"
+_COLPALI_RANKER = "haystack_integrations.components.rankers.colpali.ranker.ColPaliRanker"
+_SQLITE = "haystack_integrations.document_stores.multivector.sqlite.SQLiteMultiVectorStore"
+_LOCAL_VLM = "haystack_integrations.components.generators.local_vlm.chat_generator.LocalVLMChatGenerator"
 
 
 @pytest.fixture(scope="module")
@@ -678,6 +681,28 @@ def test_the_shipped_pipelines_are_found_in_a_checkout_and_travel_inside_the_whe
         ("components:\n  x: null\n", "component 'x' is not a mapping"),
         ("components:\n  x:\n    type: a.B\n    init_parameters: [1, 2]\n", "'init_parameters' that are not a mapping"),
         ("- just\n- a list\n", "got list"),
+        ("components:\n  1:\n    type: a.B\n", "component name 1 \\(int\\) is not a string"),
+        ("components: {}\nconnections: x\n", "'connections' is a str, not a list"),
+        ("components: {}\nconnections: [1]\n", "connection 0 \\(1\\) is not a mapping with a 'sender'"),
+        (
+            f"components:\n  r:\n    type: {_COLPALI_RANKER}\n    init_parameters:\n"
+            f"      multivector_store:\n        type: {_SQLITE}\n        init_parameters: [1]\n",
+            "'r.multivector_store' has 'init_parameters' that are not a mapping",
+        ),
+        (
+            f"components:\n  r:\n    type: {_COLPALI_RANKER}\n    init_parameters:\n"
+            f"      multivector_store:\n        type: {_SQLITE}\n        init_parameters: {{path: 5}}\n",
+            "'r.multivector_store' has path: 5 \\(int\\); expected a path string or null",
+        ),
+        (
+            f"components:\n  r:\n    type: {_COLPALI_RANKER}\n    init_parameters: {{root_path: 5}}\n",
+            "'r' has root_path: 5 \\(int\\); expected a path string or null",
+        ),
+        (
+            f"components:\n  f:\n    type: a.Wrapper\n    init_parameters:\n      rankers:\n"
+            f"        - type: {_COLPALI_RANKER}\n          init_parameters: [1]\n",
+            "'f.rankers\\[0\\]' has 'init_parameters' that are not a mapping",
+        ),
     ],
 )
 def test_yaml_that_is_not_a_pipeline_is_one_clear_error(text: str, message: str) -> None:
@@ -692,3 +717,65 @@ def test_a_directory_given_as_the_pipeline_is_a_clear_error(tmp_path: Path) -> N
 
     with pytest.raises(PipelineLoadError, match="is a directory"):
         load_pipeline(tmp_path)
+
+
+def test_a_binary_file_given_as_the_pipeline_is_a_clear_error(tmp_path: Path) -> None:
+    binary = tmp_path / "pipeline.yaml"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\xd0\xff")
+    with pytest.raises(PipelineLoadError, match="is not a YAML file \\(not UTF-8 text"):
+        load_pipeline(binary)
+    with pytest.raises(TypeError, match="source must be a YAML file path or YAML text, got a int"):
+        load_pipeline(5)  # type: ignore[arg-type]
+
+
+def test_the_openai_switch_refuses_generation_kwargs_that_are_not_a_mapping() -> None:
+    data = {"components": {"gen": {"type": _LOCAL_VLM, "init_parameters": {"generation_kwargs": [1]}}}}
+    with pytest.raises(PipelineLoadError, match="'gen' has generation_kwargs that are not a mapping"):
+        rewrite_pipeline_dict(data, generator="openai")
+
+
+def test_components_nested_in_a_list_are_rewritten_like_dict_nested_ones(tmp_path: Path) -> None:
+    tool = {"type": "haystack.tools.tool.Tool", "data": {"name": "t"}}
+    data = {
+        "components": {
+            "wrapper": {
+                "type": "some.package.Wrapper",
+                "init_parameters": {
+                    "rankers": [
+                        {"type": _COLPALI_RANKER, "init_parameters": {"model": "old"}},
+                        {"type": _COLPALI_RANKER},
+                        [{"type": _COLPALI_RANKER, "init_parameters": {}}],
+                    ],
+                    "tools": [tool],
+                },
+            }
+        }
+    }
+    out = rewrite_pipeline_dict(data, base_dir=tmp_path, models={"colpali": "new"})
+    rankers = out["components"]["wrapper"]["init_parameters"]["rankers"]
+    for ranker in (rankers[0], rankers[1], rankers[2][0]):
+        assert ranker["init_parameters"] == {"model": "new", "root_path": str(tmp_path.resolve())}
+    # A serialized object that is not a component of ours (a Tool: `type` + `data`) is left as it was.
+    assert out["components"]["wrapper"]["init_parameters"]["tools"] == [tool]
+
+
+@pytest.mark.parametrize(
+    ("models", "message"),
+    [
+        (["dense"], r"models must be a mapping like \{'dense': model_id\}, got a list"),
+        ("dense", "models must be a mapping like .*got a str"),
+        ({"colpali": None}, r"models\['colpali'\] is None; expected a model id or a local checkpoint path"),
+        ({"colpali": ""}, r"models\['colpali'\] is ''"),
+        ({"colpali": 5}, r"models\['colpali'\] is 5"),
+    ],
+)
+def test_models_that_is_not_a_mapping_of_model_ids_is_refused(models: object, message: str) -> None:
+    data = {"components": {"ranker": {"type": _COLPALI_RANKER, "init_parameters": {"model": "old"}}}}
+    with pytest.raises(PipelineLoadError, match=message):
+        rewrite_pipeline_dict(data, models=models)  # type: ignore[arg-type]
+
+
+def test_a_model_given_as_a_path_object_is_written_as_a_string(tmp_path: Path) -> None:
+    data = {"components": {"ranker": {"type": _COLPALI_RANKER, "init_parameters": {"model": "old"}}}}
+    out = rewrite_pipeline_dict(data, models={"colpali": tmp_path})  # type: ignore[dict-item]
+    assert out["components"]["ranker"]["init_parameters"]["model"] == str(tmp_path)

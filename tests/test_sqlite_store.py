@@ -399,7 +399,13 @@ def test_constructing_a_store_touches_no_file_and_checks_it_at_warm_up(tmp_path:
     assert not missing.parent.exists()
 
 
-@pytest.mark.parametrize("path", ["", ":memory:", "file::memory:?cache=shared"])
+@pytest.mark.parametrize("path", [":memory:", "file::memory:?cache=shared"])
 def test_an_in_memory_sqlite_path_is_refused_naming_the_in_memory_store(path: str) -> None:
-    with pytest.raises(ValueError, match="InMemoryMultiVectorStore"):
+    with pytest.raises(MultiVectorStoreError, match="InMemoryMultiVectorStore"):
+        SQLiteMultiVectorStore(path)
+
+
+@pytest.mark.parametrize("path", ["", "  "])
+def test_an_empty_sqlite_path_is_refused_as_an_empty_path(path: str) -> None:
+    with pytest.raises(MultiVectorStoreError, match="needs a file path, got an empty path"):
         SQLiteMultiVectorStore(path)

@@ -153,3 +153,44 @@ def test_a_file_that_only_failed_to_be_read_in_this_run_keeps_its_stored_documen
     # Without the failure reported, the same run would prune it (the documented old behaviour).
     dry = StaleDocumentPruner(document_store=store, root_path=str(root), dry_run=True)
     assert dry.run(documents=produced, sources=["docs"])["deleted_ids"] == [a_png.id]
+
+
+def test_a_failed_document_whose_file_path_is_a_directory_keeps_everything_under_it(
+    indexed: tuple[Path, InMemoryDocumentStore, InMemoryMultiVectorStore, list[Document]],
+) -> None:
+    root, store, mv_store, first = indexed
+    # This run produced nothing under docs/ (the folder could not be listed) and reported the folder as failed.
+    failed = [Document(meta={"file_path": "docs", "embedding_error": "cannot list: permission denied"})]
+    pruner = StaleDocumentPruner(document_store=store, multivector_store=mv_store, root_path=str(root))
+    out = pruner.run(documents=[], sources=["docs"], failed_documents=failed)
+    assert out == {"deleted_ids": [], "deleted_files": []}
+    assert store.count_documents() == 7
+    # A failed sibling folder does not protect docs/ (a prefix of the name is not a parent).
+    (root / "doc").mkdir()
+    sibling = [Document(meta={"file_path": "doc"})]
+    dry = StaleDocumentPruner(document_store=store, root_path=str(root), dry_run=True)
+    deleted = dry.run(documents=[], sources=["docs"], failed_documents=sibling)["deleted_files"]
+    assert set(deleted) == {d.meta["file_path"] for d in first if d.meta["file_path"].startswith("docs/")}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"documents": None}, "documents must be a list of Documents, got a NoneType"),
+        ({"documents": [None]}, r"documents\[0\] is None, not a Document"),
+        ({"documents": [], "failed_documents": [None]}, r"failed_documents\[0\] is None, not a Document"),
+        (
+            {"documents": [], "failed_documents": "docs/a.png"},
+            "failed_documents must be a list of Documents, got a str",
+        ),
+    ],
+)
+def test_documents_or_failed_documents_that_are_not_documents_are_refused_naming_the_input(
+    indexed: tuple[Path, InMemoryDocumentStore, InMemoryMultiVectorStore, list[Document]],
+    kwargs: dict,
+    message: str,
+) -> None:
+    root, store, _, _ = indexed
+    with pytest.raises(TypeError, match=message):
+        StaleDocumentPruner(document_store=store, root_path=str(root)).run(sources=["docs"], **kwargs)
+    assert store.count_documents() == 7

@@ -7,10 +7,12 @@ has no side effects.
 """
 
 from haystack_integrations.common.multimodal_rag.errors import (
+    ComponentOutputError,
     ConversionError,
     DocumentProcessingError,
     DriftStateError,
     EmbeddingModelMismatchError,
+    InvalidFiltersError,
     MediaError,
     ModelLoadError,
     MultimodalRAGError,
@@ -19,10 +21,12 @@ from haystack_integrations.common.multimodal_rag.errors import (
 )
 
 __all__ = [
+    "ComponentOutputError",
     "ConversionError",
     "DocumentProcessingError",
     "DriftStateError",
     "EmbeddingModelMismatchError",
+    "InvalidFiltersError",
     "MediaError",
     "ModelLoadError",
     "MultiVectorStoreError",

@@ -8,6 +8,8 @@ any of them; each also derives from the builtin it used to be (`ValueError` or `
 
 from __future__ import annotations
 
+from haystack.errors import FilterError
+
 
 class MultimodalRAGError(Exception):
     """Base class of every error raised by multimodal-rag-haystack."""
@@ -70,11 +72,26 @@ class PipelineLoadError(MultimodalRAGError, ValueError):
     """A pipeline YAML cannot be loaded safely (for example an alias bomb); the message says why."""
 
 
+class InvalidFiltersError(MultimodalRAGError, FilterError, ValueError):
+    """
+    Filters that are not a Haystack filter: not a mapping, a non-string key, or a filter that contains itself.
+
+    Also a Haystack `FilterError`, so code that catches a store's filter errors catches it; the message shows the
+    filters.
+    """
+
+
+class ComponentOutputError(MultimodalRAGError, TypeError):
+    """A wrapped component returned output that breaks its contract (a retriever without a `documents` list)."""
+
+
 __all__ = [
+    "ComponentOutputError",
     "ConversionError",
     "DocumentProcessingError",
     "DriftStateError",
     "EmbeddingModelMismatchError",
+    "InvalidFiltersError",
     "MediaError",
     "ModelLoadError",
     "MultiVectorStoreError",

@@ -82,19 +82,23 @@ class SQLiteMultiVectorStore:
             when the file recorded a fingerprint and the ids differ).
         :param read_only: Open without write access (the file must exist).
         :raises ValueError: On invalid parameters.
-        :raises MultiVectorStoreError: When the file is not a store of ours, is corrupt, or was created with
+        :raises MultiVectorStoreError: When `path` is empty or an in-memory database (`":memory:"`: every thread
+            would get its own), or (at `warm_up`) the file is not a store of ours, is corrupt, or was created with
             another dim, dtype or model.
         """
         check_positive_int("dim", dim)
         self._np_dtype = check_dtype(dtype)
-        if str(path).strip() in ("", ":memory:") or str(path).startswith("file::memory:"):
+        if not str(path).strip():
+            msg = f"SQLiteMultiVectorStore needs a file path, got an empty path {path!r}"
+            raise MultiVectorStoreError(msg)
+        if str(path).strip() == ":memory:" or str(path).startswith("file::memory:"):
             # SQLite gives every connection (here: every thread) its own in-memory database: vectors written in one
             # thread would be missing in another and lost on close. Use InMemoryMultiVectorStore instead.
             msg = (
                 f"SQLiteMultiVectorStore needs a file path, got {path!r}; "
                 "for vectors in memory use InMemoryMultiVectorStore"
             )
-            raise ValueError(msg)
+            raise MultiVectorStoreError(msg)
         self.path = str(path)
         self.dim = dim
         self.dtype = dtype

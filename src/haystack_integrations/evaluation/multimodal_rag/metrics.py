@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Iterable, Mapping, Sequence
+from typing import NoReturn
 
 from haystack_integrations.common.multimodal_rag.validation import check_int
 
@@ -19,7 +20,9 @@ def rank_documents(scores: Mapping[str, float]) -> list[str]:
     Highest score first; documents with the same score are ordered by document id in DESCENDING order
     (trec_eval sorts a run by score, then by docno, both decreasing, in `form_res_rels.c`; pytrec_eval embeds
     trec_eval and does the same, which the tests check), so the ranking and every metric are deterministic and
-    agree with those tools even when scores tie.
+    agree with those tools even when scores tie. Ids are compared as strings (`str(doc_id)`), as trec_eval
+    compares the docnos of a run file: ids of mixed types (`1` and `"a"`) do not break the sort, and integer ids
+    tie-break like their TREC run lines (`"9"` before `"10"`).
 
     :param scores: `{doc_id: score}` of one query.
     :returns: The document ids, best first.
@@ -29,7 +32,55 @@ def rank_documents(scores: Mapping[str, float]) -> list[str]:
         if isinstance(score, bool) or not isinstance(score, numbers.Real) or not math.isfinite(score):
             msg = f"score of document '{doc_id}' is {score!r}; expected a finite number"
             raise ValueError(msg)
-    return [doc_id for doc_id, _ in sorted(scores.items(), key=lambda item: (item[1], item[0]), reverse=True)]
+    return [doc_id for doc_id, _ in sorted(scores.items(), key=lambda item: (item[1], str(item[0])), reverse=True)]
+
+
+def _check_relevance(query_id: object, relevance: object) -> Mapping[object, float]:
+    if not isinstance(relevance, Mapping):
+        msg = f"qrels of query '{query_id}' are {relevance!r}; expected a mapping {{doc_id: relevance}}"
+        raise ValueError(msg)
+    for doc_id, level in relevance.items():
+        if isinstance(level, bool) or not isinstance(level, numbers.Real) or not math.isfinite(level):
+            msg = (
+                f"relevance of document '{doc_id}' for query '{query_id}' is {level!r}; expected a finite number "
+                "(graded relevance: > 0 is relevant)"
+            )
+            raise ValueError(msg)
+    return relevance
+
+
+class _IdTypeCheck:
+    """Refuse ids that match only as text (`1` in qrels, `"1"` in the run): they would silently score 0."""
+
+    def __init__(self, run: Mapping) -> None:
+        self.run = run
+        self._query_texts: dict[str, object] | None = None
+
+    @staticmethod
+    def _refuse(what: str, wanted: object, twin: object, where: str = "") -> NoReturn:
+        msg = (
+            f"{what} {wanted!r} ({type(wanted).__name__}){where} in qrels is {twin!r} ({type(twin).__name__}) in "
+            "the run: use one type for ids (str, as in TREC files)"
+        )
+        raise ValueError(msg)
+
+    def check(self, query_id: object, relevance: Mapping) -> None:
+        if query_id not in self.run:
+            if self._query_texts is None:
+                self._query_texts = {str(other): other for other in self.run}
+            twin = self._query_texts.get(str(query_id))
+            if twin is not None:
+                self._refuse("query id", query_id, twin)
+            return
+        scores = self.run[query_id]
+        doc_texts: dict[str, object] | None = None
+        for doc_id, level in relevance.items():
+            if level > 0 and doc_id not in scores:
+                if doc_texts is None:
+                    doc_texts = {str(other): other for other in scores}
+                twin = doc_texts.get(str(doc_id))
+                if twin is not None:
+                    self._refuse("document id", doc_id, twin, f" of query '{query_id}'")
 
 
 def _check_k_values(k_values: Iterable[int]) -> list[int]:
@@ -70,13 +121,16 @@ def per_query_metrics(
     :param qrels: `{query_id: {doc_id: relevance}}` (graded, relevance > 0 means relevant).
     :param k_values: Cut-offs for `ndcg@k` and `recall@k`.
     :returns: `{query_id: {"ndcg@k": ..., "recall@k": ..., "mrr@10": ...}}`.
-    :raises ValueError: On an invalid k or a non-finite score.
+    :raises ValueError: On an invalid k, a non-finite score or relevance, or a query or relevant document id
+        that matches the run's only as text (`1` in qrels, `"1"` in the run).
     """
     ks = _check_k_values(k_values)
     results: dict[str, dict[str, float]] = {}
+    id_types = _IdTypeCheck(run)
     for query_id, relevance in qrels.items():
-        if not any(r > 0 for r in relevance.values()):
+        if not any(r > 0 for r in _check_relevance(query_id, relevance).values()):
             continue
+        id_types.check(query_id, relevance)
         ranking = rank_documents(run.get(query_id, {}))
         results[query_id] = _query_metrics(ranking, relevance, ks)
     return results
@@ -97,14 +151,17 @@ def retrieval_metrics(
 
     Each metric is averaged over the queries of `qrels` with at least one relevant document; such a query
     that is missing from `run` counts as 0 (trec_eval's `-c`). Documents with equal scores are ranked by
-    document id in descending order, trec_eval's rule (see `rank_documents`), so results are deterministic
-    and agree with trec_eval / pytrec_eval (checked to 1e-6 in the tests).
+    document id in descending order, compared as strings, trec_eval's rule (see `rank_documents`), so results
+    are deterministic and agree with trec_eval / pytrec_eval (checked to 1e-6 in the tests). Ids are not
+    converted: a query or relevant document id that matches the run's only as text (`1` against `"1"`) is
+    refused rather than silently scored 0. Relevance values are checked like scores (finite numbers, not bool).
 
     :param run: `{query_id: {doc_id: score}}`, higher is better.
     :param qrels: `{query_id: {doc_id: relevance}}`, graded integer relevance.
     :param k_values: Cut-offs for `ndcg@k` and `recall@k`.
     :returns: `{"ndcg@1": ..., "recall@1": ..., ..., "mrr@10": ...}` (lower-case keys, k in increasing order).
-    :raises ValueError: When no query has a relevant document, on an invalid k or a non-finite score.
+    :raises ValueError: When no query has a relevant document, on an invalid k, a non-finite score or relevance
+        (the message names the query and document), or ids whose types differ between `qrels` and `run`.
     """
     ks = _check_k_values(k_values)
     per_query = per_query_metrics(run, qrels, ks)

@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from haystack import logging
 from haystack.core.serialization import generate_qualified_class_name
@@ -113,44 +114,112 @@ def shipped_pipeline(name: str) -> Path:
     raise FileNotFoundError(msg)
 
 
+def _refuse(problem: str) -> NoReturn:
+    msg = f"not a Haystack pipeline: {problem}"
+    raise PipelineLoadError(msg)
+
+
 def _check_shape(data: Any) -> None:
     """Refuse, with one clear error, what is not a serialized pipeline (before anything is rewritten or built)."""
-    problem = None
     if not isinstance(data, dict):
-        problem = f"the YAML is a {type(data).__name__}, not a mapping"
-    elif not isinstance(data.get("components", {}), dict):
-        problem = f"'components' is a {type(data['components']).__name__}, not a mapping of name to component"
-    else:
-        for name, component in data.get("components", {}).items():
-            if not isinstance(component, dict) or not isinstance(component.get("type"), str):
-                problem = f"component '{name}' is not a mapping with a 'type'"
-            elif not isinstance(component.get("init_parameters", {}), dict):
-                problem = f"component '{name}' has 'init_parameters' that are not a mapping"
-            if problem:
-                break
-    if problem:
-        msg = f"not a Haystack pipeline: {problem}"
+        _refuse(f"the YAML is a {type(data).__name__}, not a mapping")
+    components = data.get("components", {})
+    if not isinstance(components, dict):
+        _refuse(f"'components' is a {type(components).__name__}, not a mapping of name to component")
+    for name, component in components.items():
+        if not isinstance(name, str):
+            _refuse(f"component name {name!r} ({type(name).__name__}) is not a string")
+        if not isinstance(component, dict) or not isinstance(component.get("type"), str):
+            _refuse(f"component '{name}' is not a mapping with a 'type'")
+        if not isinstance(component.get("init_parameters", {}), dict):
+            _refuse(f"component '{name}' has 'init_parameters' that are not a mapping")
+    connections = data.get("connections", [])
+    if not isinstance(connections, list):
+        _refuse(f"'connections' is a {type(connections).__name__}, not a list")
+    for position, connection in enumerate(connections):
+        if not (
+            isinstance(connection, dict)
+            and isinstance(connection.get("sender"), str)
+            and isinstance(connection.get("receiver"), str)
+        ):
+            _refuse(f"connection {position} ({connection!r}) is not a mapping with a 'sender' and a 'receiver'")
+
+
+# Serialized classes the loader rewrites: one of them nested with malformed parameters must be refused, not
+# skipped (skipping would silently leave a file-reading component without its root_path).
+_REWRITTEN = frozenset().union(*_MODEL_TYPES.values(), _READS_FILES)
+_STORES = frozenset({_QDRANT_STORE, _SQLITE_STORE, _QDRANT_MV_STORE})
+
+
+def _is_component(value: Any, where: str) -> bool:
+    """
+    Whether `value` is a serialized component nested in another's parameters.
+
+    A mapping with a qualified class name in `type` (`"package.module.Class"`, which tells it from a serialized
+    Secret or device, `{"type": "env_var", ...}`) and mapping `init_parameters`; for a class the loader rewrites,
+    `init_parameters` may be left out. Other mappings (a serialized `Tool`: `type` and `data`) are left alone.
+    """
+    if not (isinstance(value, dict) and isinstance(value.get("type"), str) and "." in value["type"]):
+        return False
+    ours = value["type"] in _REWRITTEN
+    if "init_parameters" not in value:
+        return ours
+    if not isinstance(value["init_parameters"], dict):
+        if ours:
+            _refuse(f"'{where}' has 'init_parameters' that are not a mapping")
+        return False
+    return True
+
+
+def _check_path(where: str, key: str, params: dict[str, Any]) -> None:
+    value = params.get(key)
+    if value is not None and not isinstance(value, (str, os.PathLike)):
+        _refuse(f"'{where}' has {key}: {value!r} ({type(value).__name__}); expected a path string or null")
+
+
+def _check_models(models: Any) -> dict[str, str]:
+    if models is None:
+        return {}
+    if not isinstance(models, Mapping):
+        msg = (
+            f"models must be a mapping like {{'dense': model_id}}, got a {type(models).__name__} ({models!r}); "
+            f"the keys are {list(MODEL_KEYS)}"
+        )
         raise PipelineLoadError(msg)
+    unknown = set(models) - set(MODEL_KEYS)
+    if unknown:
+        msg = f"models has unknown keys {sorted(unknown, key=str)}; the keys are {list(MODEL_KEYS)}"
+        raise PipelineLoadError(msg)
+    checked: dict[str, str] = {}
+    for key, model in models.items():
+        if isinstance(model, os.PathLike):
+            model = os.fspath(model)
+        if not isinstance(model, str) or not model.strip():
+            msg = (
+                f"models['{key}'] is {model!r}; expected a model id or a local checkpoint path "
+                "(leave the key out to keep the YAML's model)"
+            )
+            raise PipelineLoadError(msg)
+        checked[key] = model
+    return checked
 
 
-def _is_component(value: Any) -> bool:
-    return (
-        isinstance(value, dict)
-        and isinstance(value.get("type"), str)
-        and isinstance(value.get("init_parameters"), dict)
-    )
-
-
-def _absolute(path: str | None, base_dir: Path | None) -> str | None:
-    if path is None or base_dir is None or Path(path).is_absolute():
-        return path
+def _absolute(path: str | os.PathLike[str] | None, base_dir: Path | None) -> str | None:
+    if path is None:
+        return None
+    if base_dir is None or Path(path).is_absolute():
+        return os.fspath(path)
     return str((base_dir / path).resolve())
 
 
 def _rewrite_store(
-    store: dict[str, Any], *, base_dir: Path | None, qdrant_url: str | None, embedding_dim: int | None
+    store: dict[str, Any], where: str, *, base_dir: Path | None, qdrant_url: str | None, embedding_dim: int | None
 ) -> dict[str, Any]:
+    if not isinstance(store.get("init_parameters", {}), dict):
+        _refuse(f"'{where}' has 'init_parameters' that are not a mapping")
     params = store.setdefault("init_parameters", {})
+    if store.get("type") in _STORES:
+        _check_path(where, "path", params)
     if store.get("type") == _QDRANT_STORE:
         if embedding_dim is not None:
             params["embedding_dim"] = embedding_dim
@@ -178,6 +247,7 @@ def _rewrite_store(
 
 
 def _confine(name: str, params: dict[str, Any], *, base: Path | None, root: str | None) -> None:
+    _check_path(name, "root_path", params)
     if root is not None:
         params["root_path"] = root
     elif "root_path" not in params:
@@ -190,7 +260,7 @@ def _confine(name: str, params: dict[str, Any], *, base: Path | None, root: str 
             component=name,
         )
     else:
-        params["root_path"] = _absolute(str(params["root_path"]), base)
+        params["root_path"] = _absolute(params["root_path"], base)
 
 
 def rewrite_pipeline_dict(
@@ -209,7 +279,8 @@ def rewrite_pipeline_dict(
     :param data: The pipeline as a dict (e.g. `yaml.safe_load` of a shipped YAML).
     :param base_dir: Directory relative store paths and relative `root_path`s are resolved against.
     :param models: `{"dense": id, "colpali": id, "vlm": id, "reranker": id}` (`vlm`: the local generator;
-        `reranker`: `VisionLanguageRanker`); missing keys keep the YAML's models.
+        `reranker`: `VisionLanguageRanker`); missing keys keep the YAML's models. Components nested in
+        another's parameters, directly or in a list, are rewritten like top-level ones.
     :param embedding_dim: Dense vector size for Qdrant document stores.
     :param qdrant_url: Qdrant server/cluster URL; `None` keeps the embedded stores.
     :param generator: `"openai"` swaps the local VLM generator for `OpenAIChatGenerator`.
@@ -218,7 +289,8 @@ def rewrite_pipeline_dict(
         against `base_dir`, an explicit `null` is kept (with a warning).
     :returns: The rewritten dict.
     :raises ValueError: On an unknown `generator` value.
-    :raises PipelineLoadError: When `data` is not shaped like a serialized pipeline.
+    :raises PipelineLoadError: When `data` is not shaped like a serialized pipeline (the message names the
+        component and key), or `models` is not a mapping of known keys to model ids.
     """
     if generator not in (None, "local", "openai"):
         msg = f"generator must be None, 'local' or 'openai', got {generator!r}"
@@ -227,11 +299,16 @@ def rewrite_pipeline_dict(
     out = copy.deepcopy(data)
     base = Path(base_dir).expanduser().resolve() if base_dir is not None else None
     root = str(Path(root_path).expanduser().resolve()) if root_path is not None else None
-    models = models or {}
-    unknown = set(models) - set(MODEL_KEYS)
-    if unknown:
-        msg = f"models has unknown keys {sorted(unknown)}; the keys are {list(MODEL_KEYS)}"
-        raise ValueError(msg)
+    model_ids = _check_models(models)
+
+    def rewrite_nested(name: str, value: Any) -> None:
+        # A component that wraps others (FilterAwareRetriever's `retriever`, or a list of them) gets the same
+        # treatment as a top-level one.
+        if _is_component(value, name):
+            rewrite(name, value)
+        elif isinstance(value, list):
+            for position, item in enumerate(value):
+                rewrite_nested(f"{name}[{position}]", item)
 
     def rewrite(name: str, component: dict[str, Any]) -> None:
         ctype = component.get("type")
@@ -239,21 +316,23 @@ def rewrite_pipeline_dict(
         if ctype in _READS_FILES:
             _confine(name, params, base=base, root=root)
         for key, classes in _MODEL_TYPES.items():
-            if ctype in classes and key in models:
-                params["model"] = models[key]
+            if ctype in classes and key in model_ids:
+                params["model"] = model_ids[key]
         for key in ("document_store", "multivector_store"):
             if isinstance(params.get(key), dict):
                 params[key] = _rewrite_store(
-                    params[key], base_dir=base, qdrant_url=qdrant_url, embedding_dim=embedding_dim
+                    params[key], f"{name}.{key}", base_dir=base, qdrant_url=qdrant_url, embedding_dim=embedding_dim
                 )
         if isinstance(params.get("state_path"), str):
             params["state_path"] = _absolute(params["state_path"], base)
-        # A component that wraps another (e.g. FilterAwareRetriever's `retriever`) gets the same treatment.
         for key, value in params.items():
-            if key not in ("document_store", "multivector_store") and _is_component(value):
-                rewrite(f"{name}.{key}", value)
+            if key not in ("document_store", "multivector_store"):
+                rewrite_nested(f"{name}.{key}", value)
         if generator == "openai" and ctype == _LOCAL_GENERATOR:
-            max_tokens = (params.get("generation_kwargs") or {}).get("max_new_tokens", 256)
+            generation_kwargs = params.get("generation_kwargs") or {}
+            if not isinstance(generation_kwargs, dict):
+                _refuse(f"'{name}' has generation_kwargs that are not a mapping: {generation_kwargs!r}")
+            max_tokens = generation_kwargs.get("max_new_tokens", 256)
             component["type"] = _OPENAI
             component["init_parameters"] = {
                 "api_key": {"type": "env_var", "env_vars": ["OPENAI_API_KEY"], "strict": True},
@@ -294,12 +373,22 @@ def load_pipeline(
     :param root_path: Directory every component that reads files is confined to (documents' relative
         `file_path`s resolve in it); defaults to `base_dir`. Index and query with the same one.
     :returns: The pipeline (components are not warmed up yet).
-    :raises PipelineLoadError: On an alias bomb, invalid YAML, or YAML that is not a pipeline.
+    :raises PipelineLoadError: On an alias bomb, invalid YAML, a directory or binary file, or YAML that is not
+        a pipeline (the message names the component and key).
+    :raises FileNotFoundError: When `source` names a `.yaml`/`.yml` file that does not exist.
+    :raises TypeError: When `source` is neither a path nor a string.
     """
+    if not isinstance(source, (str, os.PathLike)):
+        msg = f"source must be a YAML file path or YAML text, got a {type(source).__name__}"
+        raise TypeError(msg)
     if _looks_like_path(source) and Path(source).is_dir():
         msg = f"{source} is a directory, not a pipeline YAML file"
         raise PipelineLoadError(msg)
-    text = Path(source).read_text(encoding="utf-8") if _looks_like_path(source) else str(source)
+    try:
+        text = Path(source).read_text(encoding="utf-8") if _looks_like_path(source) else str(source)
+    except UnicodeDecodeError as e:
+        msg = f"{source} is not a YAML file (not UTF-8 text: {e})"
+        raise PipelineLoadError(msg) from e
     data = load_yaml(text)
     if not isinstance(data, dict):
         msg = f"a pipeline YAML is a mapping with 'components' and 'connections', got {type(data).__name__}"
@@ -334,7 +423,7 @@ def load_pipeline(
     return pipeline
 
 
-def _looks_like_path(source: str | Path) -> bool:
-    if isinstance(source, Path):
+def _looks_like_path(source: str | os.PathLike[str]) -> bool:
+    if not isinstance(source, str):
         return True
     return "\n" not in source and (source.endswith((".yaml", ".yml")) or Path(source).exists())

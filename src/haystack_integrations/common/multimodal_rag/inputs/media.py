@@ -577,10 +577,14 @@ def _parse_page_number(document: Document) -> int | None:
         msg = f"meta['{PAGE_NUMBER_META_KEY}'] must be a 1-based integer, got {raw!r}"
         raise MediaError(msg)
     try:
-        return int(raw)
+        number = int(raw)
     except ValueError as e:
         msg = f"meta['{PAGE_NUMBER_META_KEY}'] must be a 1-based integer, got {raw!r}"
         raise MediaError(msg) from e
+    if number < 1:
+        msg = f"meta['{PAGE_NUMBER_META_KEY}'] must be >= 1 (page numbers are 1-based), got {raw!r}"
+        raise MediaError(msg)
+    return number
 
 
 def _missing_file_message(label: str, file_path: Any, root_path: str | Path | None) -> str:

@@ -13,6 +13,18 @@ from haystack_integrations.document_stores.multivector.protocol import MultiVect
 logger = logging.getLogger(__name__)
 
 
+def _check_documents(name: str, documents: Any) -> None:
+    # Checked before anything is deleted: a None in place of the run's documents must not read as "nothing
+    # was produced" (that would prune everything under the sources).
+    if not isinstance(documents, (list, tuple)):
+        msg = f"StaleDocumentPruner: {name} must be a list of Documents, got a {type(documents).__name__}"
+        raise TypeError(msg)
+    for position, document in enumerate(documents):
+        if not isinstance(document, Document):
+            msg = f"StaleDocumentPruner: {name}[{position}] is {document!r}, not a Document"
+            raise TypeError(msg)
+
+
 @component
 class StaleDocumentPruner:
     """
@@ -27,11 +39,14 @@ class StaleDocumentPruner:
     - pages past the end of a PDF that got shorter, and the old chunks of an edited text file (their ids changed);
     - NOT files that only failed to be read in this run: connect the embedders' `failed_documents` to
       `failed_documents` and the stored documents of those files are kept (a locked file or a flaky mount must not
-      wipe good entries). With the default `on_error="raise"` a failing run stops before this component.
+      wipe good entries); a failed document whose `file_path` is a directory keeps everything under it. With the
+      default `on_error="raise"` a failing run stops before this component.
 
     Documents outside the `sources` (other folders indexed into the same store) and documents without a usable
     `file_path` are never touched. Paths are compared after resolving them like the converter does (against
-    `root_path`, symlinks resolved), so use the converter's `root_path` and `file_path_meta_field`.
+    `root_path`, symlinks resolved), so use the converter's `root_path` and `file_path_meta_field`. A symlink
+    inside `root_path` that points outside it is refused as a source, and stored documents under it are never
+    pruned: the converter with the same `root_path` refuses those files too (the path-traversal guard).
 
     Cost: the store is read once per run through `filter_documents` (every document that has a `file_path`,
     with its vectors, when the store cannot project): run it once per indexing run, not per query.
@@ -116,16 +131,21 @@ class StaleDocumentPruner:
         :param documents: Every document the indexing run produced and wrote (connect the writer's input).
         :param sources: The files and directories that were indexed (the converter's `sources`).
         :param failed_documents: Documents that failed in this run (the embedders' `failed_documents` with
-            `on_error="skip"`): the stored documents of their files are kept, not pruned.
+            `on_error="skip"`): the stored documents of their files (of every file under a directory) are kept,
+            not pruned.
         :returns: A dictionary with:
             - `deleted_ids`: ids of the deleted documents (would-be-deleted with `dry_run`), sorted;
             - `deleted_files`: their distinct stored `file_path`s, sorted.
-        :raises TypeError: When `sources` is not a list (a bare string would scope every one-character path).
+        :raises TypeError: When `sources` is not a list (a bare string would scope every one-character path), or
+            `documents` / `failed_documents` is not a list of Documents (the message names the input and item).
         :raises ValueError: When a source cannot be resolved (malformed, or outside `root_path`).
         """
         if not isinstance(sources, (list, tuple)):
             msg = f"StaleDocumentPruner: sources must be a list of paths, got a {type(sources).__name__}"
             raise TypeError(msg)
+        _check_documents("documents", documents)
+        if failed_documents is not None:
+            _check_documents("failed_documents", failed_documents)
         scopes: list[Path] = []
         for position, source in enumerate(sources):
             try:
@@ -149,7 +169,7 @@ class StaleDocumentPruner:
             if value is None or stored.id in produced:
                 continue
             path = self._resolve(value)
-            if path is None or path in unreadable:
+            if path is None or path in unreadable or not unreadable.isdisjoint(path.parents):
                 continue
             if any(path == scope or path.is_relative_to(scope) for scope in scopes):
                 stale[stored.id] = str(value)
