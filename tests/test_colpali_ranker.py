@@ -195,6 +195,7 @@ def test_components_round_trip_through_to_dict(tiny_colqwen2: str, tmp_path: Pat
             normalize_scores=False,
             batch_size=2,
             cache_size=0,
+            device_cache_mb=64,
             root_path="/r",
             file_path_meta_field="path",
             **kwargs,
@@ -568,3 +569,43 @@ def test_a_query_encoded_on_the_device_equals_the_host_copy(tiny_colqwen2: str) 
         assert isinstance(on_device, torch.Tensor)
         host = encoder.embed_queries(["a bar chart"], query_prefix=prefix)[0]
         np.testing.assert_array_equal(on_device.float().numpy(), host)
+
+
+def test_the_gpu_path_keeps_ranked_pages_on_the_device_until_the_store_changes(
+    tiny_colqwen2: str, pages_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from haystack_integrations.document_stores.multivector import SQLiteMultiVectorStore
+
+    path = str(tmp_path / "mv.sqlite")
+    store = SQLiteMultiVectorStore(path)
+    docs = _embed_pages(tiny_colqwen2, _page_docs(pages_dir), store)["documents"]
+    ranker = ColPaliRanker(tiny_colqwen2, multivector_store=store)
+    expected = ranker.run(query="chart", documents=docs)["documents"]
+    _staging_on_cpu(ranker, monkeypatch)
+    asked: list[str] = []
+    real_get = store.get
+    monkeypatch.setattr(store, "get", lambda ids: (asked.extend(ids), real_get(ids))[1])
+    first = ranker.run(query="chart", documents=docs)["documents"]
+    assert sorted(asked) == sorted(d.id for d in docs)
+    asked.clear()
+    again = ranker.run(query="chart", documents=docs)["documents"]
+    assert asked == []  # every page came from the device cache
+    for out in (first, again):
+        assert [d.id for d in out] == [d.id for d in expected]
+        assert [d.score for d in out] == pytest.approx([d.score for d in expected], rel=1e-5)
+    # Another connection re-indexes the best page with the worst page's vectors: the cache must notice.
+    best, worst = expected[0].id, expected[-1].id
+    other = SQLiteMultiVectorStore(path)
+    other.write({best: other.get([worst])[worst]})
+    other.close()
+    changed = {d.id: d.score for d in ranker.run(query="chart", documents=docs)["documents"]}
+    assert changed[best] == pytest.approx(changed[worst], rel=1e-5)
+    assert sorted(asked) == sorted(d.id for d in docs)  # everything fetched again
+    no_cache = ColPaliRanker(tiny_colqwen2, multivector_store=store, device_cache_mb=0)
+    _staging_on_cpu(no_cache, monkeypatch)
+    asked.clear()
+    no_cache.run(query="chart", documents=docs)
+    no_cache.run(query="chart", documents=docs)
+    assert len(asked) == 2 * len(docs)
+    with pytest.raises(ValueError, match="device_cache_mb"):
+        ColPaliRanker(tiny_colqwen2, device_cache_mb=-1)

@@ -268,3 +268,33 @@ def test_a_store_with_the_older_bind_model_signature_still_binds_by_id() -> None
     assert store.model == "org/a"
     with pytest.raises(MultiVectorStoreError, match=r"C: older store.*'org/a'.*'org/b'"):
         check_store_compatible(store, dim=DIM, model="org/b", component="C", fingerprint=FP_A)
+
+
+@pytest.mark.parametrize("kind", ["in_memory", "sqlite"])
+def test_the_revision_changes_with_every_write_and_delete_and_only_then(kind: str, tmp_path: Path) -> None:
+    # The GPU page cache trusts it: a page re-indexed by anyone (this instance, another instance on the same
+    # index or file) must change the value seen before the next query.
+    make = _factory(kind, tmp_path)
+    store, other = make(), make()
+    rng = np.random.default_rng(0)
+    store.write(_pages(rng, [3, 4]))
+    seen = store.revision()
+    store.get(["doc-0"])
+    store.score(rng.standard_normal((2, DIM)), ["doc-0", "doc-1"])
+    store.count()
+    assert store.revision() == seen  # reads change nothing
+    changes: list[Callable[[], Any]] = [
+        lambda: store.write({"doc-0": rng.standard_normal((3, DIM))}),  # this instance
+        lambda: other.write({"doc-1": rng.standard_normal((5, DIM))}),  # another instance / connection
+        lambda: other.delete(["doc-1"]),
+        lambda: store.delete(["doc-0"]),
+    ]
+    for change in changes:
+        change()
+        now = store.revision()
+        assert now != seen
+        seen = now
+    store.close()
+    other.close()
+    if kind == "in_memory":
+        InMemoryMultiVectorStore(index=f"contract-{tmp_path.name}").clear()

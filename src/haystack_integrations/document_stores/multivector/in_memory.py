@@ -26,6 +26,7 @@ class _Storage:
         self.model: str | None = None
         self.model_fingerprint: str | None = None
         self.pool_factor: int | None = None
+        self.revision = 0  # bumped by every change of `vectors`
         self.lock = threading.Lock()
 
 
@@ -117,6 +118,7 @@ class InMemoryMultiVectorStore:
             storage.vectors.update(converted)
             if converted:
                 storage.dim = dim
+                storage.revision += 1
         return len(converted)
 
     def get(self, ids: Iterable[str]) -> dict[str, np.ndarray]:
@@ -158,16 +160,27 @@ class InMemoryMultiVectorStore:
         with storage.lock:
             for doc_id in check_ids(ids):
                 storage.vectors.pop(doc_id, None)
+            storage.revision += 1
 
     def count(self) -> int:
         """Number of stored multi-vectors."""
         return len(self._storage.vectors)
+
+    def revision(self) -> int:
+        """
+        A number that changes whenever the stored vectors change (write, delete, clear), by any instance sharing
+        this index; caches of fetched pages (`ColPaliRanker`'s device cache) compare it to know they are current.
+
+        :returns: The revision.
+        """
+        return self._storage.revision
 
     def clear(self) -> None:
         """Remove every multi-vector of this index."""
         storage = self._storage
         with storage.lock:
             storage.vectors.clear()
+            storage.revision += 1
             storage.dim = None
             storage.model = None
             storage.model_fingerprint = None

@@ -25,6 +25,10 @@ class MultiVectorStore(Protocol):
 
     Every store keeps one multi-vector per document id, scores a query against stored pages (`score`,
     raw MaxSim), and says how its vectors look (`dim`, `dtype`, `pool_factor`).
+
+    Optional, outside the protocol: `revision() -> Hashable`, a value that changes whenever the stored vectors
+    may have changed (by any instance, connection or process); caches of fetched pages compare it
+    (`ColPaliRanker`'s device cache). A store without it is never cached.
     """
 
     @property

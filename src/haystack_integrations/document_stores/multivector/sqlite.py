@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import sqlite3
 import threading
@@ -32,6 +33,9 @@ _PAGE_SIZE = 65536
 _MMAP_SIZE = 1 << 30
 _MAX_VARS = 900  # stay under SQLite's bound-parameter limit in IN (...) lists
 _SCORE_CHUNK = 32  # pages fetched while the MaxSim workers score the previous chunk
+# Process-wide serials for `revision`: each connection opened, each change made through an instance.
+_CONNECTION_SERIALS = itertools.count(1)
+_CHANGE_SERIALS = itertools.count(1)
 
 
 class SQLiteMultiVectorStore:
@@ -112,6 +116,7 @@ class SQLiteMultiVectorStore:
         self._stored_pool_factor: int | None = None
         self._initialised = False
         self._init_lock = threading.Lock()
+        self._changes = 0  # a fresh serial after each write or delete through this instance (see `revision`)
         # No file is touched here: the file is opened, checked (or created) by `warm_up()` or the first use, so
         # loading a pipeline from YAML reads and creates nothing. Components bind the store in their warm_up, so
         # a mismatched file still fails before any model runs.
@@ -152,6 +157,7 @@ class SQLiteMultiVectorStore:
         if conn is None:
             conn = self._open()
             self._local.conn = conn
+            self._local.serial = next(_CONNECTION_SERIALS)
         return conn
 
     def _conn(self) -> sqlite3.Connection:
@@ -391,6 +397,8 @@ class SQLiteMultiVectorStore:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+        finally:
+            self._changes = next(_CHANGE_SERIALS)
         # Move the committed pages into the main file now, so readers get them through mmap rather than
         # from the write-ahead log; PASSIVE never waits for readers.
         conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
@@ -486,10 +494,25 @@ class SQLiteMultiVectorStore:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+        finally:
+            self._changes = next(_CHANGE_SERIALS)
 
     def count(self) -> int:
         """Number of stored multi-vectors."""
         return int(self._conn().execute("SELECT COUNT(*) FROM mv_vectors").fetchone()[0])
+
+    def revision(self) -> tuple[int, int, int]:
+        """
+        A value that changes whenever the stored vectors may have changed, as seen from the calling thread: a
+        commit by any other connection (another thread, instance or process: SQLite's `PRAGMA data_version`),
+        or a write or delete through this instance. Caches of fetched pages (`ColPaliRanker`'s device cache)
+        compare it, always from the same thread, to know they are current. One small query (~10 us).
+
+        :returns: An opaque, comparable value.
+        """
+        conn = self._conn()
+        version = int(conn.execute("PRAGMA data_version").fetchone()[0])
+        return (self._local.serial, version, self._changes)
 
     def info(self) -> dict[str, Any]:
         """

@@ -25,9 +25,9 @@ from haystack_integrations.common.multimodal_rag.numerics.maxsim import (
     cpu_kernel_threads,
     maxsim_by_id,
     maxsim_staged,
-    stage_pages,
     to_device,
 )
+from haystack_integrations.common.multimodal_rag.numerics.page_cache import DevicePageCache, stage_store_pages
 from haystack_integrations.common.multimodal_rag.numerics.ranking import (
     DENSE_SCORE_META_KEY,
     LATE_INTERACTION_SCORE_META_KEY,
@@ -51,32 +51,27 @@ logger = logging.getLogger(__name__)
 _KERNEL_STORES = (InMemoryMultiVectorStore, SQLiteMultiVectorStore)
 
 
-def _fetch_and_stage(store: MultiVectorStore, ids: list[str], device: torch.device) -> tuple[list[str], StagedPages]:
-    vectors = store.get(ids)
-    return list(vectors), stage_pages(list(vectors.values()), device=device)
-
-
 def _score_fetched(
-    query: np.ndarray | torch.Tensor, fetch: Future[tuple[list[str], StagedPages]]
+    query: np.ndarray | torch.Tensor, fetch: Future[tuple[list[str], list[StagedPages]]]
 ) -> dict[str, float] | None:
     """
-    MaxSim of the pages `_fetch_and_stage` staged, with one device->host copy (the scores and a finiteness flag).
+    MaxSim of the pages the fetch thread staged, with one device->host copy (the scores and a finiteness flag).
 
     `None` where the caller must run `store.score` instead: the fetch failed, found nothing, or the query is
     malformed or not finite. `store.score` then raises exactly the error it raised before this path existed.
     """
     try:
-        found, staged = fetch.result()
+        found, parts = fetch.result()
     except Exception:  # store.score raises it again, in its usual order after the query checks
         return None
     query_t = torch.as_tensor(query)
     if not found or query_t.ndim != 2 or query_t.shape[0] == 0:
         return None
-    device = staged.packed.device
+    device = parts[0].packed.device
     query_t = to_device(query_t, device)
-    scores = maxsim_staged(query_t, staged)
-    finite = torch.isfinite(query_t).all().reshape(1).to(scores.dtype)
-    host = torch.cat([scores, finite]).cpu()  # the query's only device->host copy
+    scores = [maxsim_staged(query_t, part) for part in parts]
+    finite = torch.isfinite(query_t).all().reshape(1).to(scores[0].dtype)
+    host = torch.cat([*scores, finite]).cpu()  # the query's only device->host copy
     if host[-1] == 0:
         return None
     return dict(zip(found, host[:-1].tolist(), strict=True))
@@ -126,6 +121,10 @@ class ColPaliRanker:
     (MaxSim where the vectors live: our CPU kernel for the in-memory and SQLite stores, on the model's GPU
     when the model runs on one, inside Qdrant for the Qdrant store) -> normalise -> select.
 
+    On a GPU with the in-memory or SQLite store, the stored vectors of ranked pages stay on the device within
+    `device_cache_mb` (least recently used out), so pages ranked again skip the fetch and upload; the cache starts
+    over whenever the store's `revision()` says something was written or deleted.
+
     Pages without stored vectors go through a read-through path: they are planned and loaded by the
     package's shared document planning and pixel loader, encoded (pooled like the stored pages when the
     store records a `pool_factor`), and kept in an LRU cache of `cache_size` pages, so a pipeline without a
@@ -168,6 +167,7 @@ class ColPaliRanker:
         token: Secret | None = Secret.from_env_var(["HF_API_TOKEN", "HF_TOKEN"], strict=False),  # noqa: B008
         batch_size: int = 4,
         cache_size: int = 512,
+        device_cache_mb: int = 1024,
         local_files_only: bool = False,
         model_kwargs: dict[str, Any] | None = None,
         file_path_meta_field: str = "file_path",
@@ -191,6 +191,10 @@ class ColPaliRanker:
         :param token: Hugging Face token, for gated or private models.
         :param batch_size: Pages per forward pass when encoding on the fly.
         :param cache_size: Pages kept in the on-the-fly LRU cache (0 disables it).
+        :param device_cache_mb: On a GPU, MiB of its memory kept for the stored vectors of recently ranked pages
+            (in-memory and SQLite stores), so a page ranked again is not fetched and uploaded again (1024 MiB hold
+            ~5,400 pages of 768 x 128 float16). The cache checks the store's revision before each query and
+            starts over when anything was written or deleted. 0 disables it; unused on a CPU.
         :param local_files_only: Only use a local path or the local Hugging Face cache.
         :param model_kwargs: Extra keyword arguments for the model's `from_pretrained`.
         :param file_path_meta_field: Meta key holding the path of a candidate's image or PDF (on-the-fly path).
@@ -200,6 +204,7 @@ class ColPaliRanker:
         check_top_k_and_threshold(top_k, score_threshold)
         check_positive_int("batch_size", batch_size)
         check_int("cache_size", cache_size, minimum=0)
+        check_int("device_cache_mb", device_cache_mb, minimum=0)
         check_processor_kwargs(processor_kwargs)
         if query_prefix is not None and not _encoder_takes_query_prefix():
             msg = (
@@ -218,6 +223,7 @@ class ColPaliRanker:
         self.token = token
         self.batch_size = batch_size
         self.cache_size = cache_size
+        self.device_cache_mb = device_cache_mb
         self.local_files_only = local_files_only
         self.model_kwargs = model_kwargs
         self.file_path_meta_field = file_path_meta_field
@@ -226,6 +232,8 @@ class ColPaliRanker:
         self._cache = _LRUCache(cache_size)
         self._warm_lock = threading.Lock()
         self._fetch_pool: ThreadPoolExecutor | None = None  # one thread: fetches stored pages while a query encodes
+        # Used only by the fetch thread (a SQLite store's revision is read on that thread's connection).
+        self._device_cache = DevicePageCache(device_cache_mb * 2**20) if device_cache_mb > 0 else None
         # The on-the-fly path stores vectors like the store does, so both paths score identical values.
         self._cache_dtype = np.dtype(multivector_store.dtype if multivector_store is not None else "float16")
 
@@ -267,6 +275,7 @@ class ColPaliRanker:
             processor_kwargs=self.processor_kwargs,
             batch_size=self.batch_size,
             cache_size=self.cache_size,
+            device_cache_mb=self.device_cache_mb,
             file_path_meta_field=self.file_path_meta_field,
             root_path=self.root_path,
         )
@@ -296,8 +305,8 @@ class ColPaliRanker:
         target = torch.device(device)
         return target if target.type == "cuda" else None
 
-    def _start_fetch(self, documents: list[Document]) -> Future[tuple[list[str], StagedPages]] | None:
-        """On a GPU, fetch and stage the candidates' stored pages in the background (see `_score_fetched`)."""
+    def _start_fetch(self, documents: list[Document]) -> Future[tuple[list[str], list[StagedPages]]] | None:
+        """On a GPU, stage the candidates' stored pages (device cache, else fetched) in the background."""
         device = self._overlap_device()
         if device is None or self.multivector_store is None:
             return None
@@ -305,7 +314,7 @@ class ColPaliRanker:
             if self._fetch_pool is None:
                 self._fetch_pool = ThreadPoolExecutor(1, thread_name_prefix="colpali-ranker-fetch")
         ids = list(dict.fromkeys(d.id for d in documents))
-        return self._fetch_pool.submit(_fetch_and_stage, self.multivector_store, ids, device)
+        return self._fetch_pool.submit(stage_store_pages, self.multivector_store, ids, device, self._device_cache)
 
     def _encode_query(self, query: str, *, on_device: bool = False) -> np.ndarray | torch.Tensor:
         assert self._encoder is not None
@@ -343,7 +352,7 @@ class ColPaliRanker:
         self,
         query: np.ndarray | torch.Tensor,
         documents: list[Document],
-        fetch: Future[tuple[list[str], StagedPages]] | None = None,
+        fetch: Future[tuple[list[str], list[StagedPages]]] | None = None,
     ) -> dict[str, float]:
         store = self.multivector_store
         if store is None:

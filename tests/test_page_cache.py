@@ -1,0 +1,192 @@
+"""The device cache of stored pages (numerics/page_cache.py), run on CPU tensors (the same code as on a GPU)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from haystack_integrations.common.multimodal_rag.numerics.maxsim import StagedPages, maxsim_staged
+from haystack_integrations.common.multimodal_rag.numerics.page_cache import DevicePageCache, stage_store_pages
+from haystack_integrations.document_stores.multivector import InMemoryMultiVectorStore, SQLiteMultiVectorStore
+from haystack_integrations.testing.multimodal_rag.reference import maxsim_reference
+
+DIM = 16
+CPU = torch.device("cpu")
+PAGE_BYTES = 10 * DIM * 2  # 10 float16 vectors
+
+
+class _CountingStore:
+    """A store wrapper that records every id `get` is asked for."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.asked: list[str] = []
+
+    def get(self, ids: list[str]) -> dict[str, np.ndarray]:
+        self.asked.extend(ids)
+        return self.store.get(ids)
+
+    def revision(self) -> Any:
+        return self.store.revision()
+
+
+def _pages(seed: int, ids: list[str], n: int = 10) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {doc_id: rng.standard_normal((n, DIM)).astype(np.float32) for doc_id in ids}
+
+
+def _rows_by_id(found: list[str], parts: list[StagedPages]) -> dict[str, np.ndarray]:
+    rows: dict[str, np.ndarray] = {}
+    ids = iter(found)
+    for part in parts:
+        start = 0
+        for length in part.lengths:
+            rows[next(ids)] = part.packed[start : start + length].float().numpy()
+            start += length
+    return rows
+
+
+def _assert_serves(store: Any, found: list[str], parts: list[StagedPages]) -> None:
+    stored = store.get(found)
+    assert sorted(found) == sorted(stored)
+    for doc_id, rows in _rows_by_id(found, parts).items():
+        np.testing.assert_array_equal(rows, stored[doc_id].astype(np.float32))
+
+
+def test_pages_ranked_again_come_from_the_cache_and_score_the_same() -> None:
+    store = InMemoryMultiVectorStore()
+    store.write(_pages(0, ["a", "b", "c"]))
+    counting, cache = _CountingStore(store), DevicePageCache(1 << 20)
+    first = cache.stage(counting, ["a", "b", "c"], CPU)
+    assert counting.asked == ["a", "b", "c"]
+    found, parts = cache.stage(counting, ["c", "a", "x"], CPU)  # x has no vectors
+    assert counting.asked == ["a", "b", "c", "x"]  # only the unknown id was fetched again
+    assert found == ["c", "a"]
+    assert (cache.hits, cache.misses) == (2, 4)
+    _assert_serves(store, found, parts)
+    query = torch.randn(4, DIM)
+    scores = torch.cat([maxsim_staged(query, part) for part in parts]).numpy()
+    expected = maxsim_reference(query.numpy(), [store.get([i])[i].astype(np.float32) for i in found])
+    np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-5)
+    assert first[0] == ["a", "b", "c"]
+
+
+def test_a_mix_of_cached_and_new_pages_keeps_ids_and_rows_together() -> None:
+    store = InMemoryMultiVectorStore()
+    store.write({**_pages(1, ["a", "b"], n=7), **_pages(2, ["c", "d"], n=12)})
+    cache = DevicePageCache(1 << 20)
+    cache.stage(store, ["b", "d"], CPU)
+    found, parts = cache.stage(store, ["a", "b", "c", "d"], CPU)
+    assert found == ["b", "d", "a", "c"]  # cached first, then the fetched ones
+    assert len(parts) == 2
+    _assert_serves(store, found, parts)
+
+
+@pytest.mark.parametrize("kind", ["in_memory", "sqlite"])
+def test_a_page_written_or_deleted_after_caching_is_never_served_stale(kind: str, tmp_path: Path) -> None:
+    if kind == "in_memory":
+        store: Any = InMemoryMultiVectorStore()
+        writer: Any = store
+    else:
+        store = SQLiteMultiVectorStore(str(tmp_path / "mv.sqlite"), dim=DIM)
+        writer = SQLiteMultiVectorStore(str(tmp_path / "mv.sqlite"), dim=DIM)  # another connection
+    store.write(_pages(3, ["a", "b"]))
+    cache = DevicePageCache(1 << 20)
+    cache.stage(store, ["a", "b"], CPU)
+    writer.write(_pages(4, ["a"]))  # re-indexed page
+    found, parts = cache.stage(store, ["a", "b"], CPU)
+    _assert_serves(store, found, parts)
+    np.testing.assert_array_equal(
+        _rows_by_id(found, parts)["a"], _pages(4, ["a"])["a"].astype(np.float16).astype(np.float32)
+    )
+    writer.delete(["b"])
+    found, parts = cache.stage(store, ["a", "b"], CPU)
+    assert found == ["a"]
+    if kind == "sqlite":
+        store.close()
+        writer.close()
+
+
+def test_a_sqlite_page_rewritten_by_another_process_is_fetched_again(tmp_path: Path) -> None:
+    path = str(tmp_path / "mv.sqlite")
+    store = SQLiteMultiVectorStore(path, dim=DIM)
+    store.write(_pages(5, ["a"]))
+    counting, cache = _CountingStore(store), DevicePageCache(1 << 20)
+    cache.stage(counting, ["a"], CPU)
+    cache.stage(counting, ["a"], CPU)
+    assert counting.asked == ["a"]
+    script = (
+        "import numpy as np\n"
+        "from haystack_integrations.document_stores.multivector import SQLiteMultiVectorStore\n"
+        f"SQLiteMultiVectorStore({path!r}, dim={DIM}).write({{'a': np.full((10, {DIM}), 0.5, np.float32)}})\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+    found, parts = cache.stage(counting, ["a"], CPU)
+    assert counting.asked == ["a", "a"]
+    np.testing.assert_array_equal(_rows_by_id(found, parts)["a"], np.full((10, DIM), 0.5, np.float32))
+    store.close()
+
+
+def test_the_cache_stays_within_its_budget_and_evicts_the_least_recently_used() -> None:
+    store = InMemoryMultiVectorStore()
+    store.write(_pages(6, [f"p{i}" for i in range(6)]))
+    counting = _CountingStore(store)
+    cache = DevicePageCache(4 * PAGE_BYTES)  # four pages
+    for doc_id in ("p0", "p1", "p2", "p3"):  # one upload (block) each
+        cache.stage(counting, [doc_id], CPU)
+    cache.stage(counting, ["p0"], CPU)  # p0 used again: p1 is now the oldest
+    cache.stage(counting, ["p4"], CPU)
+    assert cache.nbytes <= 4 * PAGE_BYTES
+    counting.asked.clear()
+    cache.stage(counting, ["p0", "p1", "p2", "p3", "p4"], CPU)
+    assert counting.asked == ["p1"]  # only the evicted page was fetched again
+
+
+def test_a_block_is_charged_until_its_last_page_leaves() -> None:
+    store = InMemoryMultiVectorStore()
+    store.write(_pages(7, ["a", "b", "c", "d"]))
+    cache = DevicePageCache(3 * PAGE_BYTES)
+    cache.stage(store, ["a", "b"], CPU)  # one block of two pages
+    assert cache.nbytes == 2 * PAGE_BYTES
+    cache.stage(store, ["c", "d"], CPU)  # 4 pages charged: a and b go, their block with them
+    assert len(cache) == 2
+    assert cache.nbytes == 2 * PAGE_BYTES
+    too_big = DevicePageCache(PAGE_BYTES)
+    too_big.stage(store, ["a", "b"], CPU)  # an upload larger than the budget is not kept
+    assert (len(too_big), too_big.nbytes) == (0, 0)
+
+
+def test_stores_without_a_revision_are_fetched_every_time() -> None:
+    class NoRevision:
+        def __init__(self) -> None:
+            self.calls = 0
+            self.vectors = _pages(8, ["a"])
+
+        def get(self, ids: list[str]) -> dict[str, np.ndarray]:
+            self.calls += 1
+            return {i: self.vectors[i] for i in ids if i in self.vectors}
+
+    store, cache = NoRevision(), DevicePageCache(1 << 20)
+    for _ in range(2):
+        found, parts = stage_store_pages(store, ["a", "zz"], CPU, cache)
+        assert found == ["a"]
+        assert len(parts) == 1
+    assert store.calls == 2
+    assert len(cache) == 0
+    assert stage_store_pages(store, ["zz"], CPU, cache) == ([], [])
+
+
+def test_another_store_does_not_see_the_first_stores_pages() -> None:
+    first, second = InMemoryMultiVectorStore(), InMemoryMultiVectorStore()
+    first.write(_pages(9, ["a"]))
+    second.write(_pages(10, ["a"]))
+    cache = DevicePageCache(1 << 20)
+    cache.stage(first, ["a"], CPU)
+    found, parts = cache.stage(second, ["a"], CPU)
+    _assert_serves(second, found, parts)
