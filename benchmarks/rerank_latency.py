@@ -50,9 +50,9 @@ from colpali_engine.utils.processing_utils import BaseVisualRetrieverProcessor
 from haystack import Document
 from PIL import Image
 
-from haystack_integrations.common.multimodal_rag.backends.colpali import pool_multivectors
 from haystack_integrations.common.multimodal_rag.numerics import maxsim as maxsim_module
 from haystack_integrations.common.multimodal_rag.numerics.maxsim import maxsim, maxsim_padded
+from haystack_integrations.common.multimodal_rag.numerics.pooling import pool_multivectors
 from haystack_integrations.components.embedders.colpali import ColPaliDocumentEmbedder, ColPaliTextEmbedder
 from haystack_integrations.components.rankers.colpali import ColPaliRanker
 from haystack_integrations.document_stores.multivector import (

@@ -1,0 +1,25 @@
+"""The benchmark and example scripts still import (they are not run by the suite, so a moved function breaks
+them silently otherwise)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted([*ROOT.glob("benchmarks/*.py"), *ROOT.glob("examples/*.py")])
+
+
+def test_there_are_scripts_to_check() -> None:
+    assert len(SCRIPTS) >= 5
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda path: f"{path.parent.name}/{path.name}")
+def test_script_imports_without_running(script: Path) -> None:
+    spec = importlib.util.spec_from_file_location(f"_script_{script.parent.name}_{script.stem}", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # defines functions only: every script runs under `if __name__ == "__main__"`
+    assert callable(getattr(module, "main", None))
