@@ -197,17 +197,34 @@ def test_colqwen2_defaults_to_the_trained_768_visual_token_budget(
 ) -> None:
     encoder = LateInteractionEncoder.get(_spec(tiny_colpali_family(family)))
     # colpali-engine v0.3.4 processing_colqwen2.py:44-49 trained with max_pixels = 768 * 28 * 28
-    assert encoder.processor.image_processor.max_pixels == 768 * 28 * 28
     assert encoder.processor.image_processor.size["longest_edge"] == 768 * 28 * 28
+    # A 1024x1365 page: 768 tokens at most (each token is 28x28 pixels after the 2x2 merge).
+    grid = encoder.processor.process_images([Image.new("RGB", (1024, 1365), "white")])["image_grid_thw"][0]
+    assert int(grid.prod()) // 4 <= 768
 
 
 def test_explicit_processor_kwargs_replace_the_default_budget(tiny_colpali_family: Callable[[str], str]) -> None:
     model = tiny_colpali_family("ColQwen2_5")
     small = LateInteractionEncoder.get(_spec(model, processor_kwargs={"max_num_visual_tokens": 4}))
     default = LateInteractionEncoder.get(_spec(model))
-    assert small.processor.image_processor.max_pixels == 4 * 28 * 28
+    assert small.processor.image_processor.size["longest_edge"] == 4 * 28 * 28
     page = Image.new("RGB", (140, 112), "white")
     assert small.embed_images([page])[0].shape[0] < default.embed_images([page])[0].shape[0]
+
+
+@pytest.mark.parametrize("family", ["ColQwen2", "ColQwen2_5"])
+def test_the_pixel_budget_is_not_replayed_as_deprecated_call_arguments(
+    family: str, tiny_colpali_family: Callable[[str], str]
+) -> None:
+    # transformers 5 replays an image processor's min_pixels/max_pixels attributes at every call with a
+    # FutureWarning (deprecated, to be removed); the budget lives in `size` only, with the same pixels.
+    import warnings
+
+    encoder = LateInteractionEncoder.get(_spec(tiny_colpali_family(family)))
+    assert encoder.processor.image_processor.max_pixels is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        encoder.embed_images([Image.new("RGB", (1024, 1365), "white")])
 
 
 def test_empty_processor_kwargs_keep_the_checkpoints_own_processor_config(

@@ -19,7 +19,8 @@ def test_there_are_scripts_to_check() -> None:
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda path: f"{path.parent.name}/{path.name}")
 def test_script_imports_without_running(script: Path) -> None:
     spec = importlib.util.spec_from_file_location(f"_script_{script.parent.name}_{script.stem}", script)
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # defines functions only: every script runs under `if __name__ == "__main__"`
     assert callable(getattr(module, "main", None))

@@ -211,6 +211,32 @@ def _load_colpali_model(model_cls: Any, family: ColPaliFamily) -> Any:
     return load
 
 
+def _keep_pixel_budget_in_size(processor: Any) -> None:
+    """
+    Hold a Qwen-VL image processor's pixel budget in `size` only, not also in `min_pixels` / `max_pixels`.
+
+    colpali-engine's ColQwen2/2.5 `from_pretrained(max_num_visual_tokens=...)` sets both `max_pixels` and
+    `size["longest_edge"]` (processing_colqwen2.py:59-60), and checkpoints' preprocessor configs carry `min_pixels`
+    / `max_pixels`. transformers 5 replays such attributes as call arguments at every `process_images`, with a
+    FutureWarning that passing them per call is deprecated and will be removed (image_processing_qwen2_vl.py
+    `_standardize_kwargs`); `size` is the supported spelling and already holds the same values, so the pixels of
+    every page are unchanged.
+    """
+    image_processor = getattr(processor, "image_processor", None)
+    size = getattr(image_processor, "size", None)
+    if image_processor is None or size is None:
+        return
+    for attribute, key in (("min_pixels", "shortest_edge"), ("max_pixels", "longest_edge")):
+        value = getattr(image_processor, attribute, None)
+        if value is None:
+            continue
+        try:
+            size[key] = int(value)
+        except (TypeError, ValueError):  # a processor with another kind of `size`: leave it as loaded
+            return
+        setattr(image_processor, attribute, None)
+
+
 def _retie_paligemma_lm_head(hf_model: Any) -> None:
     """
     Tie ColPali's (unused) PaliGemma lm_head to the input embeddings, so it is not left on the meta device.
@@ -292,6 +318,7 @@ class LateInteractionEncoder(CachedModel):
             model_what=f"{family.model_class} model",
             processor_what=f"{family.processor_class} processor",
         )
+        _keep_pixel_budget_in_size(processor)
         return cls(hf_model, processor, device=spec.device, model_id=spec.model, family=family, token=spec.token)
 
     @property
