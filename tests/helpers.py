@@ -53,6 +53,16 @@ def make_pdf(path: Path, *, pages: int = 3, size: tuple[int, int] = (60, 80)) ->
     return path
 
 
+def make_tiff(
+    path: Path, *, colors: tuple[str, ...] = ("red", "green", "blue"), size: tuple[int, int] = (60, 80)
+) -> Path:
+    """Write a multi-page TIFF (one page per colour), as a scanner writes a multi-page scan."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    images = [Image.new("RGB", size, color) for color in colors]
+    images[0].save(path, format="TIFF", save_all=True, append_images=images[1:])
+    return path
+
+
 def make_corrupt_image(path: Path) -> Path:
     """A file with a PNG extension whose bytes are not an image."""
     path.parent.mkdir(parents=True, exist_ok=True)

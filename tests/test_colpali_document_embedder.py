@@ -23,7 +23,7 @@ from haystack_integrations.document_stores.multivector import InMemoryMultiVecto
 from haystack_integrations.testing.multimodal_rag.tiny_colpali import FAMILIES
 from tests.colpali_fixtures import embed_pages as _embed_pages
 from tests.colpali_fixtures import page_docs as _page_docs
-from tests.helpers import make_corrupt_image, make_image
+from tests.helpers import make_corrupt_image, make_image, make_tiff
 
 
 @pytest.mark.parametrize("model_fixture", ["tiny_colqwen2", "tiny_colqwen2_5"])
@@ -336,3 +336,17 @@ def test_repeated_ids_and_unreadable_files_are_named_in_one_error_before_the_mod
         embedder.run([*docs, twin, broken])
     assert [doc_id for doc_id, _ in info.value.failures] == [twin.id, broken.id]
     assert store.count() == 0
+
+
+def test_each_page_of_a_multi_page_tiff_scan_gets_its_own_vectors(tiny_colqwen2: str, tmp_path: Path) -> None:
+    from haystack_integrations.components.converters.multimodal import MultimodalFileToDocument
+
+    make_tiff(tmp_path / "scan.tif", colors=("red", "blue"), size=(112, 140))
+    docs = MultimodalFileToDocument(root_path=str(tmp_path)).run(sources=["scan.tif"])["documents"]
+    store = InMemoryMultiVectorStore()
+    ColPaliDocumentEmbedder(tiny_colqwen2, multivector_store=store, root_path=str(tmp_path), progress_bar=False).run(
+        docs
+    )
+    first, second = (store.get([d.id])[d.id] for d in docs)
+    assert first.shape == second.shape
+    assert not np.allclose(first, second)  # page 2 was read, not page 1 twice

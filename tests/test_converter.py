@@ -9,7 +9,7 @@ import pytest
 
 from haystack_integrations.common.multimodal_rag.errors import ConversionError
 from haystack_integrations.components.converters.multimodal import MultimodalFileToDocument
-from tests.helpers import make_image, make_pdf, make_truncated_pdf
+from tests.helpers import make_image, make_pdf, make_tiff, make_truncated_pdf
 
 
 def test_converter_makes_one_document_per_image_page_and_text_file(tmp_path: Path) -> None:
@@ -128,3 +128,20 @@ def test_zero_page_and_encrypted_pdfs_each_get_their_own_reason(tmp_path: Path) 
     assert "has no pages" in reasons["b_empty.pdf"]
     assert "password" not in reasons["b_empty.pdf"]
     assert "Success" not in reasons["b_empty.pdf"]
+
+
+def test_a_multi_page_tiff_scan_becomes_one_image_document_per_page(tmp_path: Path) -> None:
+    make_tiff(tmp_path / "scan.tif")
+    make_tiff(tmp_path / "single.tiff", colors=("white",))
+    (tmp_path / "broken.tif").write_bytes(b"II*\x00" + b"\xff" * 20)
+    converter = MultimodalFileToDocument(root_path=str(tmp_path), on_error="skip")
+    out = converter.run(sources=["scan.tif", "single.tiff", "broken.tif"])
+    docs = out["documents"]
+    assert [(d.meta["modality"], d.meta["file_path"], d.meta.get("page_number")) for d in docs] == [
+        ("image", "scan.tif", 1),
+        ("image", "scan.tif", 2),
+        ("image", "scan.tif", 3),
+        ("image", "single.tiff", None),  # one page: exactly as before
+    ]
+    assert len({d.id for d in docs}) == 4
+    assert [f["source"] for f in out["failed_sources"]] == [str(tmp_path / "broken.tif")]

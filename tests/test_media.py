@@ -17,6 +17,7 @@ from haystack_integrations.common.multimodal_rag.inputs.media import (
     MAX_ASPECT_RATIO,
     classify,
     decode_image_bytes,
+    image_page_count,
     load_document_image,
     load_image,
     locate,
@@ -26,7 +27,7 @@ from haystack_integrations.common.multimodal_rag.inputs.media import (
     probe,
     resolve_path,
 )
-from tests.helpers import make_pdf
+from tests.helpers import make_pdf, make_tiff
 
 WHITE = (255, 255, 255)
 
@@ -340,3 +341,52 @@ def test_a_page_number_below_one_says_page_numbers_are_one_based(tmp_path: Path,
     document = Document(meta={"file_path": "one.pdf", "page_number": page_number})
     with pytest.raises(MediaError, match=r"meta\['page_number'\] must be >= 1 \(page numbers are 1-based"):
         load_document_image(document, "page", root_path=tmp_path)
+
+
+# --- Multi-page TIFF scans ----------------------------------------------------------------------------------------
+
+
+def _center(image: Image.Image) -> tuple[int, ...]:
+    return image.getpixel((image.width // 2, image.height // 2))
+
+
+def test_a_multi_page_tiff_shows_the_page_its_page_number_names(tmp_path: Path) -> None:
+    scan = make_tiff(tmp_path / "scan.tif")
+    for page, color in ((1, (255, 0, 0)), (2, (0, 128, 0)), (3, (0, 0, 255))):
+        doc = Document(meta={"file_path": str(scan), "page_number": page})
+        assert _center(load_document_image(doc, "image")) == color
+    # From a blob too, and without a page number: the first page, as before.
+    blob = Document(blob=ByteStream(scan.read_bytes(), mime_type="image/tiff"), meta={"page_number": 3})
+    assert _center(load_document_image(blob, "image")) == (0, 0, 255)
+    assert _center(load_document_image(Document(meta={"file_path": str(scan)}), "image")) == (255, 0, 0)
+
+
+def test_a_tiff_page_beyond_the_last_is_a_named_error_in_probe_and_load(tmp_path: Path) -> None:
+    scan = make_tiff(tmp_path / "scan.tif")
+    source = locate(Document(meta={"file_path": str(scan), "page_number": 4}), "image")
+    for check in (lambda: probe(source, decode=False), lambda: probe(source), lambda: load_image(source)):
+        with pytest.raises(MediaError, match=r"page_number 4 is beyond image .*scan\.tif.*3 page\(s\)"):
+            check()
+
+
+def test_a_page_number_on_a_one_page_image_or_an_animation_picks_nothing(tmp_path: Path) -> None:
+    # A figure cut out of page 5 of a PDF keeps page_number 5; an animation's frames are not pages.
+    png = tmp_path / "figure.png"
+    Image.new("RGB", (30, 20), "red").save(png)
+    for value in (5, "iv", 0):
+        assert _center(load_document_image(Document(meta={"file_path": str(png), "page_number": value}), "image")) == (
+            255,
+            0,
+            0,
+        )
+    gif = tmp_path / "anim.gif"
+    frames = [Image.new("RGB", (30, 20), color) for color in ("red", "blue")]
+    frames[0].save(gif, save_all=True, append_images=frames[1:])
+    assert _center(load_document_image(Document(meta={"file_path": str(gif), "page_number": 2}), "image")) == (
+        255,
+        0,
+        0,
+    )
+    assert image_page_count(gif) == 1
+    assert image_page_count(png) == 1
+    assert image_page_count(make_tiff(tmp_path / "scan.tiff", colors=("red", "blue"))) == 2

@@ -184,3 +184,16 @@ def test_invalid_parameters_are_clear_errors(kwargs: dict, message: str) -> None
 def test_a_list_of_strings_is_refused() -> None:
     with pytest.raises(TypeError, match="list of Documents"):
         PageQualityFilter().run(["page.png"])  # type: ignore[list-item]
+
+
+def test_each_page_of_a_multi_page_tiff_scan_is_judged_on_its_own(tmp_path: Path) -> None:
+    # A blank cover page followed by a page of text: the text page must not inherit the cover's verdict.
+    from haystack_integrations.components.converters.multimodal import MultimodalFileToDocument
+
+    blank = Image.new("RGB", PAGE, "white")
+    text = Image.open(_one_line_of_text(tmp_path / "text.png"))
+    blank.save(tmp_path / "scan.tif", save_all=True, append_images=[text])
+    docs = MultimodalFileToDocument(root_path=str(tmp_path)).run(sources=["scan.tif"])["documents"]
+    out = PageQualityFilter(root_path=str(tmp_path), progress_bar=False).run(docs)
+    assert [d.meta["page_number"] for d in out["skipped_documents"]] == [1]
+    assert [d.meta["page_number"] for d in out["documents"]] == [2]

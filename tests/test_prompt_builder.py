@@ -12,7 +12,7 @@ from haystack.dataclasses import ImageContent
 from PIL import Image
 
 from haystack_integrations.components.builders.multimodal import MultimodalChatPromptBuilder, chat_prompt_builder
-from tests.helpers import make_corrupt_image, make_image, make_pdf
+from tests.helpers import make_corrupt_image, make_image, make_pdf, make_tiff
 
 
 def _decode(image: ImageContent) -> Image.Image:
@@ -90,6 +90,18 @@ def test_builder_pdf_page_is_rendered_from_page_number(tmp_path: Path) -> None:
         picture = _decode(builder.run(query="q", documents=[doc])["messages"][0].images[0]).convert("RGB")
         colors.append(picture.getpixel((picture.width // 2, picture.height // 2)))
     assert colors[0] != colors[1]  # red page vs green page
+
+
+def test_builder_sends_each_page_of_a_multi_page_tiff_not_the_cached_first_one(tmp_path: Path) -> None:
+    make_tiff(tmp_path / "scan.tif", colors=("red", "blue"))
+    builder = MultimodalChatPromptBuilder(root_path=str(tmp_path))  # its image cache must key on the page
+    colors = []
+    for page in (1, 2, 1):
+        doc = Document(meta={"file_path": "scan.tif", "page_number": page, "modality": "image"}, score=1.0)
+        picture = _decode(builder.run(query="q", documents=[doc])["messages"][0].images[0]).convert("RGB")
+        pixel = picture.getpixel((picture.width // 2, picture.height // 2))
+        colors.append(max(range(3), key=lambda channel, pixel=pixel: pixel[channel]))  # JPEG: 254 is red too
+    assert colors == [0, 2, 0]  # red, blue, red
 
 
 def test_builder_system_prompt_custom_template_and_no_images(ranked: list[Document], tmp_path: Path) -> None:

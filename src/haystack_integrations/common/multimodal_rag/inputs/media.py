@@ -6,7 +6,8 @@ and the error messages are the same everywhere:
 
 - `meta["modality"]` set by the user (or an earlier component) wins when it is valid;
 - otherwise a `blob` or the file named by `meta[file_path_meta_field]` decides: an image MIME type
-  gives `"image"`, a PDF gives `"page"` (the page is `meta["page_number"]`, 1-based);
+  gives `"image"`, a PDF gives `"page"` (the page is `meta["page_number"]`, 1-based); on a multi-page TIFF
+  `meta["page_number"]` picks the page (frame) too;
 - otherwise non-blank `content` gives `"text"`.
 
 A document that has non-blank `content` and no declared modality is text even when it also names a file:
@@ -73,6 +74,9 @@ DEPRECATED_PAGE_MODALITY = "document"
 
 MODALITY_META_KEY = "modality"
 PAGE_NUMBER_META_KEY = "page_number"
+#: Image formats whose frames are pages (of a scan), selected by `meta["page_number"]`. The frames of animations
+#: (GIF, APNG, WebP) are not pages: those images are read as their first frame.
+PAGED_IMAGE_FORMATS: tuple[str, ...] = ("TIFF",)
 
 #: PDF pages are rendered at this resolution unless that exceeds `MAX_RENDER_SIDE` pixels.
 RENDER_DPI = 150.0
@@ -105,7 +109,8 @@ class MediaLocation:
     :param modality: `"image"` or `"page"` (a PDF page).
     :param path: Resolved file path, when the pixels come from a file.
     :param data: Raw bytes, when the pixels come from the document's blob.
-    :param page_number: 1-based page, for PDFs.
+    :param page_number: 1-based page: of a PDF, or of a multi-page image (a multi-page TIFF scan; ignored for
+        an image file with one frame, and never used to pick a frame of an animation).
     :param label: Human-readable origin used in messages (the file path as given, or `"blob"`).
     """
 
@@ -439,9 +444,24 @@ def normalize_image(image: Image.Image, *, label: str = "image") -> Image.Image:
     return pad_to_aspect_ratio(rgb, label=label)
 
 
-def _decode_image(fp: Any, label: str, draft_side: int | None = None) -> Image.Image:
+def _seek_page(img: Image.Image, page_number: int | None, label: str) -> None:
+    """Move a multi-page TIFF to its 1-based `page_number` (other images and one-page files: frame 1)."""
+    if page_number is None or img.format not in PAGED_IMAGE_FORMATS:
+        return
+    pages = getattr(img, "n_frames", 1)
+    if pages <= 1:
+        return  # e.g. a page image cut out of a PDF that kept the PDF's page_number
+    if page_number > pages:
+        msg = f"page_number {page_number} is beyond image {label}, which has {pages} page(s)"
+        raise MediaError(msg)
+    img.seek(page_number - 1)
+    _check_pixel_limit(img.width, img.height, f"{label}, page {page_number}")
+
+
+def _decode_image(fp: Any, label: str, draft_side: int | None = None, page_number: int | None = None) -> Image.Image:
     img = _open_image(fp, label)
     try:
+        _seek_page(img, page_number, label)
         if draft_side is not None and img.format == "JPEG":
             # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the result stays at least draft_side x draft_side
             # (a square box, so the EXIF rotation applied later cannot make it smaller than the fitted image).
@@ -587,6 +607,15 @@ def _parse_page_number(document: Document) -> int | None:
     return number
 
 
+def _image_page_number(document: Document) -> int | None:
+    # An image's page_number only picks a page of a multi-page TIFF; on any other image it is someone else's meta
+    # (e.g. the PDF page a figure was cut from), so an unusable value is ignored rather than refused.
+    try:
+        return _parse_page_number(document)
+    except MediaError:
+        return None
+
+
 def _missing_file_message(label: str, file_path: Any, root_path: str | Path | None) -> str:
     if root_path is not None:
         return f"file {label} does not exist (looked in root_path '{root_path}')"
@@ -617,7 +646,7 @@ def locate(
     :returns: The source.
     :raises MediaError: Missing file, path traversal, a directory, a zero-byte file.
     """
-    page_number = _parse_page_number(document) if modality == "page" else None
+    page_number = _parse_page_number(document) if modality == "page" else _image_page_number(document)
     if document.blob is not None:
         if len(document.blob.data) == 0:
             msg = "the document's blob is empty (zero bytes)"
@@ -687,6 +716,7 @@ def probe(source: MediaLocation, *, decode: bool = True) -> None:
         return
     img = _open_image(io.BytesIO(source.data) if source.data is not None else source.path, source.label)
     try:
+        _seek_page(img, source.page_number, source.label)
         img.verify()
     except (OSError, SyntaxError, ValueError) as e:
         msg = f"image {source.label} is corrupt or truncated: {e}"
@@ -697,8 +727,8 @@ def probe(source: MediaLocation, *, decode: bool = True) -> None:
 
 def _read_image(source: MediaLocation, draft_side: int | None = None) -> Image.Image:
     if source.data is not None:
-        return _decode_image(io.BytesIO(source.data), source.label, draft_side)
-    return _decode_image(source.path, source.label, draft_side)
+        return _decode_image(io.BytesIO(source.data), source.label, draft_side, source.page_number)
+    return _decode_image(source.path, source.label, draft_side, source.page_number)
 
 
 #: Threads that decode the image files of one batch concurrently (Pillow releases the GIL while it decodes; on a
@@ -888,9 +918,38 @@ def pdf_page_text_length(location: MediaLocation) -> int:
     return sum(1 for ch in text if not ch.isspace())
 
 
+def image_page_count(path: str | Path) -> int:
+    """
+    Count the pages of an image file: the frames of a multi-page TIFF (scanners and fax software write one page
+    per frame), 1 for every other image (the frames of an animated GIF, PNG or WebP are not pages).
+
+    Reads the file's headers only, not its pixels.
+
+    :param path: The image file.
+    :returns: The number of pages.
+    :raises MediaError: When the file cannot be read as an image.
+    """
+    label = f"'{path}'"
+    img = _open_image(path, label)
+    try:
+        if img.format not in PAGED_IMAGE_FORMATS:
+            return 1
+        return int(getattr(img, "n_frames", 1))
+    except (OSError, SyntaxError, ValueError) as e:
+        msg = f"image {label} is corrupt or truncated: {e}"
+        raise MediaError(msg) from e
+    finally:
+        img.close()
+
+
 def is_image_path(path: str | Path) -> bool:
     """True when the file name's extension is an image MIME type."""
     return _guess_path_kind(str(path)) == "image"
+
+
+def is_tiff_path(path: str | Path) -> bool:
+    """True when the file name's extension says TIFF (`.tif`, `.tiff`): the image type that holds pages."""
+    return mimetypes.guess_type(str(path))[0] == "image/tiff"
 
 
 def is_pdf_path(path: str | Path) -> bool:

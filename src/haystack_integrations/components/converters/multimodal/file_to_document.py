@@ -11,8 +11,10 @@ from haystack_integrations.common.multimodal_rag.inputs.failures import validate
 from haystack_integrations.common.multimodal_rag.inputs.media import (
     MODALITY_META_KEY,
     PAGE_NUMBER_META_KEY,
+    image_page_count,
     is_image_path,
     is_pdf_path,
+    is_tiff_path,
     pdf_page_count,
     resolve_path,
 )
@@ -28,7 +30,9 @@ class MultimodalFileToDocument:
     Turns files into the Documents the multimodal embedders expect: one per image, one per PDF page, one per
     text file.
 
-    - images (any type Pillow reads): `Document(meta={"file_path": ..., "modality": "image"})`;
+    - images (any type Pillow reads): `Document(meta={"file_path": ..., "modality": "image"})`; a multi-page TIFF
+      (a scan or fax) gives one such Document per page, with `meta["page_number"]` (1-based); the frames of an
+      animated GIF, PNG or WebP are not pages (one Document, its first frame);
     - PDFs: one `Document` per page with `meta["page_number"]` (1-based) and `meta["modality"] = "page"`;
       the page is rendered later, by the embedders, one batch at a time;
     - text files (`.txt`, `.md`, ...): `Document(content=..., meta={"file_path": ..., "modality": "text"})`.
@@ -41,8 +45,8 @@ class MultimodalFileToDocument:
     derived from the file path, page and meta, so converting the same files again gives the same ids and a
     re-run of an indexing pipeline overwrites instead of duplicating. With `root_path`, paths are stored
     relative to it (and must stay inside it). Pixels are not read here: a corrupt image is reported by the
-    embedder; a PDF that cannot be opened (corrupt, encrypted, no pages), an unreadable text file or an unsupported
-    type is reported here.
+    embedder. A PDF that cannot be opened (corrupt, encrypted, no pages), a TIFF whose headers cannot be read (they
+    are read to count its pages), an unreadable text file or an unsupported type is reported here.
 
     The converter only adds: to remove the documents of files deleted since the last run, put a
     `StaleDocumentPruner` after it.
@@ -151,7 +155,14 @@ class MultimodalFileToDocument:
                 for page in range(1, pages + 1)
             ]
         if is_image_path(path):
-            return [Document(meta={**base, MODALITY_META_KEY: "image"})]
+            # Only TIFFs can hold pages; other images are not opened here (their errors belong to the embedder).
+            pages = image_page_count(path) if is_tiff_path(path) else 1
+            if pages == 1:
+                return [Document(meta={**base, MODALITY_META_KEY: "image"})]
+            return [
+                Document(meta={**base, PAGE_NUMBER_META_KEY: page, MODALITY_META_KEY: "image"})
+                for page in range(1, pages + 1)
+            ]
         if path.suffix.lower() in TEXT_SUFFIXES:
             try:
                 text = path.read_text(encoding=self.encoding)
