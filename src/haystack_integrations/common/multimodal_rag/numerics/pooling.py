@@ -117,7 +117,12 @@ def ward_labels(embeddings: list[torch.Tensor], n_clusters: list[int]) -> list[t
     root = torch.where(rank < steps[:, None], partner[:, :width], columns[None, :])
     for _ in range(max(1, math.ceil(math.log2(width + 1)))):
         root = root.gather(1, root)
-    return [torch.unique(root[b, : sizes[b]], return_inverse=True)[1] for b in range(count)]
+    # A cluster's root is its first slot (a merge always keeps the lower slot): number the roots in slot order
+    # (no `torch.unique`, which would sync with the host once per page).
+    first = (root == columns[None, :]) & (columns[None, :] < lengths[:, None])
+    number = first.cumsum(1) - 1
+    labels = number.gather(1, root)
+    return [labels[b, : sizes[b]] for b in range(count)]
 
 
 def _labels_on_their_device(embeddings: list[torch.Tensor], n_clusters: list[int]) -> list[torch.Tensor]:
@@ -168,7 +173,8 @@ def pool_tensors(embeddings: list[torch.Tensor], pool_factor: int) -> list[torch
         values = embeddings[b].to(torch.float32)  # float32 means, like colpali-engine's
         sums = torch.zeros((k, values.shape[1]), dtype=torch.float32, device=values.device)
         sums.index_add_(0, labels, values)
-        counts = torch.bincount(labels, minlength=k).to(torch.float32)
+        counts = torch.zeros(k, dtype=torch.float32, device=values.device)
+        counts.index_add_(0, labels, torch.ones_like(labels, dtype=torch.float32))  # bincount would sync
         pooled = torch.nn.functional.normalize(sums / counts[:, None], dim=-1)
         out[b] = pooled.to(dtype=embeddings[b].dtype)
     return out
