@@ -59,7 +59,8 @@ def ward_labels(embeddings: list[torch.Tensor], n_clusters: list[int]) -> list[t
     lengths = torch.tensor(sizes, device=device)
     steps = lengths - torch.tensor(n_clusters, device=device)  # merges each page needs
     columns = torch.arange(width, device=device)
-    # Per original vector ("slot"): the slot it was merged into, the merge's height and round (inf / -1: none).
+    # Per original vector ("slot"): the slot it was merged into, the merge's height and round (itself / inf / 0:
+    # not merged).
     # Column `width` is a sink for the writes of rows that did not merge.
     partner = torch.arange(width + 1, device=device).repeat(count, 1)
     height = torch.full((count, width + 1), math.inf, dtype=torch.float64, device=device)
