@@ -390,3 +390,29 @@ def test_a_page_number_on_a_one_page_image_or_an_animation_picks_nothing(tmp_pat
     assert image_page_count(gif) == 1
     assert image_page_count(png) == 1
     assert image_page_count(make_tiff(tmp_path / "scan.tiff", colors=("red", "blue"))) == 2
+
+
+def _tiff_cut_inside_page_3(path: Path) -> Path:
+    """A 3-page TIFF cut off in the middle of page 3's directory (IFD): pages 1 and 2 are intact."""
+    data = make_tiff(path).read_bytes()
+    with Image.open(path) as img:
+        img.seek(2)
+        third = img._frame_pos[2]  # the byte offset of page 3's directory
+    path.write_bytes(data[: third + 10])
+    return path
+
+
+def test_a_tiff_damaged_after_page_2_serves_pages_1_and_2_and_names_page_3(tmp_path: Path) -> None:
+    # Pillow raises a bare TypeError("Missing dimensions") for the cut directory; counting the pages before every
+    # seek made pages 1 and 2 fail with it too, and the converter and the embedders' on_error="skip" let it through.
+    scan = _tiff_cut_inside_page_3(tmp_path / "scan.tif")
+    for page, color in ((1, (255, 0, 0)), (2, (0, 128, 0))):
+        assert _center(load_document_image(Document(meta={"file_path": str(scan), "page_number": page}), "image")) == (
+            color
+        )
+    source = locate(Document(meta={"file_path": str(scan), "page_number": 3}), "image")
+    for check in (lambda: probe(source, decode=False), lambda: load_image(source)):
+        with pytest.raises(MediaError, match=r"page 3 of image .*scan\.tif.* corrupt or truncated"):
+            check()
+    with pytest.raises(MediaError, match=r"scan\.tif.* corrupt or truncated"):
+        image_page_count(scan)
