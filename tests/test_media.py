@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pypdfium2 as pdfium
@@ -416,3 +417,21 @@ def test_a_tiff_damaged_after_page_2_serves_pages_1_and_2_and_names_page_3(tmp_p
             check()
     with pytest.raises(MediaError, match=r"scan\.tif.* corrupt or truncated"):
         image_page_count(scan)
+
+
+@pytest.mark.parametrize("value", [2.0, "two", 0, -1, True, [2]])
+def test_an_unusable_page_number_on_a_multi_page_tiff_is_named_not_read_as_page_1(tmp_path: Path, value: Any) -> None:
+    # A store that returns numbers as floats gives page_number 2.0: showing page 1 under it would index the wrong
+    # page. On a one-page image the same value is someone else's meta and stays ignored.
+    scan = make_tiff(tmp_path / "scan.tif")
+    for doc in (
+        Document(meta={"file_path": str(scan), "page_number": value}),
+        Document(blob=ByteStream(scan.read_bytes(), mime_type="image/tiff"), meta={"page_number": value}),
+    ):
+        source = locate(doc, "image")
+        for check in (lambda s=source: probe(s, decode=False), lambda s=source: load_image(s)):
+            with pytest.raises(MediaError, match=r"meta\['page_number'\] must be .*it picks the page of multi-page"):
+                check()
+    single = make_tiff(tmp_path / "single.tif", colors=("red",))
+    doc = Document(meta={"file_path": str(single), "page_number": value})
+    assert _center(load_document_image(doc, "image")) == (255, 0, 0)
