@@ -435,3 +435,18 @@ def test_an_unusable_page_number_on_a_multi_page_tiff_is_named_not_read_as_page_
     single = make_tiff(tmp_path / "single.tif", colors=("red",))
     doc = Document(meta={"file_path": str(single), "page_number": value})
     assert _center(load_document_image(doc, "image")) == (255, 0, 0)
+
+
+def test_probe_without_decoding_names_a_tiff_page_error_without_calling_the_file_corrupt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scan = tmp_path / "scan.tif"
+    pages = [Image.new("RGB", (10, 10), "red"), Image.new("RGB", (100, 100), "blue")]
+    pages[0].save(scan, save_all=True, append_images=pages[1:])
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50 * 50)  # page 2 only is over the limit
+    for page, start in ((2, "image '"), (3, "page_number 3 is beyond image")):
+        source = locate(Document(meta={"file_path": str(scan), "page_number": page}), "image")
+        with pytest.raises(MediaError) as info:
+            probe(source, decode=False)
+        assert str(info.value).startswith(start)
+        assert "corrupt" not in str(info.value)

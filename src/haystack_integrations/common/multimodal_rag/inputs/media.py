@@ -789,6 +789,8 @@ def probe(source: MediaLocation, *, decode: bool = True) -> None:
     try:
         _seek_page(img, source.page_number, source.label, source.page_number_error)
         img.verify()
+    except MediaError:
+        raise  # already says what is wrong (a page beyond the last, over the decompression-bomb limit)
     except (OSError, SyntaxError, ValueError) as e:
         msg = f"image {source.label} is corrupt or truncated: {e}"
         raise MediaError(msg) from e
