@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pypdfium2 as pdfium
 import pytest
+from PIL import Image
 
 from haystack_integrations.common.multimodal_rag.errors import ConversionError
 from haystack_integrations.components.converters.multimodal import MultimodalFileToDocument
@@ -145,3 +146,16 @@ def test_a_multi_page_tiff_scan_becomes_one_image_document_per_page(tmp_path: Pa
     ]
     assert len({d.id for d in docs}) == 4
     assert [f["source"] for f in out["failed_sources"]] == [str(tmp_path / "broken.tif")]
+
+
+def test_a_tiff_with_a_damaged_page_directory_is_a_failed_source_not_a_crash(tmp_path: Path) -> None:
+    scan = make_tiff(tmp_path / "scan.tif")
+    with Image.open(scan) as img:
+        img.seek(2)
+        third = img._frame_pos[2]  # the byte offset of page 3's directory
+    scan.write_bytes(scan.read_bytes()[: third + 10])
+    make_tiff(tmp_path / "good.tif")
+    out = MultimodalFileToDocument(on_error="skip").run(sources=[tmp_path / "scan.tif", tmp_path / "good.tif"])
+    assert [d.meta["page_number"] for d in out["documents"]] == [1, 2, 3]  # good.tif
+    assert [f["source"] for f in out["failed_sources"]] == [str(scan)]
+    assert "corrupt or truncated" in out["failed_sources"][0]["reason"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pypdfium2 as pdfium
@@ -390,3 +391,62 @@ def test_a_page_number_on_a_one_page_image_or_an_animation_picks_nothing(tmp_pat
     assert image_page_count(gif) == 1
     assert image_page_count(png) == 1
     assert image_page_count(make_tiff(tmp_path / "scan.tiff", colors=("red", "blue"))) == 2
+
+
+def _tiff_cut_inside_page_3(path: Path) -> Path:
+    """A 3-page TIFF cut off in the middle of page 3's directory (IFD): pages 1 and 2 are intact."""
+    data = make_tiff(path).read_bytes()
+    with Image.open(path) as img:
+        img.seek(2)
+        third = img._frame_pos[2]  # the byte offset of page 3's directory
+    path.write_bytes(data[: third + 10])
+    return path
+
+
+def test_a_tiff_damaged_after_page_2_serves_pages_1_and_2_and_names_page_3(tmp_path: Path) -> None:
+    # Pillow raises a bare TypeError("Missing dimensions") for the cut directory; counting the pages before every
+    # seek made pages 1 and 2 fail with it too, and the converter and the embedders' on_error="skip" let it through.
+    scan = _tiff_cut_inside_page_3(tmp_path / "scan.tif")
+    for page, color in ((1, (255, 0, 0)), (2, (0, 128, 0))):
+        assert _center(load_document_image(Document(meta={"file_path": str(scan), "page_number": page}), "image")) == (
+            color
+        )
+    source = locate(Document(meta={"file_path": str(scan), "page_number": 3}), "image")
+    for check in (lambda: probe(source, decode=False), lambda: load_image(source)):
+        with pytest.raises(MediaError, match=r"page 3 of image .*scan\.tif.* corrupt or truncated"):
+            check()
+    with pytest.raises(MediaError, match=r"scan\.tif.* corrupt or truncated"):
+        image_page_count(scan)
+
+
+@pytest.mark.parametrize("value", [2.0, "two", 0, -1, True, [2]])
+def test_an_unusable_page_number_on_a_multi_page_tiff_is_named_not_read_as_page_1(tmp_path: Path, value: Any) -> None:
+    # A store that returns numbers as floats gives page_number 2.0: showing page 1 under it would index the wrong
+    # page. On a one-page image the same value is someone else's meta and stays ignored.
+    scan = make_tiff(tmp_path / "scan.tif")
+    for doc in (
+        Document(meta={"file_path": str(scan), "page_number": value}),
+        Document(blob=ByteStream(scan.read_bytes(), mime_type="image/tiff"), meta={"page_number": value}),
+    ):
+        source = locate(doc, "image")
+        for check in (lambda s=source: probe(s, decode=False), lambda s=source: load_image(s)):
+            with pytest.raises(MediaError, match=r"meta\['page_number'\] must be .*it picks the page of multi-page"):
+                check()
+    single = make_tiff(tmp_path / "single.tif", colors=("red",))
+    doc = Document(meta={"file_path": str(single), "page_number": value})
+    assert _center(load_document_image(doc, "image")) == (255, 0, 0)
+
+
+def test_probe_without_decoding_names_a_tiff_page_error_without_calling_the_file_corrupt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scan = tmp_path / "scan.tif"
+    pages = [Image.new("RGB", (10, 10), "red"), Image.new("RGB", (100, 100), "blue")]
+    pages[0].save(scan, save_all=True, append_images=pages[1:])
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50 * 50)  # page 2 only is over the limit
+    for page, start in ((2, "image '"), (3, "page_number 3 is beyond image")):
+        source = locate(Document(meta={"file_path": str(scan), "page_number": page}), "image")
+        with pytest.raises(MediaError) as info:
+            probe(source, decode=False)
+        assert str(info.value).startswith(start)
+        assert "corrupt" not in str(info.value)

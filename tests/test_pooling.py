@@ -148,3 +148,27 @@ def test_pool_multivectors_edge_cases() -> None:
     assert pooled[0].dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(pooled[0], axis=1), 1.0, atol=1e-6)
     assert pool_multivectors([], 3) == []
+
+
+def test_a_long_page_is_not_batched_with_short_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    # ward_labels pads every page of a call to the longest ((pages, width, width) float64 matrices): a 4000-vector
+    # page with 15 short ones made each short page cost as much as the long one (11x the time, 3.5 GiB).
+    from haystack_integrations.common.multimodal_rag.numerics import pooling
+
+    generator = torch.Generator().manual_seed(7)
+    pages = [_topical(generator, n) for n in (400, 30, 25, 380, 150, 20, 2)]
+    calls: list[list[int]] = []
+    real = pooling.ward_labels
+
+    def spy(embeddings: list[torch.Tensor], n_clusters: list[int]) -> list[torch.Tensor]:
+        calls.append([int(e.shape[0]) for e in embeddings])
+        return real(embeddings, n_clusters)
+
+    monkeypatch.setattr(pooling, "ward_labels", spy)
+    pooled = pool_tensors(pages, 3)
+    assert calls
+    for lengths in calls:
+        assert 2 * min(lengths) >= max(lengths), calls
+    monkeypatch.undo()
+    for page, out in zip(pages, pooled, strict=True):
+        torch.testing.assert_close(out, pool_tensors([page], 3)[0])

@@ -112,6 +112,8 @@ class MediaLocation:
     :param page_number: 1-based page: of a PDF, or of a multi-page image (a multi-page TIFF scan; ignored for
         an image file with one frame, and never used to pick a frame of an animation).
     :param label: Human-readable origin used in messages (the file path as given, or `"blob"`).
+    :param page_number_error: Why an image's `meta["page_number"]` is unusable (not a 1-based integer), when it
+        is: ignored on a one-frame image (someone else's meta), an error on a multi-page TIFF, whose page it names.
     """
 
     document_id: str
@@ -120,6 +122,7 @@ class MediaLocation:
     data: bytes | None = None
     page_number: int | None = None
     label: str = ""
+    page_number_error: str | None = None
 
     @property
     def is_pdf(self) -> bool:
@@ -335,6 +338,11 @@ def resolve_path(
     return candidate
 
 
+#: What Pillow raises on a damaged header beyond `OSError`: a TIFF directory (IFD) without its width tag is a
+#: `TypeError("Missing dimensions")`, an unknown tag value a `KeyError`, a bad size a `ValueError`.
+_DAMAGED_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, TypeError, KeyError, IndexError, struct_error)
+
+
 def _check_pixel_limit(width: int, height: int, label: str) -> None:
     limit = Image.MAX_IMAGE_PIXELS
     if limit is not None and width * height > limit:
@@ -354,7 +362,7 @@ def _open_image(fp: Any, label: str) -> Image.Image:
     except UnidentifiedImageError as e:
         msg = f"cannot identify image {label}: the file is corrupt or not an image"
         raise MediaError(msg) from e
-    except OSError as e:
+    except _DAMAGED_IMAGE_ERRORS as e:
         msg = f"cannot read image {label}: {e}"
         raise MediaError(msg) from e
     _check_pixel_limit(img.width, img.height, label)
@@ -444,24 +452,70 @@ def normalize_image(image: Image.Image, *, label: str = "image") -> Image.Image:
     return pad_to_aspect_ratio(rgb, label=label)
 
 
-def _seek_page(img: Image.Image, page_number: int | None, label: str) -> None:
-    """Move a multi-page TIFF to its 1-based `page_number` (other images and one-page files: frame 1)."""
-    if page_number is None or img.format not in PAGED_IMAGE_FORMATS:
+def _frame_count(img: Image.Image, label: str) -> int:
+    try:
+        return int(getattr(img, "n_frames", 1))
+    except _DAMAGED_IMAGE_ERRORS as e:
+        msg = f"image {label} is corrupt or truncated: {e}"
+        raise MediaError(msg) from e
+
+
+def _has_pages(img: Image.Image, label: str) -> bool:
+    """True when a TIFF has a second frame (read without counting them all); leaves it on frame 1."""
+    try:
+        img.seek(1)
+    except EOFError:
+        return False
+    except _DAMAGED_IMAGE_ERRORS as e:
+        msg = f"page 2 of image {label} cannot be read, the file is corrupt or truncated: {e}"
+        raise MediaError(msg) from e
+    img.seek(0)
+    return True
+
+
+def _seek_page(img: Image.Image, page_number: int | None, label: str, page_error: str | None = None) -> None:
+    """
+    Move a multi-page TIFF to its 1-based `page_number` (other images and one-page files: frame 1).
+
+    `page_error` (why the document's page_number was unusable) is raised on a multi-page TIFF only: there a
+    `2.0` or `"two"` must not quietly show page 1.
+    """
+    if img.format not in PAGED_IMAGE_FORMATS:
         return
-    pages = getattr(img, "n_frames", 1)
-    if pages <= 1:
-        return  # e.g. a page image cut out of a PDF that kept the PDF's page_number
-    if page_number > pages:
-        msg = f"page_number {page_number} is beyond image {label}, which has {pages} page(s)"
+    if page_error is not None and _has_pages(img, label):
+        msg = f"{page_error}; it picks the page of multi-page image {label}"
         raise MediaError(msg)
-    img.seek(page_number - 1)
+    if page_number is None or page_number == 1:
+        return
+    # Walk to the page one directory at a time rather than counting the pages first: counting reads every page's
+    # directory (0.35 s for a 5000-page scan, on every page loaded), and a directory damaged after the page asked
+    # for must not cost it. One step at a time also keeps the count right: a single seek past the end leaves
+    # Pillow (13.0) with `n_frames` one per missing page too high.
+    for frame in range(1, page_number):
+        try:
+            img.seek(frame)
+        except EOFError:
+            if frame == 1:
+                img.seek(0)
+                return  # one page: e.g. a page image cut out of a PDF that kept the PDF's page_number
+            msg = f"page_number {page_number} is beyond image {label}, which has {frame} page(s)"
+            raise MediaError(msg) from None
+        except _DAMAGED_IMAGE_ERRORS as e:
+            msg = f"page {frame + 1} of image {label} cannot be read, the file is corrupt or truncated: {e}"
+            raise MediaError(msg) from e
     _check_pixel_limit(img.width, img.height, f"{label}, page {page_number}")
 
 
-def _decode_image(fp: Any, label: str, draft_side: int | None = None, page_number: int | None = None) -> Image.Image:
+def _decode_image(
+    fp: Any,
+    label: str,
+    draft_side: int | None = None,
+    page_number: int | None = None,
+    page_error: str | None = None,
+) -> Image.Image:
     img = _open_image(fp, label)
     try:
-        _seek_page(img, page_number, label)
+        _seek_page(img, page_number, label, page_error)
         if draft_side is not None and img.format == "JPEG":
             # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the result stays at least draft_side x draft_side
             # (a square box, so the EXIF rotation applied later cannot make it smaller than the fitted image).
@@ -607,13 +661,14 @@ def _parse_page_number(document: Document) -> int | None:
     return number
 
 
-def _image_page_number(document: Document) -> int | None:
+def _image_page_number(document: Document) -> tuple[int | None, str | None]:
     # An image's page_number only picks a page of a multi-page TIFF; on any other image it is someone else's meta
-    # (e.g. the PDF page a figure was cut from), so an unusable value is ignored rather than refused.
+    # (e.g. the PDF page a figure was cut from), so an unusable value is ignored there: the loader refuses it only
+    # on a multi-page TIFF. Returns the number, or None and why it is unusable.
     try:
-        return _parse_page_number(document)
-    except MediaError:
-        return None
+        return _parse_page_number(document), None
+    except MediaError as e:
+        return None, str(e)
 
 
 def _missing_file_message(label: str, file_path: Any, root_path: str | Path | None) -> str:
@@ -646,13 +701,22 @@ def locate(
     :returns: The source.
     :raises MediaError: Missing file, path traversal, a directory, a zero-byte file.
     """
-    page_number = _parse_page_number(document) if modality == "page" else _image_page_number(document)
+    page_error = None
+    if modality == "page":
+        page_number = _parse_page_number(document)
+    else:
+        page_number, page_error = _image_page_number(document)
     if document.blob is not None:
         if len(document.blob.data) == 0:
             msg = "the document's blob is empty (zero bytes)"
             raise MediaError(msg)
         return MediaLocation(
-            document_id=document.id, modality=modality, data=document.blob.data, page_number=page_number, label="blob"
+            document_id=document.id,
+            modality=modality,
+            data=document.blob.data,
+            page_number=page_number,
+            label="blob",
+            page_number_error=page_error,
         )
     file_path = document.meta.get(file_path_meta_field)
     if file_path is None:
@@ -682,7 +746,14 @@ def locate(
     except OSError as e:
         msg = f"file {label} cannot be read: {e.strerror or e}"
         raise MediaError(msg) from e
-    return MediaLocation(document_id=document.id, modality=modality, path=path, page_number=page_number, label=label)
+    return MediaLocation(
+        document_id=document.id,
+        modality=modality,
+        path=path,
+        page_number=page_number,
+        label=label,
+        page_number_error=page_error if modality == "image" else None,
+    )
 
 
 def probe(source: MediaLocation, *, decode: bool = True) -> None:
@@ -716,8 +787,10 @@ def probe(source: MediaLocation, *, decode: bool = True) -> None:
         return
     img = _open_image(io.BytesIO(source.data) if source.data is not None else source.path, source.label)
     try:
-        _seek_page(img, source.page_number, source.label)
+        _seek_page(img, source.page_number, source.label, source.page_number_error)
         img.verify()
+    except MediaError:
+        raise  # already says what is wrong (a page beyond the last, over the decompression-bomb limit)
     except (OSError, SyntaxError, ValueError) as e:
         msg = f"image {source.label} is corrupt or truncated: {e}"
         raise MediaError(msg) from e
@@ -727,8 +800,10 @@ def probe(source: MediaLocation, *, decode: bool = True) -> None:
 
 def _read_image(source: MediaLocation, draft_side: int | None = None) -> Image.Image:
     if source.data is not None:
-        return _decode_image(io.BytesIO(source.data), source.label, draft_side, source.page_number)
-    return _decode_image(source.path, source.label, draft_side, source.page_number)
+        return _decode_image(
+            io.BytesIO(source.data), source.label, draft_side, source.page_number, source.page_number_error
+        )
+    return _decode_image(source.path, source.label, draft_side, source.page_number, source.page_number_error)
 
 
 #: Threads that decode the image files of one batch concurrently (Pillow releases the GIL while it decodes; on a
@@ -934,10 +1009,7 @@ def image_page_count(path: str | Path) -> int:
     try:
         if img.format not in PAGED_IMAGE_FORMATS:
             return 1
-        return int(getattr(img, "n_frames", 1))
-    except (OSError, SyntaxError, ValueError) as e:
-        msg = f"image {label} is corrupt or truncated: {e}"
-        raise MediaError(msg) from e
+        return _frame_count(img, label)
     finally:
         img.close()
 

@@ -19,11 +19,12 @@ Distances never touch the n-dimensional rows: for rows `S_a = E e_a` of `S = E E
 `(m, d) @ (d, m)` product per page (float64, as scipy computes), with the clusters still left compacted to the
 front between rounds.
 
-All pages of a batch run together, on their own device, one host synchronisation per round (whether every page
-is done): on a GPU that is ~10 syncs and a few hundred kernels per batch, where a merge-by-merge loop needs one
-sync and ~30 kernels per merge. On the CPU the pages are dealt out to the MaxSim kernel's fixed workers, whose
-torch calls run single-threaded: torch's own thread team, spinning against another library's (a numpy/OpenBLAS
-call just before), made a 20 ms page take 100 ms to 1 s on the 2-core machine.
+The pages of a batch run together (in groups of similar length: each is padded to its group's longest), on
+their own device, one host synchronisation per round (whether every page is done): on a GPU that is ~10 syncs and
+a few hundred kernels per group, where a merge-by-merge loop needs one sync and ~30 kernels per merge. On the
+CPU the pages are dealt out to the MaxSim kernel's fixed workers, whose torch calls run single-threaded: torch's
+own thread team, spinning against another library's (a numpy/OpenBLAS call just before), made a 20 ms page take
+100 ms to 1 s on the 2-core machine.
 """
 
 from __future__ import annotations
@@ -126,18 +127,42 @@ def ward_labels(embeddings: list[torch.Tensor], n_clusters: list[int]) -> list[t
     return [labels[b, : sizes[b]] for b in range(count)]
 
 
+def _ward_by_length(embeddings: list[torch.Tensor], n_clusters: list[int]) -> list[torch.Tensor]:
+    """
+    `ward_labels` over groups of pages of similar length (the shortest of a group at least half its longest).
+
+    One call pads every page to the longest and works on `(pages, width, width)` float64 matrices, so a 4000-vector
+    page batched with short ones made each of them cost as much as it (a 4000-vector page and 15 of 20 vectors:
+    11x the time and 3.5 GiB instead of 0.9 GiB). Pages of one model are mostly of one length: one group.
+    """
+    order = sorted(range(len(embeddings)), key=lambda b: -int(embeddings[b].shape[0]))
+    groups: list[list[int]] = []
+    for b in order:
+        if groups and 2 * int(embeddings[b].shape[0]) >= int(embeddings[groups[-1][0]].shape[0]):
+            groups[-1].append(b)
+        else:
+            groups.append([b])
+    labels: list[torch.Tensor] = [torch.empty(0)] * len(embeddings)
+    for group in groups:
+        for b, label in zip(
+            group, ward_labels([embeddings[b] for b in group], [n_clusters[b] for b in group]), strict=True
+        ):
+            labels[b] = label
+    return labels
+
+
 def _labels_on_their_device(embeddings: list[torch.Tensor], n_clusters: list[int]) -> list[torch.Tensor]:
-    """`ward_labels`; on the CPU split over the fixed single-threaded workers of the MaxSim kernel."""
+    """`ward_labels` by length group; on the CPU split over the fixed single-threaded workers of the MaxSim kernel."""
     workers = cpu_workers() if embeddings[0].device.type == "cpu" else None
     if workers is None:
-        return ward_labels(embeddings, n_clusters)
+        return _ward_by_length(embeddings, n_clusters)
     # Torch's own intra-op threads would spin against other libraries' thread teams (a numpy/OpenBLAS call just
     # before made a 20 ms page take 100-1000 ms on 2 cores); the pinned workers cannot oversubscribe. Pages are
     # independent: long and short ones are dealt out in turn so the workers get similar shares.
     order = sorted(range(len(embeddings)), key=lambda b: -int(embeddings[b].shape[0]))
     shares = [order[w::CPU_THREADS] for w in range(CPU_THREADS)]
     futures = [
-        (share, workers.submit(ward_labels, [embeddings[b] for b in share], [n_clusters[b] for b in share]))
+        (share, workers.submit(_ward_by_length, [embeddings[b] for b in share], [n_clusters[b] for b in share]))
         for share in shares
         if share
     ]
