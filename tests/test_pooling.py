@@ -98,6 +98,21 @@ def test_duplicate_vectors_form_their_own_clusters_and_the_rounds_terminate() ->
     torch.testing.assert_close(pooled, distinct[:1].repeat(4, 1))
 
 
+def test_near_duplicate_float16_vectors_are_pooled_not_refused_as_non_finite() -> None:
+    # Vectors of a near-blank region differ by an ulp here and there in float16. Their distances are rounding noise,
+    # and `c_aᵀ G c_b` rounds differently from `c_bᵀ G c_a`: an asymmetric matrix let the nearest neighbours form a
+    # cycle without a reciprocal pair, and a finite page was refused as "non-finite".
+    generator = torch.Generator().manual_seed(0)
+    base = _unit(generator, 3)
+    rows = base[torch.randint(0, 3, (300,), generator=generator)] + 1e-7 * torch.randn(300, 128, generator=generator)
+    page = rows.to(torch.float16)
+    labels = ward_labels([page.float()], [100])[0]
+    assert int(labels.max()) + 1 == 100
+    pooled = pool_tensors([page], 3)[0]
+    assert pooled.shape == (100, 128)
+    assert torch.isfinite(pooled).all()
+
+
 def test_one_host_sync_per_round_and_far_fewer_rounds_than_merges(monkeypatch: pytest.MonkeyPatch) -> None:
     # On a GPU every host sync stalls the launch queue; a merge-by-merge loop synced ~512 times for one 768-vector
     # page pooled by 3. The rounds sync once each (the stacked `tolist`), and a handful of rounds suffice.

@@ -77,6 +77,9 @@ def ward_labels(embeddings: list[torch.Tensor], n_clusters: list[int]) -> list[t
         sq = (proj * cent).sum(-1)
         dist = torch.baddbmm(sq[:, :, None] + sq[:, None, :], proj, cent.transpose(1, 2), alpha=-2.0).clamp_min_(0.0)
         dist *= (weight[:, :, None] * weight[:, None, :]).div_(weight[:, :, None] + weight[:, None, :])
+        # `c_aᵀ G c_b` and `c_bᵀ G c_a` round differently: unless `dist` is exactly symmetric, near-duplicate
+        # vectors (a blank region in float16) can point at each other in a cycle with no reciprocal pair.
+        dist = torch.minimum(dist, dist.transpose(1, 2))
         dist.masked_fill_(~active[:, :, None], math.inf).masked_fill_(~active[:, None, :], math.inf)
         dist.diagonal(dim1=1, dim2=2).fill_(math.inf)
         row_min, nearest = dist.min(2)
