@@ -365,7 +365,22 @@ def test_a_tiff_page_beyond_the_last_is_a_named_error_in_probe_and_load(tmp_path
     scan = make_tiff(tmp_path / "scan.tif")
     source = locate(Document(meta={"file_path": str(scan), "page_number": 4}), "image")
     for check in (lambda: probe(source, decode=False), lambda: probe(source), lambda: load_image(source)):
-        with pytest.raises(MediaError, match=r"page_number 4 is beyond image .*scan\.tif.*3 page\(s\)"):
+        # Anchored: the page error is not dressed up as "image ... is corrupt or truncated: page_number 4 ...".
+        with pytest.raises(MediaError, match=r"^page_number 4 is beyond image .*scan\.tif.*3 page\(s\)"):
+            check()
+
+
+def test_a_truncated_multi_page_tiff_is_a_named_media_error_not_a_pillow_type_error(tmp_path: Path) -> None:
+    # Cut in the middle, the chain of page headers ends in a page without its tags: Pillow's TIFF reader raises
+    # TypeError("Missing dimensions") while counting or seeking the pages.
+    data = make_tiff(tmp_path / "scan.tif").read_bytes()
+    cut = tmp_path / "cut.tif"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(MediaError, match=r"cut\.tif' is corrupt or truncated: cannot read its pages"):
+        image_page_count(cut)
+    source = locate(Document(meta={"file_path": str(cut), "page_number": 2}), "image")
+    for check in (lambda: probe(source, decode=False), lambda: probe(source), lambda: load_image(source)):
+        with pytest.raises(MediaError, match=r"cut\.tif' is corrupt or truncated"):
             check()
 
 

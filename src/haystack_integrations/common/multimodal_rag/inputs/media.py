@@ -444,17 +444,35 @@ def normalize_image(image: Image.Image, *, label: str = "image") -> Image.Image:
     return pad_to_aspect_ratio(rgb, label=label)
 
 
+#: What Pillow's TIFF reader raises on a damaged chain of pages (a truncated file: `TypeError("Missing
+#: dimensions")` from a page whose tags were cut off, `EOFError`, `struct.error`, ...).
+_FRAME_ERRORS = (OSError, EOFError, SyntaxError, ValueError, TypeError, KeyError, IndexError, struct_error)
+
+
+def _frame_count(img: Image.Image, label: str) -> int:
+    """The frames of an opened paged image; reading them walks the file's chain of page headers."""
+    try:
+        return int(getattr(img, "n_frames", 1))
+    except _FRAME_ERRORS as e:
+        msg = f"image {label} is corrupt or truncated: cannot read its pages ({type(e).__name__}: {e})"
+        raise MediaError(msg) from e
+
+
 def _seek_page(img: Image.Image, page_number: int | None, label: str) -> None:
     """Move a multi-page TIFF to its 1-based `page_number` (other images and one-page files: frame 1)."""
     if page_number is None or img.format not in PAGED_IMAGE_FORMATS:
         return
-    pages = getattr(img, "n_frames", 1)
+    pages = _frame_count(img, label)
     if pages <= 1:
         return  # e.g. a page image cut out of a PDF that kept the PDF's page_number
     if page_number > pages:
         msg = f"page_number {page_number} is beyond image {label}, which has {pages} page(s)"
         raise MediaError(msg)
-    img.seek(page_number - 1)
+    try:
+        img.seek(page_number - 1)
+    except _FRAME_ERRORS as e:
+        msg = f"image {label} is corrupt or truncated: cannot read page {page_number} ({type(e).__name__}: {e})"
+        raise MediaError(msg) from e
     _check_pixel_limit(img.width, img.height, f"{label}, page {page_number}")
 
 
@@ -718,6 +736,8 @@ def probe(source: MediaLocation, *, decode: bool = True) -> None:
     try:
         _seek_page(img, source.page_number, source.label)
         img.verify()
+    except MediaError:
+        raise  # its own message (a page beyond the file, a damaged page chain)
     except (OSError, SyntaxError, ValueError) as e:
         msg = f"image {source.label} is corrupt or truncated: {e}"
         raise MediaError(msg) from e
@@ -934,10 +954,7 @@ def image_page_count(path: str | Path) -> int:
     try:
         if img.format not in PAGED_IMAGE_FORMATS:
             return 1
-        return int(getattr(img, "n_frames", 1))
-    except (OSError, SyntaxError, ValueError) as e:
-        msg = f"image {label} is corrupt or truncated: {e}"
-        raise MediaError(msg) from e
+        return _frame_count(img, label)
     finally:
         img.close()
 
