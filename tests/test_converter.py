@@ -137,7 +137,7 @@ def test_a_truncated_multi_page_tiff_is_a_failed_source_not_an_exception(tmp_pat
     assert [d.meta["page_number"] for d in out["documents"]] == [1, 2, 3]
     assert len(out["failed_sources"]) == 1
     assert "cut.tif' is corrupt or truncated" in out["failed_sources"][0]["reason"]
-    with pytest.raises(ConversionError, match="cut.tif"):
+    with pytest.raises(ConversionError, match=r"cut\.tif"):
         MultimodalFileToDocument(root_path=str(tmp_path)).run(sources=["cut.tif"])
 
 
