@@ -131,6 +131,17 @@ def test_zero_page_and_encrypted_pdfs_each_get_their_own_reason(tmp_path: Path) 
     assert "Success" not in reasons["b_empty.pdf"]
 
 
+def test_a_truncated_multi_page_tiff_is_a_failed_source_not_an_exception(tmp_path: Path) -> None:
+    data = make_tiff(tmp_path / "scan.tif").read_bytes()
+    (tmp_path / "cut.tif").write_bytes(data[: len(data) // 2])
+    out = MultimodalFileToDocument(root_path=str(tmp_path), on_error="skip").run(sources=["cut.tif", "scan.tif"])
+    assert [d.meta["page_number"] for d in out["documents"]] == [1, 2, 3]
+    assert len(out["failed_sources"]) == 1
+    assert "cut.tif' is corrupt or truncated" in out["failed_sources"][0]["reason"]
+    with pytest.raises(ConversionError, match=r"cut\.tif"):
+        MultimodalFileToDocument(root_path=str(tmp_path)).run(sources=["cut.tif"])
+
+
 def test_a_multi_page_tiff_scan_becomes_one_image_document_per_page(tmp_path: Path) -> None:
     make_tiff(tmp_path / "scan.tif")
     make_tiff(tmp_path / "single.tiff", colors=("white",))

@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw
 from haystack_integrations.common.multimodal_rag.errors import MediaError
 from haystack_integrations.common.multimodal_rag.inputs.media import (
     MAX_ASPECT_RATIO,
+    MediaLocation,
     classify,
     decode_image_bytes,
     image_page_count,
@@ -366,8 +367,29 @@ def test_a_tiff_page_beyond_the_last_is_a_named_error_in_probe_and_load(tmp_path
     scan = make_tiff(tmp_path / "scan.tif")
     source = locate(Document(meta={"file_path": str(scan), "page_number": 4}), "image")
     for check in (lambda: probe(source, decode=False), lambda: probe(source), lambda: load_image(source)):
-        with pytest.raises(MediaError, match=r"page_number 4 is beyond image .*scan\.tif.*3 page\(s\)"):
+        # Anchored: the page error is not dressed up as "image ... is corrupt or truncated: page_number 4 ...".
+        with pytest.raises(MediaError, match=r"^page_number 4 is beyond image .*scan\.tif.*3 page\(s\)"):
             check()
+
+
+def test_a_truncated_multi_page_tiff_is_a_named_media_error_not_a_pillow_type_error(tmp_path: Path) -> None:
+    # Cut in the middle, the chain of page headers ends in a page without its tags: Pillow's TIFF reader raises
+    # TypeError("Missing dimensions") while counting or seeking the pages.
+    data = make_tiff(tmp_path / "scan.tif").read_bytes()
+    cut = tmp_path / "cut.tif"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(MediaError, match=r"cut\.tif' is corrupt or truncated"):
+        image_page_count(cut)
+
+    def source(page: int) -> MediaLocation:
+        return locate(Document(meta={"file_path": str(cut), "page_number": page}), "image")
+
+    load_image(source(1)).close()  # the pages before the damage still load
+    with pytest.raises(MediaError, match=r"cut\.tif'.* corrupt or truncated"):
+        load_image(source(2))  # its pixels were cut off: found when decoded
+    for check in (lambda: probe(source(3), decode=False), lambda: probe(source(3)), lambda: load_image(source(3))):
+        with pytest.raises(MediaError, match=r"cut\.tif'.* corrupt or truncated"):
+            check()  # its header is gone: found before decoding
 
 
 def test_a_page_number_on_a_one_page_image_or_an_animation_picks_nothing(tmp_path: Path) -> None:

@@ -190,3 +190,41 @@ def test_another_store_does_not_see_the_first_stores_pages() -> None:
     cache.stage(first, ["a"], CPU)
     found, parts = cache.stage(second, ["a"], CPU)
     _assert_serves(second, found, parts)
+
+
+def test_a_gathered_part_on_cuda_carries_an_event_recorded_after_its_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The cached pages are copied together on the fetch thread's current stream, but scored on the scoring
+    # thread's, which can be another stream: the part must carry a `ready` event (recorded on the copying stream
+    # after the copy) so that `maxsim_staged` waits for it and keeps the memory from reuse. Faked CUDA objects:
+    # the order of the stream calls is what is checked.
+    from haystack_integrations.common.multimodal_rag.numerics import page_cache
+
+    calls: list[tuple[str, Any]] = []
+
+    class FakeEvent:
+        def record(self, stream: Any) -> None:
+            calls.append(("record", stream))
+
+    class FakeStream:
+        def wait_event(self, event: Any) -> None:
+            calls.append(("wait", event))
+
+    stream = FakeStream()
+    real_stage = page_cache.stage_pages
+
+    def stage_on_cpu(pages: Any, *, device: Any) -> StagedPages:
+        calls.append(("copy", device.type))
+        return real_stage(pages, device=CPU)
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream)
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, s: calls.append(("record_stream", s)))
+    monkeypatch.setattr(page_cache, "stage_pages", stage_on_cpu)
+    upload = FakeEvent()
+    block = page_cache._Block(torch.arange(2 * 3 * DIM, dtype=torch.float32).view(6, DIM), upload, live=2)
+    entries = [page_cache._Entry(block, 3, 3), page_cache._Entry(block, 0, 3)]
+    staged = page_cache._gather(entries, torch.device("cuda", 0))
+    assert calls == [("wait", upload), ("record_stream", stream), ("copy", "cuda"), ("record", stream)]
+    assert isinstance(staged.ready, FakeEvent)
+    torch.testing.assert_close(staged.packed, torch.cat([block.packed[3:], block.packed[:3]]))
+    assert staged.lengths == (3, 3)

@@ -96,6 +96,29 @@ def test_duplicate_vectors_form_their_own_clusters_and_the_rounds_terminate() ->
     pooled = pool_tensors([constant], 3)[0]
     assert pooled.shape == (4, 128)
     torch.testing.assert_close(pooled, distinct[:1].repeat(4, 1))
+    # The documented difference: every merge is tied at height 0, scipy's maxclust cut takes them all and
+    # colpali-engine keeps ONE vector; the MaxSim of the two results is the same.
+    from colpali_engine.compression.token_pooling import HierarchicalTokenPooler
+
+    reference, _ = HierarchicalTokenPooler()._pool_single_embedding(constant, 3)
+    assert reference.shape == (1, 128)
+    query = _unit(generator, 5)
+    assert maxsim_reference(query, [pooled])[0] == pytest.approx(maxsim_reference(query, [reference])[0], abs=1e-6)
+
+
+def test_near_duplicate_float16_vectors_are_pooled_not_refused_as_non_finite() -> None:
+    # Vectors of a near-blank region differ by an ulp here and there in float16. Their distances are rounding noise,
+    # and `c_aᵀ G c_b` rounds differently from `c_bᵀ G c_a`: an asymmetric matrix let the nearest neighbours form a
+    # cycle without a reciprocal pair, and a finite page was refused as "non-finite".
+    generator = torch.Generator().manual_seed(0)
+    base = _unit(generator, 3)
+    rows = base[torch.randint(0, 3, (300,), generator=generator)] + 1e-7 * torch.randn(300, 128, generator=generator)
+    page = rows.to(torch.float16)
+    labels = ward_labels([page.float()], [100])[0]
+    assert int(labels.max()) + 1 == 100
+    pooled = pool_tensors([page], 3)[0]
+    assert pooled.shape == (100, 128)
+    assert torch.isfinite(pooled).all()
 
 
 def test_one_host_sync_per_round_and_far_fewer_rounds_than_merges(monkeypatch: pytest.MonkeyPatch) -> None:

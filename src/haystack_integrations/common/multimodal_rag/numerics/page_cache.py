@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -146,17 +146,26 @@ class DevicePageCache:
 
 def _gather(entries: list[_Entry], device: torch.device) -> StagedPages:
     """Copy cached pages into one packed tensor on their device (a device-side copy, no host transfer)."""
-    if device.type == "cuda":
-        current = torch.cuda.current_stream(device)
+    current = torch.cuda.current_stream(device) if device.type == "cuda" else None
+    if current is not None:
         for block in {id(entry.block): entry.block for entry in entries}.values():
             if block.ready is not None:
                 current.wait_event(block.ready)  # the upload that filled it has finished (a no-op once it has)
             # The block was allocated on the upload stream and is read on this one: its memory must not be
             # reused by the upload stream before this read is done, even if the block is evicted meanwhile.
             block.packed.record_stream(current)
-    return stage_pages(
+    staged = stage_pages(
         [entry.block.packed[entry.start : entry.start + entry.length] for entry in entries], device=device
     )
+    if current is None:
+        return staged
+    # The copy is queued on THIS thread's current stream (the fetch thread's), but the pages are scored on the
+    # scoring thread's current stream, which may be another one (a caller inside `torch.cuda.stream(...)`). With
+    # `ready` set, `maxsim_staged` waits for the copy on its own stream and records its use of the new tensors
+    # there, so the caching allocator does not hand their memory out before the scoring has read it.
+    ready = torch.cuda.Event()
+    ready.record(current)
+    return replace(staged, ready=ready)
 
 
 def stage_store_pages(

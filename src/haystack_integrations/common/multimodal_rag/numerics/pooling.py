@@ -79,6 +79,9 @@ def ward_labels(embeddings: list[torch.Tensor], n_clusters: list[int]) -> list[t
         sq = (proj * cent).sum(-1)
         dist = torch.baddbmm(sq[:, :, None] + sq[:, None, :], proj, cent.transpose(1, 2), alpha=-2.0).clamp_min_(0.0)
         dist *= (weight[:, :, None] * weight[:, None, :]).div_(weight[:, :, None] + weight[:, None, :])
+        # `c_aᵀ G c_b` and `c_bᵀ G c_a` round differently: unless `dist` is exactly symmetric, near-duplicate
+        # vectors (a blank region in float16) can point at each other in a cycle with no reciprocal pair.
+        dist = torch.minimum(dist, dist.transpose(1, 2))
         dist.masked_fill_(~active[:, :, None], math.inf).masked_fill_(~active[:, None, :], math.inf)
         dist.diagonal(dim1=1, dim2=2).fill_(math.inf)
         row_min, nearest = dist.min(2)
@@ -180,7 +183,10 @@ def pool_tensors(embeddings: list[torch.Tensor], pool_factor: int) -> list[torch
     Keeps colpali-engine's `HierarchicalTokenPooler` results: the same Ward clusters of `1 - E Eᵀ`,
     `max(n // pool_factor, 1)` of them, each the L2-normalised mean of its vectors. Only the ORDER of the pooled
     vectors may differ (ours: by each cluster's first token; MaxSim does not depend on it). Pages with fewer than
-    2 vectors are returned as they are (colpali-engine raises on them).
+    2 vectors are returned as they are (colpali-engine raises on them). One exception: when merges of exactly
+    equal height straddle the cut (repeated identical vectors, e.g. a blank page), scipy's maxclust cut takes
+    all of them and colpali-engine returns FEWER than `max(n // pool_factor, 1)` vectors; here the count is
+    always `max(n // pool_factor, 1)`, the extra vectors repeating a cluster's mean (the same MaxSim).
 
     :param embeddings: `(n_b, dim)` tensors (padding removed), all on one device.
     :param pool_factor: At least 1; 1 returns the inputs.
