@@ -195,3 +195,36 @@ def test_a_long_page_is_not_batched_with_short_ones(monkeypatch: pytest.MonkeyPa
     monkeypatch.undo()
     for page, out in zip(pages, pooled, strict=True):
         torch.testing.assert_close(out, pool_tensors([page], 3)[0])
+
+
+def test_a_page_of_repeated_vectors_pairs_them_off_in_few_rounds_with_colpali_engines_maxsim(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A blank margin comes out of a bf16 model as identical rows. Breaking distance ties by the lowest slot made
+    # every copy point at the first one: one merge per round, 577 rounds (host syncs on a GPU) for a blank page.
+    from colpali_engine.compression.token_pooling import HierarchicalTokenPooler
+
+    generator = torch.Generator().manual_seed(11)
+    blank = _unit(generator, 1).repeat(768, 1)
+    margin = torch.cat([_unit(generator, 1).repeat(600, 1), _unit(generator, 168)])
+    calls = 0
+    original = torch.Tensor.tolist
+
+    def counting_tolist(self: torch.Tensor) -> object:
+        nonlocal calls
+        calls += 1
+        return original(self)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counting_tolist)
+    labels = ward_labels([blank, margin], [256, 256])
+    monkeypatch.undo()
+    assert [int(label.max()) + 1 for label in labels] == [256, 256]
+    assert calls <= 40  # measured: 11 rounds for the blank page
+    pooled = pool_tensors([margin], 3)[0]
+    reference, _ = HierarchicalTokenPooler()._pool_single_embedding(margin, 3)
+    # The cut falls among merges of height 0, where scipy's maxclust keeps fewer clusters (it merges every copy):
+    # the counts differ, the distinct vectors and so every MaxSim are the same.
+    assert pooled.shape[0] == 256
+    assert reference.shape[0] < 256
+    query = _unit(generator, 12)
+    assert maxsim_reference(query, [pooled])[0] == pytest.approx(maxsim_reference(query, [reference])[0], rel=1e-5)

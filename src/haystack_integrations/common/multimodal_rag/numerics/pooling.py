@@ -84,7 +84,15 @@ def ward_labels(embeddings: list[torch.Tensor], n_clusters: list[int]) -> list[t
         dist = torch.minimum(dist, dist.transpose(1, 2))
         dist.masked_fill_(~active[:, :, None], math.inf).masked_fill_(~active[:, None, :], math.inf)
         dist.diagonal(dim1=1, dim2=2).fill_(math.inf)
-        row_min, nearest = dist.min(2)
+        row_min = dist.amin(2)
+        # Among neighbours at exactly the same distance (repeated vectors: a blank margin comes out of a bf16
+        # model as identical rows), take the one whose slot differs least in its bits (`i ^ j`), not the lowest
+        # slot: with the lowest slot every copy points at the first one and only one pair merges per round (577
+        # rounds for a blank 768-vector page); with `i ^ j` the copies pair off, halving the group each round.
+        # The pair with the least `i ^ j` among those at the closest distance is always reciprocal, so every
+        # round still merges.
+        tied = torch.where(dist == row_min[:, :, None], local[:, None] ^ local[None, :], 2 * m)  # i ^ j < 2m
+        nearest = tied.argmin(2)
         closest = row_min.amin(1)
         known = (height[:, :width] < closest[:, None]).sum(1)
         done = known >= steps
