@@ -102,6 +102,15 @@ def test_builder_sends_each_page_of_a_multi_page_tiff_not_the_cached_first_one(t
         pixel = picture.getpixel((picture.width // 2, picture.height // 2))
         colors.append(max(range(3), key=lambda channel, pixel=pixel: pixel[channel]))  # JPEG: 254 is red too
     assert colors == [0, 2, 0]  # red, blue, red
+    docs = [
+        Document(meta={"file_path": "scan.tif", "page_number": page, "modality": "image"}, score=1.0 - page / 10)
+        for page in (1, 2)
+    ]
+    texts = builder.run(query="q", documents=docs)["messages"][0].texts
+    assert texts[:2] == ["[1] image scan.tif, page 1", "[2] image scan.tif, page 2"]  # the citation names the page
+    figure = Document(meta={"file_path": "fig.png", "page_number": 5, "modality": "image"}, score=1.0)
+    make_image(tmp_path / "fig.png")
+    assert builder.run(query="q", documents=[figure])["messages"][0].texts[0] == "[1] image fig.png"  # not its own
 
 
 def test_builder_system_prompt_custom_template_and_no_images(ranked: list[Document], tmp_path: Path) -> None:

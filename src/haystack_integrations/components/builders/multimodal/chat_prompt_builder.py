@@ -16,6 +16,7 @@ from haystack_integrations.common.multimodal_rag.inputs.media import (
     PAGE_NUMBER_META_KEY,
     VISUAL_MODALITIES,
     MediaLocation,
+    is_tiff_path,
     load_fitted_image,
     locate,
     modality_of,
@@ -335,7 +336,10 @@ class MultimodalChatPromptBuilder:
             label = f"[{entry['number']}] {citation['modality']}"
             if citation["file_path"]:
                 label += f" {citation['file_path']}"
-            if citation["page_number"] is not None and citation["modality"] == "page":
+            if citation["page_number"] is not None and (
+                citation["modality"] == "page"
+                or (isinstance(citation["file_path"], str) and is_tiff_path(citation["file_path"]))
+            ):  # a PDF page or a page of a multi-page TIFF scan (another image's page_number is not its own)
                 label += f", page {citation['page_number']}"
             parts.append(label)
             parts.append(
