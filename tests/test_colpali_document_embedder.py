@@ -350,3 +350,26 @@ def test_each_page_of_a_multi_page_tiff_scan_gets_its_own_vectors(tiny_colqwen2:
     first, second = (store.get([d.id])[d.id] for d in docs)
     assert first.shape == second.shape
     assert not np.allclose(first, second)  # page 2 was read, not page 1 twice
+
+
+def test_a_page_the_model_turns_into_nan_is_refused_by_the_store_naming_it_also_with_pooling(
+    tiny_colqwen2: str, pages_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from haystack_integrations.common.multimodal_rag.backends.colpali import LateInteractionEncoder
+    from haystack_integrations.common.multimodal_rag.errors import MultiVectorStoreError
+
+    docs = _page_docs(pages_dir)[:2]
+    embedder = ColPaliDocumentEmbedder(
+        tiny_colqwen2, multivector_store=InMemoryMultiVectorStore(), pool_factor=2, progress_bar=False
+    )
+    embedder.warm_up()
+    real_forward = LateInteractionEncoder._forward
+
+    def broken_forward(self: LateInteractionEncoder, batch: Any) -> Any:
+        pages = real_forward(self, batch)
+        pages[1] = pages[1] * float("nan")
+        return pages
+
+    monkeypatch.setattr(LateInteractionEncoder, "_forward", broken_forward)
+    with pytest.raises(MultiVectorStoreError, match=docs[1].id):
+        embedder.run(docs)

@@ -140,11 +140,16 @@ def test_one_host_sync_per_round_and_far_fewer_rounds_than_merges(monkeypatch: p
     assert 1 <= calls <= 40  # measured: 10-11 rounds for such pages (vs 512 merges each)
 
 
-def test_non_finite_vectors_are_refused_not_looped_on() -> None:
-    page = _unit(torch.Generator().manual_seed(2), 20)
-    page[4, 0] = float("nan")
+def test_a_non_finite_page_is_passed_on_unpooled_and_never_looped_on() -> None:
+    # The stores refuse it naming its document (as without pooling); the clustering itself refuses it too.
+    generator = torch.Generator().manual_seed(2)
+    broken, fine = _unit(generator, 20), _unit(generator, 20)
+    broken[4, 0] = float("nan")
+    pooled = pool_tensors([broken, fine], 2)
+    assert pooled[0] is broken
+    assert pooled[1].shape == (10, 128)
     with pytest.raises(ValueError, match="non-finite"):
-        pool_tensors([page], 2)
+        ward_labels([broken], [10])
 
 
 def test_pooled_pages_keep_their_dtype_and_device() -> None:

@@ -198,13 +198,19 @@ def pool_tensors(embeddings: list[torch.Tensor], pool_factor: int) -> list[torch
 
     :param embeddings: `(n_b, dim)` tensors (padding removed), all on one device.
     :param pool_factor: At least 1; 1 returns the inputs.
-    :returns: Per page a `(max(n_b // pool_factor, 1), dim)` tensor, the input's dtype and device.
-    :raises ValueError: When a page holds non-finite values.
+    :returns: Per page a `(max(n_b // pool_factor, 1), dim)` tensor, the input's dtype and device; a page holding
+        NaN or infinite values comes back unpooled, as it is (the stores refuse it by document id).
     """
     if pool_factor <= 1:
         return list(embeddings)
     todo = [b for b, emb in enumerate(embeddings) if emb.shape[0] >= 2]
     out = list(embeddings)
+    if not todo:
+        return out
+    # A page holding NaN or inf (a broken model or file) has no clusters: it is passed on unpooled, so the store
+    # refuses it naming its document and a kernel scores it non-finite, as without pooling. One host sync.
+    finite = torch.stack([torch.isfinite(embeddings[b]).all() for b in todo]).tolist()
+    todo = [b for b, ok in zip(todo, finite, strict=True) if ok]
     if not todo:
         return out
     n_clusters = [max(int(embeddings[b].shape[0]) // pool_factor, 1) for b in todo]
@@ -227,8 +233,8 @@ def pool_multivectors(vectors: list[np.ndarray], pool_factor: int, *, device: st
     :param vectors: `(n_vectors, dim)` arrays.
     :param pool_factor: Keep `max(n_vectors // pool_factor, 1)` vectors per page; 1 keeps them all.
     :param device: Torch device to cluster on (e.g. the model's).
-    :returns: The pooled arrays, `float32`, L2-normalised rows (unchanged arrays when `pool_factor <= 1`).
-    :raises ValueError: When a page holds non-finite values.
+    :returns: The pooled arrays, `float32`, L2-normalised rows (unchanged arrays when `pool_factor <= 1`, and for
+        pages holding NaN or infinite values).
     """
     tensors = [torch.as_tensor(np.asarray(array, dtype=np.float32), device=device) for array in vectors]
     return [t.cpu().numpy() for t in pool_tensors(tensors, pool_factor)] if tensors else []
