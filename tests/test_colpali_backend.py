@@ -11,7 +11,6 @@ import torch
 from PIL import Image
 
 from haystack_integrations.common.multimodal_rag.backends.colpali import (
-    QUERY_AUGMENTATION_TOKENS,
     LateInteractionEncoder,
     detect_family,
     family_from_config,
@@ -121,7 +120,7 @@ def test_every_family_loads_embeds_a_query_and_a_page_and_ranks(
     query = "a bar chart of quarterly revenue"
     query_vectors = np.asarray(ColPaliTextEmbedder(model).run(text=query)["multivector_embedding"])
     assert query_vectors.shape[1] == encoder.dim
-    assert query_vectors.shape[0] >= QUERY_AUGMENTATION_TOKENS + 1
+    assert query_vectors.shape[0] >= encoder.family.query_augmentation_tokens + 1
 
     ranked = ColPaliRanker(model, multivector_store=store, top_k=3).run(query=query, documents=embedded["documents"])
     reference = dict(
@@ -135,6 +134,35 @@ def test_every_family_loads_embeds_a_query_and_a_page_and_ranks(
 def test_colqwen3_projects_to_320_dimensions(tiny_colpali_family: Callable[[str], str]) -> None:
     # colpali_engine/models/qwen3/colqwen3/modeling_colqwen3.py:48 (dim = 320); the stores take any width.
     assert LateInteractionEncoder.get(_spec(tiny_colpali_family("ColQwen3"))).dim == 320
+
+
+def test_colqwen3_5_reads_its_320_dimensions_from_the_config(tiny_colpali_family: Callable[[str], str]) -> None:
+    # ColQwen3_5 takes `getattr(config, "dim", 128)` (modeling_colqwen3_5.py); athrael-soju/colqwen3.5-4.5B-v3's
+    # config.json sets `dim: 320` (its model card), which the tiny checkpoint mirrors.
+    model = tiny_colpali_family("ColQwen3_5")
+    assert json.loads((Path(model) / "config.json").read_text())["dim"] == 320
+    encoder = LateInteractionEncoder.get(_spec(model))
+    assert encoder.dim == 320
+    assert encoder.embed_queries(["hello"])[0].shape[1] == 320
+
+
+def test_colqwen3_5_keeps_a_budget_saved_with_the_checkpoint(
+    tiny_colpali_family: Callable[[str], str], tmp_path: Path
+) -> None:
+    # colpali-engine's training script loads the processor with max_num_visual_tokens=768
+    # (scripts/configs/qwen3_5/train_colqwen3_5_model.py) and its trainer saves it with the model: the budget lives
+    # in the saved preprocessor config, which the family's default (no processor_kwargs) keeps.
+    import shutil
+
+    from colpali_engine.models import ColQwen3_5Processor
+
+    trained = tmp_path / "trained"
+    shutil.copytree(tiny_colpali_family("ColQwen3_5"), trained)
+    ColQwen3_5Processor.from_pretrained(str(trained), max_num_visual_tokens=768).save_pretrained(str(trained))
+    encoder = LateInteractionEncoder.get(_spec(str(trained)))
+    assert encoder.processor.image_processor.size["longest_edge"] == 768 * 32 * 32
+    grid = encoder.processor.process_images([Image.new("RGB", (1024, 1365), "white")])["image_grid_thw"][0]
+    assert int(grid.prod()) // 4 <= 768
 
 
 # --- ColPali (PaliGemma): the tied lm_head -------------------------------------------------------------------------
@@ -242,7 +270,7 @@ def test_empty_processor_kwargs_keep_the_checkpoints_own_processor_config(
 def test_families_without_a_trained_budget_keep_their_processor_config(
     tiny_colpali_family: Callable[[str], str],
 ) -> None:
-    for family in ("ColPali", "ColIdefics3", "ColQwen3", "ColModernVBert"):
+    for family in ("ColPali", "ColIdefics3", "ColQwen3", "ColQwen3_5", "ColGemma3", "ColModernVBert"):
         assert family_from_config({"architectures": [family]}, model="m").default_processor_kwargs is None
 
 

@@ -67,7 +67,7 @@ def test_query_inputs_equal_the_training_recipe(
     assert (first_real == 0) == (family == "ColPali")  # ColPali pads right, the others left
 
 
-@pytest.mark.parametrize("family", ["ColQwen3", "ColModernVBert"])
+@pytest.mark.parametrize("family", ["ColQwen3", "ColQwen3_5", "ColModernVBert"])
 def test_families_trained_after_colpali_engine_0_3_13_get_no_prefix(
     family: str, tiny_colpali_family: Callable[[str], str]
 ) -> None:
@@ -76,6 +76,22 @@ def test_families_trained_after_colpali_engine_0_3_13_get_no_prefix(
     assert torch.equal(
         encoder.query_inputs(QUERIES)["input_ids"], encoder.processor.process_queries(texts=QUERIES)["input_ids"]
     )
+
+
+def test_colgemma3_queries_equal_its_processors_process_queries(tiny_colpali_family: Callable[[str], str]) -> None:
+    # ColGemmaProcessor3.process_queries: the Gemma 3 chat turn around "Query: " + query, no augmentation tokens
+    # (processing_colgemma.py); the processor writes the prefix itself, so ours is "".
+    encoder = _encoder(tiny_colpali_family("ColGemma3"))
+    assert encoder.default_query_prefix == ""
+    assert encoder.family.query_augmentation_tokens == 0
+    ours = encoder.query_inputs(QUERIES)
+    reference = encoder.processor.process_queries(QUERIES)
+    assert torch.equal(ours["input_ids"], reference["input_ids"])
+    assert torch.equal(ours["attention_mask"], reference["attention_mask"])
+    text = encoder.processor.tokenizer.decode(ours["input_ids"][1], skip_special_tokens=False)
+    assert "<start_of_turn>user\nQuery: invoice total<end_of_turn>" in text
+    assert "<eos>" not in text
+    assert int(ours["attention_mask"][1, 0]) == 0  # padded on the left, as the processor sets
 
 
 def test_colpali_queries_are_right_padded_even_when_the_tokenizer_pads_left(

@@ -13,6 +13,8 @@ Families (colpali-engine 0.3.18, `colpali_engine/models/__init__.py`):
 | `build_tiny_colqwen("2")`     | `ColQwen2`           | `qwen2_vl`                | vidore/colqwen2-v1.0       |
 | `build_tiny_colqwen("2.5")`   | `ColQwen2_5`         | `qwen2_5_vl`              | vidore/colqwen2.5-v0.2     |
 | `build_tiny_colqwen("3")`     | `ColQwen3`           | `qwen3_vl`                | ColQwen3 checkpoints       |
+| `build_tiny_colqwen3_5`       | `ColQwen3_5`         | `qwen3_5`                 | athrael-soju/colqwen3.5-4.5B-v3 |
+| `build_tiny_colgemma3`        | `ColGemma3`          | `gemma3`                  | Cognitive-Lab/ColNetraEmbed |
 | `build_tiny_colidefics3`      | `ColIdefics3`        | `idefics3`                | vidore/colSmol-256M        |
 | `build_tiny_colmodernvbert`   | `ColModernVBert`     | `modernvbert`             | ModernVBERT/colmodernvbert |
 | `build_tiny_colpali_adapter`  | (PEFT LoRA adapter)  | base's                    | colqwen2.5-v0.2, colpali-v1.3 |
@@ -35,10 +37,19 @@ from haystack_integrations.testing.multimodal_rag.tiny_models import (
 )
 
 #: The families a tiny checkpoint can be built for, by colpali-engine class name.
-FAMILIES: tuple[str, ...] = ("ColPali", "ColQwen2", "ColQwen2_5", "ColQwen3", "ColIdefics3", "ColModernVBert")
+FAMILIES: tuple[str, ...] = (
+    "ColPali",
+    "ColQwen2",
+    "ColQwen2_5",
+    "ColQwen3",
+    "ColQwen3_5",
+    "ColGemma3",
+    "ColIdefics3",
+    "ColModernVBert",
+)
 
 
-def _gemma_tokenizer() -> Any:
+def _gemma_tokenizer(*, padding_side: str = "right", **kwargs: Any) -> Any:
     """A tiny Gemma tokenizer laid out like PaliGemma's: `<pad>`=0, `<eos>`=1, `<bos>`=2, `<unk>`=3, "▁" spaces."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
     from transformers import GemmaTokenizer
@@ -54,7 +65,12 @@ def _gemma_tokenizer() -> Any:
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in data["model"]["merges"]]
     # PaliGemma's tokenizer pads on the right (transformers' GemmaTokenizer class default is "left");
     # colpali-engine's training collator forces "right" for ColPali (CE/collators/visual_retriever_collator.py:49-51).
-    return GemmaTokenizer(vocab=data["model"]["vocab"], merges=merges, padding_side="right")  # type: ignore[arg-type]
+    return GemmaTokenizer(
+        vocab=data["model"]["vocab"],
+        merges=merges,  # type: ignore[arg-type]
+        padding_side=padding_side,
+        **kwargs,
+    )
 
 
 def build_tiny_colpali(path: str | Path, *, image_size: int = 28, seed: int = 0) -> Path:
@@ -118,6 +134,112 @@ def build_tiny_colpali(path: str | Path, *, image_size: int = 28, seed: int = 0)
     torch.manual_seed(seed)
     ColPali(config).save_pretrained(out)
     processor.save_pretrained(out)
+    return out
+
+
+#: Gemma 3's chat template (google/gemma-3-4b-it chat_template, without its system-turn handling): a BOS, then per
+#: message `<start_of_turn>{role}\n`, the text parts trimmed and `<start_of_image>` for each image part, then
+#: `<end_of_turn>\n`. ColGemmaProcessor3 formats both pages and queries with it.
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "<start_of_turn>{{ 'model' if message['role'] == 'assistant' else message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] | trim }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<start_of_image>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] | trim }}{% endif %}"
+    "{% endfor %}{% endif %}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def _gemma3_tokenizer() -> Any:
+    """
+    A tiny Gemma 3 tokenizer: PaliGemma's layout plus Gemma 3's turn and image tokens.
+
+    Gemma 3 declares its image tokens as named special tokens (tokenizer_config.json `extra_special_tokens`:
+    `boi_token` "<start_of_image>", `eoi_token` "<end_of_image>", `image_token` "<image_soft_token>"), which
+    transformers' Gemma3Processor reads (`tokenizer.boi_token`, ...); "<start_of_turn>" / "<end_of_turn>" are special
+    added tokens, so the chat template's markers stay single tokens.
+    """
+    tokenizer = _gemma_tokenizer(
+        padding_side="left",  # what ColGemmaProcessor3 sets (processing_colgemma.py)
+        extra_special_tokens={
+            "boi_token": "<start_of_image>",
+            "eoi_token": "<end_of_image>",
+            "image_token": "<image_soft_token>",
+        },
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    return tokenizer
+
+
+def build_tiny_colgemma3(path: str | Path, *, image_size: int = 56, seed: int = 0) -> Path:
+    """
+    Write a tiny random ColGemma3 (Gemma 3: SigLIP vision tower average-pooled to a fixed token grid + Gemma 3 text).
+
+    Mirrors Cognitive-Lab/ColNetraEmbed (google/gemma-3-4b-it based, the checkpoint colpali-engine names for this
+    class in commit 8b6700f, "Add BiGemma3 and ColGemma3 models (#362)"): `model_type` `gemma3`, sliding-window and
+    full-attention layers (here one of each; Gemma 3 has five sliding per full one), the Gemma 3 special tokens and
+    chat template, and a fixed number of image tokens per page (`mm_tokens_per_image`; 256 for the 896 px SigLIP of
+    the real model, 4 here). ColGemma3 projects to 128 dimensions (modeling_colgemma.py: `self.dim = 128`).
+
+    :param path: Output directory.
+    :param image_size: SigLIP input resolution (patch 14; the patches are average-pooled to a 2x2 grid).
+    :param seed: Random seed of the weights.
+    :returns: The directory.
+    """
+    from colpali_engine.models import ColGemma3, ColGemmaProcessor3
+    from transformers import Gemma3Config, Gemma3ImageProcessor
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = _gemma3_tokenizer()
+    patch, mm_tokens = 14, 4
+    config = Gemma3Config(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "layer_types": ["sliding_attention", "full_attention"],
+            "sliding_window": 16,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 16,
+            "query_pre_attn_scalar": 16,
+            "max_position_embeddings": 2048,
+            "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+        },
+        vision_config={
+            "model_type": "siglip_vision_model",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": image_size,
+            "patch_size": patch,
+            "vision_use_head": False,
+        },
+        mm_tokens_per_image=mm_tokens,
+        boi_token_index=tokenizer.convert_tokens_to_ids("<start_of_image>"),
+        eoi_token_index=tokenizer.convert_tokens_to_ids("<end_of_image>"),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image_soft_token>"),
+    )
+    torch.manual_seed(seed)
+    ColGemma3(config).save_pretrained(out)
+    # google/gemma-3-4b-it preprocessor_config.json: Gemma3ImageProcessor, 896x896, bilinear, mean = std = 0.5,
+    # no pan-and-scan; `image_seq_length` 256 = mm_tokens_per_image.
+    image_processor = Gemma3ImageProcessor(
+        size={"height": image_size, "width": image_size}, resample=2, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    )
+    ColGemmaProcessor3(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        chat_template=GEMMA3_CHAT_TEMPLATE,
+        image_seq_length=mm_tokens,
+    ).save_pretrained(out)
     return out
 
 
@@ -195,6 +317,104 @@ def build_tiny_colqwen3(path: str | Path, *, seed: int = 0) -> Path:
         image_std=[0.5] * 3,
     )
     ColQwen3Processor(
+        image_processor=image_processor, tokenizer=tokenizer, video_processor=Qwen3VLVideoProcessor()
+    ).save_pretrained(out)
+    return out
+
+
+def _qwen3_5_tokenizer() -> Any:
+    # transformers 5 loads every `qwen3_5` checkpoint's tokenizer as `Qwen3_5Tokenizer`, whatever class its
+    # tokenizer_config.json names (TF/models/auto/tokenization_auto.py: `MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS`),
+    # so the tiny checkpoint uses that class too: byte-level BPE, "<|endoftext|>" as pad / eos / unk.
+    from transformers.models.qwen3_5 import Qwen3_5Tokenizer
+
+    from haystack_integrations.testing.multimodal_rag.tiny_models import QWEN_SPECIAL_TOKENS
+
+    vocab, merges = _train_bpe(list(QWEN_SPECIAL_TOKENS), vocab_size=400)
+    tokenizer = Qwen3_5Tokenizer(vocab=vocab, merges=merges, model_max_length=1024)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIAL_TOKENS[1:])})
+    return tokenizer
+
+
+def build_tiny_colqwen3_5(path: str | Path, *, seed: int = 0) -> Path:
+    """
+    Write a tiny random ColQwen3.5 (Qwen3.5 backbone: Gated DeltaNet + full-attention layers, 320-d projection).
+
+    Mirrors athrael-soju/colqwen3.5-4.5B-v3, the checkpoint colpali-engine names for this class (commit 9be8f19,
+    "Add ColQwen3.5 and BiQwen3.5 model support (#400)"): `model_type` `qwen3_5`, a text stack that alternates
+    linear-attention (Gated DeltaNet) and full-attention layers (here one of each; Qwen3.5-4B has three linear layers
+    per full one), the Qwen3-VL style vision tower (patch 16, merge 2) and `dim: 320` in config.json, which
+    `ColQwen3_5` reads (`getattr(config, "dim", 128)`; the model card: "Projection head is 320-dim (trained)").
+
+    :param path: Output directory.
+    :param seed: Random seed of the weights.
+    :returns: The directory.
+    """
+    from colpali_engine.models import ColQwen3_5, ColQwen3_5Processor
+    from transformers import Qwen2VLImageProcessor, Qwen3_5Config, Qwen3VLVideoProcessor
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = _qwen3_5_tokenizer()
+    hidden = 32
+    config = Qwen3_5Config(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": hidden,
+            "intermediate_size": hidden * 2,
+            "num_hidden_layers": 2,
+            "layer_types": ["linear_attention", "full_attention"],
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 16,
+            "linear_num_key_heads": 2,
+            "linear_num_value_heads": 2,
+            "linear_key_head_dim": 8,
+            "linear_value_head_dim": 8,
+            "max_position_embeddings": 2048,
+            # Qwen3.5: interleaved M-RoPE on a quarter of each head (partial_rotary_factor 0.25): 2 frequency pairs
+            # for head_dim 16, split over (t, h, w).
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "partial_rotary_factor": 0.25,
+                "mrope_section": [1, 1, 0],
+                "mrope_interleaved": True,
+            },
+            "pad_token_id": tokenizer.pad_token_id,
+        },
+        vision_config={
+            "depth": 1,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "out_hidden_size": hidden,
+            "patch_size": 16,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "num_position_embeddings": 64,
+        },
+        image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+        video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
+        vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
+        vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
+        dim=320,
+    )
+    torch.manual_seed(seed)
+    ColQwen3_5(config).save_pretrained(out)
+    # Qwen3.5's preprocessor (Qwen/Qwen3.5-*: Qwen3VLProcessor, patch 16, merge 2, mean = std = 0.5); tiny pixel
+    # budgets keep the tests fast. colpali-engine's training script passes `max_num_visual_tokens=768`
+    # (scripts/configs/qwen3_5/train_colqwen3_5_model.py) and its trainer saves that processor with the checkpoint
+    # (ColModelTraining.save), so a trained checkpoint's own preprocessor config carries its budget.
+    image_processor = Qwen2VLImageProcessor(
+        patch_size=16,
+        merge_size=2,
+        min_pixels=32 * 32 * 4,
+        max_pixels=32 * 32 * 16,
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+    )
+    ColQwen3_5Processor(
         image_processor=image_processor, tokenizer=tokenizer, video_processor=Qwen3VLVideoProcessor()
     ).save_pretrained(out)
     return out
@@ -370,6 +590,10 @@ def build_tiny_colpali_family(path: str | Path, family: str, *, seed: int = 0) -
         return build_tiny_colqwen(path, version="2.5", seed=seed)
     if family == "ColQwen3":
         return build_tiny_colqwen(path, version="3", seed=seed)
+    if family == "ColQwen3_5":
+        return build_tiny_colqwen3_5(path, seed=seed)
+    if family == "ColGemma3":
+        return build_tiny_colgemma3(path, seed=seed)
     if family == "ColIdefics3":
         return build_tiny_colidefics3(path, seed=seed)
     if family == "ColModernVBert":

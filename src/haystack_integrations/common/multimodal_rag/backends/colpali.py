@@ -52,7 +52,9 @@ _PROCESSORS: dict[str, str] = {
 # (colpali-v1.3, colqwen2-v1.0, colqwen2.5-v0.2, colSmol), and the vidore-benchmark wrappers that produced their
 # published ViDoRe scores add no prefix themselves: they relied on the processor's built-in "Query: "
 # (vidore-benchmark e0885ea, src/vidore_benchmark/retrievers/colqwen2_5_retriever.py:70-71). ColModernVBert was
-# added in that same commit and ColQwen3 later (3fdd490, 2026-01-03), both with prefix "".
+# added in that same commit, ColQwen3 later (3fdd490, 2026-01-03) and ColQwen3.5 later still (9be8f19, 2026-03-17,
+# whose processor keeps the base class's `query_prefix = ""`, as does the training collator that prepends it:
+# colpali_engine/collators/visual_retriever_collator.py:82-85), all with prefix "".
 _TRAINED_QUERY_PREFIX: dict[str, str] = {
     "ColPali": "Query: ",
     "ColQwen2": "Query: ",
@@ -60,13 +62,29 @@ _TRAINED_QUERY_PREFIX: dict[str, str] = {
     "ColIdefics3": "Query: ",
     "ColModernVBert": "",
     "ColQwen3": "",
+    "ColQwen3_5": "",
+    # ColGemmaProcessor3 writes "Query: " itself, inside the Gemma 3 chat turn it wraps every text in
+    # (processing_colgemma.py `process_texts`): a prefix of ours would come on top of it.
+    "ColGemma3": "",
 }
+
+# Families whose queries carry no augmentation tokens. ColGemmaProcessor3 overrides `process_queries` to the chat
+# turn alone, without the base class's `query_augmentation_token * 10` (processing_colgemma.py; colpali-engine
+# 8b6700f, whose tests and interpretability example for Cognitive-Lab/ColNetraEmbed encode queries that way).
+# colpali-engine has no training script for it (the generic collator would add the tokens), so the processor's own
+# query recipe is the reference.
+_NO_QUERY_AUGMENTATION: frozenset[str] = frozenset({"ColGemma3"})
 
 # Processor settings the published checkpoints were trained with, used when the user gives no `processor_kwargs`.
 # colqwen2-v1.0 and colqwen2.5-v0.2 were trained with colpali-engine v0.3.4-v0.3.8, whose ColQwen2Processor
 # resized every page to at most 768 visual tokens (`max_pixels = 768 * 28 * 28`, v0.3.4 processing_colqwen2.py:44-49);
 # 0.3.18 reproduces that only when `max_num_visual_tokens=768` is passed (processing_colqwen2_5.py:58-60), otherwise
 # the checkpoint's preprocessor config (Qwen default: up to 16384 tokens) applies.
+# ColQwen3 and ColQwen3.5 were trained with `max_num_visual_tokens=768` too (scripts/configs/qwen3/
+# train_colqwen3_model.py, scripts/configs/qwen3_5/train_colqwen3_5_model.py), but by colpali-engine versions whose
+# `from_pretrained` writes the budget into the image processor's `size`, which the trainer saves with the checkpoint
+# (ColModelTraining.save: `processor.save_pretrained`), so a checkpoint trained that way already holds it in its own
+# preprocessor config (not checked against athrael-soju/colqwen3.5-4.5B-v3's files, which are not available here).
 _TRAINED_PROCESSOR_KWARGS: dict[str, dict[str, Any]] = {
     "ColQwen2": {"max_num_visual_tokens": 768},
     "ColQwen2_5": {"max_num_visual_tokens": 768},
@@ -123,6 +141,11 @@ class ColPaliFamily:
         """Processor settings of the training recipe (e.g. the 768 visual-token budget of ColQwen2/2.5), or `None`."""
         kwargs = _TRAINED_PROCESSOR_KWARGS.get(self.model_class)
         return dict(kwargs) if kwargs is not None else None
+
+    @property
+    def query_augmentation_tokens(self) -> int:
+        """How many augmentation tokens end each query (`QUERY_AUGMENTATION_TOKENS`, or 0 for ColGemma3)."""
+        return 0 if self.model_class in _NO_QUERY_AUGMENTATION else QUERY_AUGMENTATION_TOKENS
 
     @property
     def query_padding_side(self) -> str | None:
@@ -377,7 +400,8 @@ class LateInteractionEncoder(CachedModel):
         self, texts: list[str], *, query_prefix: str | None = None, max_query_tokens: int = DEFAULT_MAX_QUERY_TOKENS
     ) -> Any:
         """
-        The model inputs for queries: `query_prefix + text + augmentation_token * 10`, tokenized as in training.
+        The model inputs for queries: `query_prefix + text + augmentation_token * 10`, tokenized as in training
+        (ColGemma3: no augmentation tokens, as its processor's `process_queries`).
 
         :param texts: The queries.
         :param query_prefix: Text put before each query; `None` for `default_query_prefix`, `""` for none.
@@ -386,7 +410,7 @@ class LateInteractionEncoder(CachedModel):
         :returns: The processor's batch (`input_ids`, `attention_mask`, ...).
         """
         prefix = self.default_query_prefix if query_prefix is None else query_prefix
-        suffix = self.processor.query_augmentation_token * QUERY_AUGMENTATION_TOKENS
+        suffix = self.processor.query_augmentation_token * self.family.query_augmentation_tokens
         prompts = [prefix + self._truncate_query(text, max_query_tokens) + suffix for text in texts]
         padding_side = self.family.query_padding_side
         if padding_side is not None and self.processor.tokenizer.padding_side != padding_side:
@@ -402,7 +426,7 @@ class LateInteractionEncoder(CachedModel):
         self, texts: list[str], *, query_prefix: str | None = None, max_query_tokens: int = DEFAULT_MAX_QUERY_TOKENS
     ) -> list[np.ndarray]:
         """
-        Encode queries as the checkpoint was trained: prefix, query, 10 augmentation tokens.
+        Encode queries as the checkpoint was trained: prefix, query, 10 augmentation tokens (none for ColGemma3).
 
         :param texts: The queries.
         :param query_prefix: Text put before each query; `None` for the family's trained prefix

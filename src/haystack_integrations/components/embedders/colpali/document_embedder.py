@@ -44,9 +44,9 @@ class ColPaliDocumentEmbedder:
     any page at query time. Documents are passed on with `meta["multivector_count"]`; text-only documents
     pass through untouched. Source rules and bad-input handling are those of `MultimodalDocumentEmbedder`.
 
-    The model family (ColPali, ColQwen2, ColQwen2.5, ColQwen3, ColIdefics3/ColSmol, ColModernVBert) is read from
-    the checkpoint's configuration; pages are processed as the checkpoint was trained (e.g. ColQwen2/2.5: at most
-    768 visual tokens per page unless `processor_kwargs` says otherwise).
+    The model family (ColPali, ColQwen2, ColQwen2.5, ColQwen3, ColQwen3.5, ColGemma3, ColIdefics3/ColSmol,
+    ColModernVBert) is read from the checkpoint's configuration; pages are processed as the checkpoint was trained
+    (e.g. ColQwen2/2.5: at most 768 visual tokens per page unless `processor_kwargs` says otherwise).
 
     Bad inputs: unreadable files, pages the model's processor refuses (e.g. a 1600x6 banner: Qwen processors refuse
     aspect ratios above 200) and repeated document ids are named failures. With `on_error="raise"` every
