@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -92,6 +93,26 @@ def test_colgemma3_queries_equal_its_processors_process_queries(tiny_colpali_fam
     assert "<start_of_turn>user\nQuery: invoice total<end_of_turn>" in text
     assert "<eos>" not in text
     assert int(ours["attention_mask"][1, 0]) == 0  # padded on the left, as the processor sets
+
+
+def test_colqwen2_5_omni_queries_equal_its_processors_process_queries(tmp_path: Path) -> None:
+    # The model cannot be built upstream (tiny_colpali.BROKEN_FAMILIES), but the query recipe can be checked on the
+    # processor alone: "Query: " + query + 10 "<|endoftext|>", in the system + user conversation, padded left.
+    from colpali_engine.models import ColQwen2_5OmniProcessor
+
+    from haystack_integrations.common.multimodal_rag.backends.colpali import family_from_config
+    from haystack_integrations.testing.multimodal_rag.tiny_colpali import build_tiny_colqwen2_5_omni_processor
+
+    folder, _ = build_tiny_colqwen2_5_omni_processor(tmp_path / "omni")
+    processor = ColQwen2_5OmniProcessor.from_pretrained(str(folder))
+    family = family_from_config({"architectures": ["ColQwen2_5Omni"]}, model="omni")
+    encoder = LateInteractionEncoder(object(), processor, device="cpu", model_id=str(folder), family=family)
+    assert encoder.default_query_prefix == "Query: " == processor.query_prefix
+    ours = encoder.query_inputs(QUERIES)
+    reference = processor.process_queries(QUERIES)
+    assert torch.equal(ours["input_ids"], reference["input_ids"])
+    assert torch.equal(ours["attention_mask"], reference["attention_mask"])
+    assert int(ours["attention_mask"][1, 0]) == 0
 
 
 def test_colpali_queries_are_right_padded_even_when_the_tokenizer_pads_left(

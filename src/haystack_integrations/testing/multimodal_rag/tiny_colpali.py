@@ -18,6 +18,7 @@ Families (colpali-engine 0.3.18, `colpali_engine/models/__init__.py`):
 | `build_tiny_colidefics3`      | `ColIdefics3`        | `idefics3`                | vidore/colSmol-256M        |
 | `build_tiny_colmodernvbert`   | `ColModernVBert`     | `modernvbert`             | ModernVBERT/colmodernvbert |
 | `build_tiny_colpali_adapter`  | (PEFT LoRA adapter)  | base's                    | colqwen2.5-v0.2, colpali-v1.3 |
+| `build_tiny_colqwen2_5_omni`  | `ColQwen2_5Omni`     | `qwen2_5_omni_thinker`    | colqwen-omni-v0.1 (broken) |
 """
 
 from __future__ import annotations
@@ -47,6 +48,14 @@ FAMILIES: tuple[str, ...] = (
     "ColIdefics3",
     "ColModernVBert",
 )
+
+#: colpali-engine classes that cannot be built or loaded with the installed colpali-engine and transformers, with
+#: the upstream error. `ColQwen2_5Omni` (colpali-engine 0.3.18, transformers 5.23): its `spatial_merge_size` setter
+#: writes `self.visual.config`, but transformers' `Qwen2_5OmniThinkerForConditionalGeneration.__init__` assigns
+#: `spatial_merge_size` while the vision tower lives at `self.model.visual` (there is no `self.visual`), so even
+#: `ColQwen2_5Omni(config)` raises; with that patched, `__init__` next reads `self.model.config.hidden_size`, which
+#: the thinker config keeps in `text_config` only.
+BROKEN_FAMILIES: dict[str, str] = {"ColQwen2_5Omni": "'ColQwen2_5Omni' object has no attribute 'visual'"}
 
 
 def _gemma_tokenizer(*, padding_side: str = "right", **kwargs: Any) -> Any:
@@ -398,7 +407,7 @@ def build_tiny_colqwen3_5(path: str | Path, *, seed: int = 0) -> Path:
         video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
         vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
         vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
-        dim=320,
+        dim=320,  # type: ignore[call-arg]  # no Qwen3_5Config field: an extra key, as in the real config.json
     )
     torch.manual_seed(seed)
     ColQwen3_5(config).save_pretrained(out)
@@ -417,6 +426,127 @@ def build_tiny_colqwen3_5(path: str | Path, *, seed: int = 0) -> Path:
     ColQwen3_5Processor(
         image_processor=image_processor, tokenizer=tokenizer, video_processor=Qwen3VLVideoProcessor()
     ).save_pretrained(out)
+    return out
+
+
+#: Qwen2.5-Omni's special tokens (Qwen/Qwen2.5-Omni-3B tokenizer_config.json): the processor reads each as a named
+#: tokenizer attribute (`tokenizer.image_token`, `tokenizer.vision_bos_token`, ...).
+_OMNI_NAMED_TOKENS: dict[str, str] = {
+    "audio_token": "<|AUDIO|>",
+    "audio_bos_token": "<|audio_bos|>",
+    "audio_eos_token": "<|audio_eos|>",
+    "vision_bos_token": "<|vision_bos|>",
+    "vision_eos_token": "<|vision_eos|>",
+    "image_token": "<|IMAGE|>",
+    "video_token": "<|VIDEO|>",
+}
+
+# Qwen2.5-Omni's chat template, reduced to the parts ColQwen2_5OmniProcessor uses (a system turn, then a user turn of
+# text and image / audio / video parts, each media part as `bos + placeholder + eos`).
+_OMNI_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_bos|><|IMAGE|><|vision_eos|>"
+    "{% elif part['type'] == 'audio' %}<|audio_bos|><|AUDIO|><|audio_eos|>"
+    "{% elif part['type'] == 'video' %}<|vision_bos|><|VIDEO|><|vision_eos|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_tiny_colqwen2_5_omni_processor(path: str | Path) -> tuple[Path, Any]:
+    """
+    Write a tiny ColQwen2.5-Omni processor (Qwen2.5-Omni tokenizer, image / video / audio processors) to `path`.
+
+    :param path: Output directory.
+    :returns: The directory and the tokenizer (for the model config's token ids).
+    """
+    from colpali_engine.models import ColQwen2_5OmniProcessor
+    from transformers import Qwen2Tokenizer, Qwen2VLImageProcessor, Qwen2VLVideoProcessor, WhisperFeatureExtractor
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    turn = ["<|im_start|>", "<|im_end|>"]
+    vocab, merges = _train_bpe(["<|endoftext|>", *turn, *_OMNI_NAMED_TOKENS.values()], vocab_size=400)
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab,
+        merges=merges,
+        model_max_length=2048,
+        chat_template=_OMNI_CHAT_TEMPLATE,  # ColQwen2_5OmniProcessor takes the tokenizer's template
+        extra_special_tokens=_OMNI_NAMED_TOKENS,
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": turn})
+    ColQwen2_5OmniProcessor(
+        image_processor=Qwen2VLImageProcessor(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16),
+        video_processor=Qwen2VLVideoProcessor(),
+        feature_extractor=WhisperFeatureExtractor(feature_size=128),
+        tokenizer=tokenizer,
+        chat_template=_OMNI_CHAT_TEMPLATE,
+    ).save_pretrained(out)
+    return out, tokenizer
+
+
+def build_tiny_colqwen2_5_omni(path: str | Path, *, seed: int = 0) -> Path:
+    """
+    Write a tiny random ColQwen2.5-Omni (the Qwen2.5-Omni thinker: Qwen2.5-VL vision tower, Whisper-style audio
+    encoder, Qwen2 text model) to `path`, laid out like vidore/colqwen-omni-v0.1.
+
+    Raises with colpali-engine 0.3.18 under transformers 5.23 (see `BROKEN_FAMILIES`): the processor files are
+    written first, the model cannot be instantiated.
+
+    :param path: Output directory.
+    :param seed: Random seed of the weights.
+    :returns: The directory.
+    """
+    from colpali_engine.models import ColQwen2_5Omni
+    from transformers.models.qwen2_5_omni import Qwen2_5OmniThinkerConfig
+
+    out, tokenizer = build_tiny_colqwen2_5_omni_processor(path)
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in _OMNI_NAMED_TOKENS.items()}
+    config = Qwen2_5OmniThinkerConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            **TINY_TOWER,
+            "num_key_value_heads": 1,
+            "max_position_embeddings": 2048,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+            "pad_token_id": tokenizer.pad_token_id,
+        },
+        # Qwen2.5-Omni's vision tower is Qwen2.5-VL's (windowed blocks plus full-attention blocks).
+        vision_config={
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "out_hidden_size": TINY_TOWER["hidden_size"],
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "window_size": 56,
+            "fullatt_block_indexes": [1],
+        },
+        audio_config={
+            "num_mel_bins": 128,
+            "encoder_layers": 1,
+            "encoder_attention_heads": 2,
+            "encoder_ffn_dim": 64,
+            "d_model": 32,
+            "output_dim": TINY_TOWER["hidden_size"],
+        },
+        audio_token_index=ids["audio_token"],
+        image_token_index=ids["image_token"],
+        video_token_index=ids["video_token"],
+        audio_start_token_id=ids["audio_bos_token"],
+        audio_end_token_id=ids["audio_eos_token"],
+        # Read by the thinker's rope index (config.vision_start_token_id) but no field of the thinker config: the real
+        # checkpoints' thinker_config carries them as extra keys.
+        vision_start_token_id=ids["vision_bos_token"],  # type: ignore[call-arg]
+        vision_end_token_id=ids["vision_eos_token"],
+    )
+    torch.manual_seed(seed)
+    ColQwen2_5Omni(config).save_pretrained(out)
     return out
 
 

@@ -66,6 +66,11 @@ _TRAINED_QUERY_PREFIX: dict[str, str] = {
     # ColGemmaProcessor3 writes "Query: " itself, inside the Gemma 3 chat turn it wraps every text in
     # (processing_colgemma.py `process_texts`): a prefix of ours would come on top of it.
     "ColGemma3": "",
+    # ColQwen2_5OmniProcessor still sets `query_prefix = "Query: "` (processing_colqwen_omni.py), which the training
+    # collator prepends (scripts/configs/qwen2/train_colqwenomni_model.py trains vidore/colqwen-omni-v0.1 with it).
+    # This family cannot be loaded with colpali-engine 0.3.18 under transformers 5.23 (see tiny_colpali.py
+    # `BROKEN_FAMILIES`); the entry keeps its recipe for when it can.
+    "ColQwen2_5Omni": "Query: ",
 }
 
 # Families whose queries carry no augmentation tokens. ColGemmaProcessor3 overrides `process_queries` to the chat
