@@ -189,9 +189,11 @@ def _answer(rag: Any, question: str) -> None:
     for citation in out["prompt_builder"]["citations"]:
         if not citation["included"]:
             continue
-        # Text chunks carry their file's page_number too (DocumentSplitter); only PDF pages are cited by page.
-        page = f", page {citation['page_number']}" if citation["modality"] == "page" and citation["page_number"] else ""
+        # Text chunks carry their file's page_number too (DocumentSplitter); PDF pages and the pages of multi-page
+        # TIFF scans are cited by page.
         file_name = Path(citation["file_path"]).name if citation["file_path"] else "-"
+        paged = citation["modality"] == "page" or Path(file_name).suffix.lower() in (".tif", ".tiff")
+        page = f", page {citation['page_number']}" if paged and citation["page_number"] else ""
         score = f"{citation['score']:.3f}" if citation["score"] is not None else "n/a"
         print(f"   [{citation['number']}] {citation['modality']:<8} score {score}  {file_name}{page}")
     answer = out["generator"]["replies"][0].text or ""

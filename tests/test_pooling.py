@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import numpy as np
 import pytest
 import torch
@@ -24,6 +27,26 @@ def _topical(generator: torch.Generator, n: int, topics: int = 24) -> torch.Tens
     centres = _unit(generator, topics)
     rows = centres[torch.randint(0, topics, (n,), generator=generator)] + 0.3 * torch.randn(n, 128, generator=generator)
     return torch.nn.functional.normalize(rows, dim=-1)
+
+
+T = TypeVar("T")
+
+
+def _host_syncs(monkeypatch: pytest.MonkeyPatch, fn: Callable[[], T]) -> tuple[T, int]:
+    """`fn()` and how many times it copied a tensor to the host with `tolist` (the pooling rounds' one sync)."""
+    calls = 0
+    original = torch.Tensor.tolist
+
+    def counting_tolist(self: torch.Tensor) -> object:
+        nonlocal calls
+        calls += 1
+        return original(self)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counting_tolist)
+    try:
+        return fn(), calls
+    finally:
+        monkeypatch.undo()
 
 
 def _scipy_partition(page: torch.Tensor, k: int) -> list[tuple[int, ...]]:
@@ -124,18 +147,8 @@ def test_near_duplicate_float16_vectors_are_pooled_not_refused_as_non_finite() -
 def test_one_host_sync_per_round_and_far_fewer_rounds_than_merges(monkeypatch: pytest.MonkeyPatch) -> None:
     # On a GPU every host sync stalls the launch queue; a merge-by-merge loop synced ~512 times for one 768-vector
     # page pooled by 3. The rounds sync once each (the stacked `tolist`), and a handful of rounds suffice.
-    calls = 0
-    original = torch.Tensor.tolist
-
-    def counting_tolist(self: torch.Tensor) -> object:
-        nonlocal calls
-        calls += 1
-        return original(self)
-
     pages = [_topical(torch.Generator().manual_seed(b), 768) for b in range(4)]
-    monkeypatch.setattr(torch.Tensor, "tolist", counting_tolist)
-    labels = ward_labels(pages, [256] * 4)
-    monkeypatch.undo()
+    labels, calls = _host_syncs(monkeypatch, lambda: ward_labels(pages, [256] * 4))
     assert [int(label.max()) + 1 for label in labels] == [256] * 4
     assert 1 <= calls <= 40  # measured: 10-11 rounds for such pages (vs 512 merges each)
 
@@ -212,17 +225,7 @@ def test_a_page_of_repeated_vectors_pairs_them_off_in_few_rounds_with_colpali_en
     generator = torch.Generator().manual_seed(11)
     blank = _unit(generator, 1).repeat(768, 1)
     margin = torch.cat([_unit(generator, 1).repeat(600, 1), _unit(generator, 168)])
-    calls = 0
-    original = torch.Tensor.tolist
-
-    def counting_tolist(self: torch.Tensor) -> object:
-        nonlocal calls
-        calls += 1
-        return original(self)
-
-    monkeypatch.setattr(torch.Tensor, "tolist", counting_tolist)
-    labels = ward_labels([blank, margin], [256, 256])
-    monkeypatch.undo()
+    labels, calls = _host_syncs(monkeypatch, lambda: ward_labels([blank, margin], [256, 256]))
     assert [int(label.max()) + 1 for label in labels] == [256, 256]
     assert calls <= 40  # measured: 11 rounds for the blank page
     pooled = pool_tensors([margin], 3)[0]

@@ -272,7 +272,7 @@ def build_tiny_colqwen3(path: str | Path, *, seed: int = 0) -> Path:
     :returns: The directory.
     """
     from colpali_engine.models import ColQwen3, ColQwen3Processor
-    from transformers import Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLVideoProcessor
+    from transformers import Qwen3VLConfig
 
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
@@ -316,7 +316,16 @@ def build_tiny_colqwen3(path: str | Path, *, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     ColQwen3(config).save_pretrained(out)
     # Qwen3-VL: patch 16, merge 2 -> 32-pixel factor (transformers' image_processing_auto maps qwen3_vl to the
-    # Qwen2-VL image processor); tiny pixel budgets keep the tests fast.
+    # Qwen2-VL image processor).
+    _save_qwen3_vl_processor(ColQwen3Processor, tokenizer, out)
+    return out
+
+
+def _save_qwen3_vl_processor(processor_cls: Any, tokenizer: Any, out: Path) -> None:
+    """A Qwen3-VL style processor (patch 16, merge 2, mean = std = 0.5) with tiny pixel budgets, saved to `out`."""
+    from transformers import Qwen2VLImageProcessor
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
     image_processor = Qwen2VLImageProcessor(
         patch_size=16,
         merge_size=2,
@@ -325,10 +334,9 @@ def build_tiny_colqwen3(path: str | Path, *, seed: int = 0) -> Path:
         image_mean=[0.5] * 3,
         image_std=[0.5] * 3,
     )
-    ColQwen3Processor(
+    processor_cls(
         image_processor=image_processor, tokenizer=tokenizer, video_processor=Qwen3VLVideoProcessor()
     ).save_pretrained(out)
-    return out
 
 
 def _qwen3_5_tokenizer() -> Any:
@@ -360,7 +368,7 @@ def build_tiny_colqwen3_5(path: str | Path, *, seed: int = 0) -> Path:
     :returns: The directory.
     """
     from colpali_engine.models import ColQwen3_5, ColQwen3_5Processor
-    from transformers import Qwen2VLImageProcessor, Qwen3_5Config, Qwen3VLVideoProcessor
+    from transformers import Qwen3_5Config
 
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
@@ -415,17 +423,7 @@ def build_tiny_colqwen3_5(path: str | Path, *, seed: int = 0) -> Path:
     # budgets keep the tests fast. colpali-engine's training script passes `max_num_visual_tokens=768`
     # (scripts/configs/qwen3_5/train_colqwen3_5_model.py) and its trainer saves that processor with the checkpoint
     # (ColModelTraining.save), so a trained checkpoint's own preprocessor config carries its budget.
-    image_processor = Qwen2VLImageProcessor(
-        patch_size=16,
-        merge_size=2,
-        min_pixels=32 * 32 * 4,
-        max_pixels=32 * 32 * 16,
-        image_mean=[0.5] * 3,
-        image_std=[0.5] * 3,
-    )
-    ColQwen3_5Processor(
-        image_processor=image_processor, tokenizer=tokenizer, video_processor=Qwen3VLVideoProcessor()
-    ).save_pretrained(out)
+    _save_qwen3_vl_processor(ColQwen3_5Processor, tokenizer, out)
     return out
 
 
