@@ -228,3 +228,31 @@ def test_a_gathered_part_on_cuda_carries_an_event_recorded_after_its_copy(monkey
     assert isinstance(staged.ready, FakeEvent)
     torch.testing.assert_close(staged.packed, torch.cat([block.packed[3:], block.packed[:3]]))
     assert staged.lengths == (3, 3)
+
+
+def test_running_out_of_device_memory_empties_the_cache_halves_its_budget_and_retries(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from haystack_integrations.common.multimodal_rag.numerics import page_cache
+
+    store = InMemoryMultiVectorStore()
+    store.write(_pages(12, ["a", "b", "c"]))
+    cache = DevicePageCache(1 << 20)
+    cache.stage(store, ["a", "b"], CPU)
+    assert cache.nbytes == 2 * PAGE_BYTES
+    real_stage_pages = page_cache.stage_pages
+    failures = iter([True])
+
+    def out_of_memory_once(pages: Any, *, device: Any) -> StagedPages:
+        if next(failures, False):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_stage_pages(pages, device=device)
+
+    monkeypatch.setattr(page_cache, "stage_pages", out_of_memory_once)
+    with caplog.at_level("WARNING"):
+        found, parts = cache.stage(store, ["a", "c"], CPU)
+    assert found == ["a", "c"]  # the query still gets every page
+    _assert_serves(store, found, parts)
+    assert cache.max_bytes == PAGE_BYTES  # half of what it held
+    assert cache.nbytes <= cache.max_bytes
+    assert "ran out of memory" in caplog.text

@@ -20,8 +20,11 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+from haystack import logging
 
 from haystack_integrations.common.multimodal_rag.numerics.maxsim import StagedPages, stage_pages
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["DevicePageCache", "stage_store_pages"]
 
@@ -85,13 +88,34 @@ class DevicePageCache:
         """
         The stored pages of `ids` on `device`: cached ones gathered there, the others fetched, uploaded and cached.
 
+        When the device runs out of memory while staging, the cache gives back everything it holds, halves its
+        budget (with a warning) and stages once more: a cache must not be what makes a query fail.
+
         :param store: A multi-vector store with `get(ids)` and `revision()`.
         :param ids: Distinct document ids.
         :param device: The scoring device.
         :returns: The ids that have stored vectors, and the staged parts holding their pages in that order
             (cached pages first, then the fetched ones); ids without vectors are left out.
-        :raises Exception: Whatever the store's `get` or `revision` raise.
+        :raises Exception: Whatever the store's `get` or `revision` raise; an out-of-memory error that persists
+            with the cache empty.
         """
+        try:
+            return self._stage(store, ids, device)
+        except torch.cuda.OutOfMemoryError:
+            with self._lock:
+                held = self._bytes
+                self._clear()
+                self.max_bytes = held // 2
+            logger.warning(
+                "ColPaliRanker's device page cache held {held_mib:.0f} MiB when the GPU ran out of memory; it was "
+                "emptied and its budget lowered to {budget_mib:.0f} MiB (set device_cache_mb lower, or 0, to avoid "
+                "this)",
+                held_mib=held / 2**20,
+                budget_mib=self.max_bytes / 2**20,
+            )
+            return self._stage(store, ids, device)
+
+    def _stage(self, store: Any, ids: list[str], device: torch.device) -> tuple[list[str], list[StagedPages]]:
         revision = store.revision()
         with self._lock:
             if self._owner is None or self._owner[0] is not store or self._owner[1] != revision:
