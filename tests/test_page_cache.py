@@ -256,3 +256,34 @@ def test_running_out_of_device_memory_empties_the_cache_halves_its_budget_and_re
     assert cache.max_bytes == PAGE_BYTES  # half of what it held
     assert cache.nbytes <= cache.max_bytes
     assert "ran out of memory" in caplog.text
+
+
+def test_the_retry_after_running_out_of_memory_runs_without_the_emptied_cache_alive(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Staging again inside the `except` clause kept the failed attempt's traceback alive, and with it that
+    # attempt's frames: the cached entries it had looked up (and so every block they belong to) stayed allocated
+    # while the retry uploaded, so emptying the cache freed nothing when it was needed.
+    import weakref
+
+    from haystack_integrations.common.multimodal_rag.numerics import page_cache
+
+    store = InMemoryMultiVectorStore()
+    store.write(_pages(13, ["a", "b", "c"]))
+    cache = DevicePageCache(1 << 20)
+    cache.stage(store, ["a", "b"], CPU)
+    block = weakref.ref(cache._entries["a"].block)
+    real_stage_pages = page_cache.stage_pages
+    calls: list[bool] = []  # per call: whether the cached block was still alive
+
+    def out_of_memory_once(pages: Any, *, device: Any) -> StagedPages:
+        calls.append(block() is not None)
+        if len(calls) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_stage_pages(pages, device=device)
+
+    monkeypatch.setattr(page_cache, "stage_pages", out_of_memory_once)
+    found, parts = cache.stage(store, ["a", "c"], CPU)
+    _assert_serves(store, found, parts)
+    assert calls == [True, False]  # the first try gathered from the block; the retry ran with it freed
+

@@ -106,14 +106,17 @@ class DevicePageCache:
                 held = self._bytes
                 self._clear()
                 self.max_bytes = held // 2
-            logger.warning(
-                "ColPaliRanker's device page cache held {held_mib:.0f} MiB when the GPU ran out of memory; it was "
-                "emptied and its budget lowered to {budget_mib:.0f} MiB (set device_cache_mb lower, or 0, to avoid "
-                "this)",
-                held_mib=held / 2**20,
-                budget_mib=self.max_bytes / 2**20,
-            )
-            return self._stage(store, ids, device)
+        # Staged again only here, after the `except` clause: inside it the error's traceback keeps the failed
+        # attempt's frames alive, and with them the cached blocks it had looked up, so the emptied cache would
+        # free nothing while the retry uploads.
+        logger.warning(
+            "ColPaliRanker's device page cache held {held_mib:.0f} MiB when the GPU ran out of memory; it was "
+            "emptied and its budget lowered to {budget_mib:.0f} MiB (set device_cache_mb lower, or 0, to avoid "
+            "this)",
+            held_mib=held / 2**20,
+            budget_mib=self.max_bytes / 2**20,
+        )
+        return self._stage(store, ids, device)
 
     def _stage(self, store: Any, ids: list[str], device: torch.device) -> tuple[list[str], list[StagedPages]]:
         revision = store.revision()
