@@ -287,3 +287,26 @@ def test_the_retry_after_running_out_of_memory_runs_without_the_emptied_cache_al
     _assert_serves(store, found, parts)
     assert calls == [True, False]  # the first try gathered from the block; the retry ran with it freed
 
+
+def test_running_out_of_memory_with_an_empty_cache_is_raised_and_keeps_the_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The cache held nothing, so it is not what ran out of memory: no retry, and no budget of 0 that would turn
+    # the cache off for the ranker's lifetime.
+    from haystack_integrations.common.multimodal_rag.numerics import page_cache
+
+    store = InMemoryMultiVectorStore()
+    store.write(_pages(14, ["a"]))
+    cache = DevicePageCache(1 << 20)
+    attempts = 0
+
+    def out_of_memory(pages: Any, *, device: Any) -> StagedPages:
+        nonlocal attempts
+        attempts += 1
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(page_cache, "stage_pages", out_of_memory)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        cache.stage(store, ["a"], CPU)
+    assert attempts == 1
+    assert cache.max_bytes == 1 << 20

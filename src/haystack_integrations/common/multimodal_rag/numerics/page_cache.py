@@ -88,22 +88,25 @@ class DevicePageCache:
         """
         The stored pages of `ids` on `device`: cached ones gathered there, the others fetched, uploaded and cached.
 
-        When the device runs out of memory while staging, the cache gives back everything it holds, halves its
-        budget (with a warning) and stages once more: a cache must not be what makes a query fail.
+        When the device runs out of memory while staging, a cache that holds pages gives back everything it holds,
+        halves its budget (with a warning) and stages once more: a cache must not be what makes a query fail. An
+        empty cache raises the error (keeping its budget): it is not what used the memory.
 
         :param store: A multi-vector store with `get(ids)` and `revision()`.
         :param ids: Distinct document ids.
         :param device: The scoring device.
         :returns: The ids that have stored vectors, and the staged parts holding their pages in that order
             (cached pages first, then the fetched ones); ids without vectors are left out.
-        :raises Exception: Whatever the store's `get` or `revision` raise; an out-of-memory error that persists
-            with the cache empty.
+        :raises Exception: Whatever the store's `get` or `revision` raise; an out-of-memory error raised with the
+            cache empty (at once, or on the retry).
         """
         try:
             return self._stage(store, ids, device)
         except torch.cuda.OutOfMemoryError:
             with self._lock:
                 held = self._bytes
+                if held == 0:
+                    raise  # the cache holds nothing: it is not what ran out of memory, and a retry would too
                 self._clear()
                 self.max_bytes = held // 2
         # Staged again only here, after the `except` clause: inside it the error's traceback keeps the failed
