@@ -254,6 +254,7 @@ def test_running_out_of_device_memory_empties_the_cache_halves_its_budget_and_re
     assert found == ["a", "c"]  # the query still gets every page
     _assert_serves(store, found, parts)
     assert cache.max_bytes == PAGE_BYTES  # half of what it held
+    assert (cache.hits, cache.misses) == (0, 4)  # the failed try's hit on "a" is not counted on top of the retry
     assert cache.nbytes <= cache.max_bytes
     assert "ran out of memory" in caplog.text
 

@@ -100,10 +100,12 @@ class DevicePageCache:
         :raises Exception: Whatever the store's `get` or `revision` raise; an out-of-memory error raised with the
             cache empty (at once, or on the retry).
         """
+        counts = (self.hits, self.misses)
         try:
             return self._stage(store, ids, device)
         except torch.cuda.OutOfMemoryError:
             with self._lock:
+                self.hits, self.misses = counts  # the retry counts this lookup's pages (all misses then)
                 held = self._bytes
                 if held == 0:
                     raise  # the cache holds nothing: it is not what ran out of memory, and a retry would too
