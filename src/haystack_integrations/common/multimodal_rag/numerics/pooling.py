@@ -86,11 +86,12 @@ def ward_labels(embeddings: list[torch.Tensor], n_clusters: list[int]) -> list[t
         dist.diagonal(dim1=1, dim2=2).fill_(math.inf)
         row_min = dist.amin(2)
         # Among neighbours at exactly the same distance (repeated vectors: a blank margin comes out of a bf16
-        # model as identical rows), take the one whose slot differs least in its bits (`i ^ j`), not the lowest
-        # slot: with the lowest slot every copy points at the first one and only one pair merges per round (577
-        # rounds for a blank 768-vector page); with `i ^ j` the copies pair off, halving the group each round.
-        # The pair with the least `i ^ j` among those at the closest distance is always reciprocal, so every
-        # round still merges.
+        # model as identical rows), take the one whose position among the clusters left differs least in its bits
+        # (`i ^ j`), not the lowest position: with the lowest every copy points at the first one and only one pair
+        # merges per round (577 rounds for a blank 768-vector page); with `i ^ j` the copies pair off, halving a
+        # contiguous group each round (copies scattered among other vectors take a few more rounds). For a fixed
+        # `i`, `i ^ j` differs for every `j`, and `dist` is exactly symmetric, so the pair with the least `i ^ j`
+        # among those at the page's closest distance is always reciprocal: every round still merges.
         tied = torch.where(dist == row_min[:, :, None], local[:, None] ^ local[None, :], 2 * m)  # i ^ j < 2m
         nearest = tied.argmin(2)
         closest = row_min.amin(1)
@@ -194,7 +195,9 @@ def pool_tensors(embeddings: list[torch.Tensor], pool_factor: int) -> list[torch
     2 vectors are returned as they are (colpali-engine raises on them). One exception: when merges of exactly
     equal height straddle the cut (repeated identical vectors, e.g. a blank page), scipy's maxclust cut takes
     all of them and colpali-engine returns FEWER than `max(n // pool_factor, 1)` vectors; here the count is
-    always `max(n // pool_factor, 1)`, the extra vectors repeating a cluster's mean (the same MaxSim).
+    always `max(n // pool_factor, 1)`, the extra vectors repeating a cluster's mean (the same MaxSim). Exact
+    ties between DISTINCT vectors (equally distant pairs, e.g. one-hot rows; not met in model outputs) may be
+    broken another way than scipy's: other, equally valid clusters, so the pooled vectors and MaxSim can differ.
 
     :param embeddings: `(n_b, dim)` tensors (padding removed), all on one device.
     :param pool_factor: At least 1; 1 returns the inputs.
