@@ -79,19 +79,19 @@ def test_families_trained_after_colpali_engine_0_3_13_get_no_prefix(
     )
 
 
-def test_colgemma3_queries_equal_its_processors_process_queries(tiny_colpali_family: Callable[[str], str]) -> None:
-    # ColGemmaProcessor3.process_queries: the Gemma 3 chat turn around "Query: " + query, no augmentation tokens
-    # (processing_colgemma.py); the processor writes the prefix itself, so ours is "".
+def test_colgemma3_queries_follow_colpali_engines_training_collator(tiny_colpali_family: Callable[[str], str]) -> None:
+    # colpali-engine's training collator (visual_retriever_collator.py:82-85) and mteb's ColGemma3Wrapper build
+    # `query_prefix ("") + q + "<eos>" * 10` and hand it to the processor, which wraps it in the Gemma 3 chat turn
+    # after its own "Query: " (processing_colgemma.py `process_texts`); so ours is "" plus the 10 tokens.
     encoder = _encoder(tiny_colpali_family("ColGemma3"))
-    assert encoder.default_query_prefix == ""
-    assert encoder.family.query_augmentation_tokens == 0
+    assert encoder.default_query_prefix == "" == encoder.processor.query_prefix
     ours = encoder.query_inputs(QUERIES)
-    reference = encoder.processor.process_queries(QUERIES)
+    tokens = encoder.processor.query_augmentation_token * 10
+    reference = encoder.processor.process_queries([encoder.processor.query_prefix + q + tokens for q in QUERIES])
     assert torch.equal(ours["input_ids"], reference["input_ids"])
     assert torch.equal(ours["attention_mask"], reference["attention_mask"])
     text = encoder.processor.tokenizer.decode(ours["input_ids"][1], skip_special_tokens=False)
-    assert "<start_of_turn>user\nQuery: invoice total<end_of_turn>" in text
-    assert "<eos>" not in text
+    assert "<start_of_turn>user\nQuery: invoice total" + "<eos>" * 10 + "<end_of_turn>" in text
     assert int(ours["attention_mask"][1, 0]) == 0  # padded on the left, as the processor sets
 
 

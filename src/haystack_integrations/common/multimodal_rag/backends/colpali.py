@@ -64,7 +64,10 @@ _TRAINED_QUERY_PREFIX: dict[str, str] = {
     "ColQwen3": "",
     "ColQwen3_5": "",
     # ColGemmaProcessor3 writes "Query: " itself, inside the Gemma 3 chat turn it wraps every text in
-    # (processing_colgemma.py `process_texts`): a prefix of ours would come on top of it.
+    # (processing_colgemma.py `process_texts`): a prefix of ours would come on top of it. The 10 `<eos>`
+    # augmentation tokens stay: colpali-engine's training collator builds `query_prefix ("") + q + <eos> * 10` and
+    # passes that to `process_texts` (collators/visual_retriever_collator.py:82-85), and mteb's ColGemma3Wrapper
+    # encodes queries the same way (ColPaliEngineWrapper.get_text_embeddings), so the turn holds the tokens.
     "ColGemma3": "",
     # ColQwen2_5OmniProcessor still sets `query_prefix = "Query: "` (processing_colqwen_omni.py), which the training
     # collator prepends (scripts/configs/qwen2/train_colqwenomni_model.py trains vidore/colqwen-omni-v0.1 with it).
@@ -73,12 +76,6 @@ _TRAINED_QUERY_PREFIX: dict[str, str] = {
     "ColQwen2_5Omni": "Query: ",
 }
 
-# Families whose queries carry no augmentation tokens. ColGemmaProcessor3 overrides `process_queries` to the chat
-# turn alone, without the base class's `query_augmentation_token * 10` (processing_colgemma.py; colpali-engine
-# 8b6700f, whose tests and interpretability example for Cognitive-Lab/ColNetraEmbed encode queries that way).
-# colpali-engine has no training script for it (the generic collator would add the tokens), so the processor's own
-# query recipe is the reference.
-_NO_QUERY_AUGMENTATION: frozenset[str] = frozenset({"ColGemma3"})
 
 # Processor settings the published checkpoints were trained with, used when the user gives no `processor_kwargs`.
 # colqwen2-v1.0 and colqwen2.5-v0.2 were trained with colpali-engine v0.3.4-v0.3.8, whose ColQwen2Processor
@@ -146,11 +143,6 @@ class ColPaliFamily:
         """Processor settings of the training recipe (e.g. the 768 visual-token budget of ColQwen2/2.5), or `None`."""
         kwargs = _TRAINED_PROCESSOR_KWARGS.get(self.model_class)
         return dict(kwargs) if kwargs is not None else None
-
-    @property
-    def query_augmentation_tokens(self) -> int:
-        """How many augmentation tokens end each query (`QUERY_AUGMENTATION_TOKENS`, or 0 for ColGemma3)."""
-        return 0 if self.model_class in _NO_QUERY_AUGMENTATION else QUERY_AUGMENTATION_TOKENS
 
     @property
     def query_padding_side(self) -> str | None:
@@ -405,8 +397,7 @@ class LateInteractionEncoder(CachedModel):
         self, texts: list[str], *, query_prefix: str | None = None, max_query_tokens: int = DEFAULT_MAX_QUERY_TOKENS
     ) -> Any:
         """
-        The model inputs for queries: `query_prefix + text + augmentation_token * 10`, tokenized as in training
-        (ColGemma3: no augmentation tokens, as its processor's `process_queries`).
+        The model inputs for queries: `query_prefix + text + augmentation_token * 10`, tokenized as in training.
 
         :param texts: The queries.
         :param query_prefix: Text put before each query; `None` for `default_query_prefix`, `""` for none.
@@ -415,7 +406,7 @@ class LateInteractionEncoder(CachedModel):
         :returns: The processor's batch (`input_ids`, `attention_mask`, ...).
         """
         prefix = self.default_query_prefix if query_prefix is None else query_prefix
-        suffix = self.processor.query_augmentation_token * self.family.query_augmentation_tokens
+        suffix = self.processor.query_augmentation_token * QUERY_AUGMENTATION_TOKENS
         prompts = [prefix + self._truncate_query(text, max_query_tokens) + suffix for text in texts]
         padding_side = self.family.query_padding_side
         if padding_side is not None and self.processor.tokenizer.padding_side != padding_side:
@@ -431,7 +422,7 @@ class LateInteractionEncoder(CachedModel):
         self, texts: list[str], *, query_prefix: str | None = None, max_query_tokens: int = DEFAULT_MAX_QUERY_TOKENS
     ) -> list[np.ndarray]:
         """
-        Encode queries as the checkpoint was trained: prefix, query, 10 augmentation tokens (none for ColGemma3).
+        Encode queries as the checkpoint was trained: prefix, query, 10 augmentation tokens.
 
         :param texts: The queries.
         :param query_prefix: Text put before each query; `None` for the family's trained prefix

@@ -23,8 +23,7 @@ class ColPaliTextEmbedder:
     training recipe's padding side. By default the prefix is the family's trained one: `"Query: "` for ColPali,
     ColQwen2, ColQwen2.5 and ColIdefics3/ColSmol (colpali-engine <= 0.3.12 added it, and the published ViDoRe
     scores were computed with it; colpali-engine >= 0.3.13 no longer does), `""` for ColQwen3, ColQwen3.5,
-    ColModernVBert and ColGemma3 (whose processor writes `"Query: "` into its chat turn itself, with no augmentation
-    tokens).
+    ColModernVBert and ColGemma3 (whose processor writes `"Query: "` into its chat turn itself).
     Query texts longer than 256 tokens are cut to their first 256 tokens, with a warning. The output name and
     shape, `multivector_embedding` as `list[list[float]]`, follow Haystack 3.5's multi-vector conventions.
 
