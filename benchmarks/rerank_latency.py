@@ -17,6 +17,8 @@ medians and ratios from the same run, so load drift on a shared machine moves ev
 5. Stores: `score` of 100 and 1000 random pages out of `--pages` stored, in-memory vs SQLite (interleaved);
    SQLite's fetch with one copy (blob I/O) vs `SELECT data` (two copies) vs a plain memory copy of the same
    bytes; cold and warm numbers in a fresh process; embedded Qdrant with `--qdrant-pages`.
+6. `ColPaliRanker` on a CPU with 768 x 128 float16 pages in the in-memory and SQLite stores, the query given as
+   an embedding: the host page cache off (`device_cache_mb=0`) vs warm (float32 copies of ranked pages).
 
 pylate is not a peer here: pylate 1.6.0 pins transformers<=5.3.0 and needs fast-plaid, which pins
 torch==2.11.0; installing it would replace this project's torch 2.13 and transformers 5.x.
@@ -294,6 +296,39 @@ def section_ranker(tmp: Path, rounds: int, n_candidates: int) -> None:
     )
 
 
+def section_host_cache(tmp: Path, rounds: int, sizes: list[int]) -> None:
+    print(
+        "\n## 6. ColPaliRanker on a CPU: host page cache off (device_cache_mb=0) vs warm (the default); stored pages "
+        "of 768 x 128 float16, the query given as a 20-token embedding (fetch + MaxSim only)"
+    )
+    rng = np.random.default_rng(3)
+    n_pages = max(sizes)
+    pages = {f"p{i:05d}": rng.standard_normal((768, 128)).astype(np.float16) for i in range(n_pages)}
+    query = rng.standard_normal((20, 128)).astype(np.float32).tolist()
+    stores = {"in-memory": InMemoryMultiVectorStore(), "SQLite": SQLiteMultiVectorStore(str(tmp / "host.sqlite"))}
+    for store in stores.values():
+        ids = list(pages)
+        for start in range(0, n_pages, 100):
+            store.write({i: pages[i] for i in ids[start : start + 100]})
+    for name, store in stores.items():
+        for n in sizes:
+            docs = [Document(id=i, meta={"modality": "page"}, score=0.5) for i in list(pages)[:n]]
+            off = ColPaliRanker("unused", multivector_store=store, device_cache_mb=0)
+            warm = ColPaliRanker("unused", multivector_store=store)  # 1024 MiB: 2,700 float32 pages of 768 x 128
+            warm.run(documents=docs, query_multivector_embedding=query)
+            med = interleaved(
+                {
+                    "cache off": lambda d=docs, r=off: r.run(documents=d, query_multivector_embedding=query),
+                    "cache warm": lambda d=docs, r=warm: r.run(documents=d, query_multivector_embedding=query),
+                },
+                rounds,
+            )
+            print(
+                f"{name:10s} {n:5d} candidates | cache off {med['cache off']:8.1f} ms | cache warm "
+                f"{med['cache warm']:8.1f} ms ({med['cache off'] / med['cache warm']:.2f}x)"
+            )
+
+
 def _fill(store: object, n_pages: int, seed: int = 2) -> list[str]:
     rng = np.random.default_rng(seed)
     ids = [f"page-{i:05d}" for i in range(n_pages)]
@@ -435,7 +470,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--pages", type=int, default=2000, help="stored pages for section 5")
     parser.add_argument("--qdrant-pages", type=int, default=1000, help="stored pages for embedded Qdrant")
-    parser.add_argument("--sections", type=int, nargs="+", default=[1, 2, 3, 4, 5], help="which sections to run")
+    parser.add_argument("--sections", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6], help="which sections to run")
     parser.add_argument("--qdrant", action="store_true", help="include embedded Qdrant in section 5 (slow)")
     parser.add_argument("--candidates", type=int, default=100)
     parser.add_argument("--sizes", type=int, nargs="+", help="page counts for section 1 (default 100 1000)")
@@ -467,6 +502,8 @@ def main() -> None:
             section_bytes(rng)
         if 5 in args.sections:
             section_stores(Path(tmp), args.pages, args.qdrant_pages, args.rounds, args.qdrant)
+        if 6 in args.sections:
+            section_host_cache(Path(tmp), args.rounds, args.sizes or sizes)
 
 
 if __name__ == "__main__":

@@ -609,3 +609,46 @@ def test_the_gpu_path_keeps_ranked_pages_on_the_device_until_the_store_changes(
     assert len(asked) == 2 * len(docs)
     with pytest.raises(ValueError, match="device_cache_mb"):
         ColPaliRanker(tiny_colqwen2, device_cache_mb=-1)
+
+
+def test_on_a_cpu_ranked_sqlite_pages_are_kept_in_memory_until_the_store_changes(
+    tiny_colqwen2: str, pages_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from haystack_integrations.document_stores.multivector import SQLiteMultiVectorStore
+
+    path = str(tmp_path / "mv.sqlite")
+    store = SQLiteMultiVectorStore(path)
+    docs = _embed_pages(tiny_colqwen2, _page_docs(pages_dir), store)["documents"]
+    expected = ColPaliRanker(tiny_colqwen2, multivector_store=store, device_cache_mb=0).run(
+        query="chart", documents=docs
+    )["documents"]
+    ranker = ColPaliRanker(tiny_colqwen2, multivector_store=store)
+    asked: list[str] = []
+    scored: list[int] = []
+    real_get, real_score = store.get, store.score
+    monkeypatch.setattr(store, "get", lambda ids: (asked.extend(ids), real_get(ids))[1])
+    monkeypatch.setattr(store, "score", lambda *a, **k: (scored.append(1), real_score(*a, **k))[1])
+    for _ in range(2):
+        out = ranker.run(query="chart", documents=docs)["documents"]
+        assert [d.id for d in out] == [d.id for d in expected]
+        assert [d.score for d in out] == pytest.approx([d.score for d in expected], rel=1e-5)
+    assert sorted(asked) == sorted(d.id for d in docs)  # fetched once: the second query read no blob
+    assert scored == []  # scored by the kernel on the cached arrays, not by store.score
+    best, worst = expected[0].id, expected[-1].id
+    other = SQLiteMultiVectorStore(path)
+    other.write({best: other.get([worst])[worst]})  # another connection re-indexes the best page
+    other.close()
+    changed = {d.id: d.score for d in ranker.run(query="chart", documents=docs)["documents"]}
+    assert changed[best] == pytest.approx(changed[worst], rel=1e-5)
+    off = ColPaliRanker(tiny_colqwen2, multivector_store=store, device_cache_mb=0)
+    off.run(query="chart", documents=docs)
+    assert scored == [1]  # device_cache_mb=0: store.score, as before
+
+
+def test_on_a_cpu_the_in_memory_store_is_not_cached_its_get_is_free(tiny_colqwen2: str, pages_dir: Path) -> None:
+    store = InMemoryMultiVectorStore()
+    docs = _embed_pages(tiny_colqwen2, _page_docs(pages_dir), store)["documents"]
+    ranker = ColPaliRanker(tiny_colqwen2, multivector_store=store)
+    ranker.run(query="chart", documents=docs)
+    assert ranker._host_cache is not None
+    assert len(ranker._host_cache) == 0

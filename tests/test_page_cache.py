@@ -311,3 +311,50 @@ def test_running_out_of_memory_with_an_empty_cache_is_raised_and_keeps_the_budge
         cache.stage(store, ["a"], CPU)
     assert attempts == 1
     assert cache.max_bytes == 1 << 20
+
+
+# --- The host (CPU) cache: the stored arrays -----------------------------------------------------------------------
+
+
+def test_host_cache_serves_the_stored_arrays_and_skips_the_store_for_cached_pages(tmp_path: Path) -> None:
+    from haystack_integrations.common.multimodal_rag.numerics.page_cache import HostPageCache
+
+    store = SQLiteMultiVectorStore(str(tmp_path / "mv.sqlite"), dim=DIM)
+    store.write(_pages(20, ["a", "b", "c"]))
+    counting, cache = _CountingStore(store), HostPageCache(1 << 20)
+    found, pages = cache.pages(counting, ["a", "b", "x"])
+    assert found == ["a", "b"]
+    found, pages = cache.pages(counting, ["c", "b", "a"])
+    assert counting.asked == ["a", "b", "x", "c"]  # b and a came from the cache
+    assert found == ["b", "a", "c"]  # cached first
+    stored = store.get(found)
+    for doc_id, page in zip(found, pages, strict=True):
+        assert page.dtype == np.float16  # as stored: the kernel converts on the fly
+        np.testing.assert_array_equal(page, stored[doc_id])
+    other = SQLiteMultiVectorStore(str(tmp_path / "mv.sqlite"), dim=DIM)
+    other.write(_pages(21, ["a"]))  # another connection re-indexes a cached page
+    found, pages = cache.pages(counting, ["a"])
+    np.testing.assert_array_equal(pages[0], _pages(21, ["a"])["a"].astype(np.float16))
+    store.close()
+    other.close()
+
+
+def test_host_cache_stays_within_its_budget_least_recently_used_out() -> None:
+    from haystack_integrations.common.multimodal_rag.numerics.page_cache import HostPageCache
+
+    store = InMemoryMultiVectorStore()
+    store.write(_pages(22, [f"p{i}" for i in range(5)]))
+    counting = _CountingStore(store)
+    page16 = PAGE_BYTES
+    cache = HostPageCache(3 * page16)
+    for doc_id in ("p0", "p1", "p2"):
+        cache.pages(counting, [doc_id])
+    cache.pages(counting, ["p0"])  # p1 is now the oldest
+    cache.pages(counting, ["p3"])
+    assert cache.nbytes <= 3 * page16
+    counting.asked.clear()
+    cache.pages(counting, ["p0", "p2", "p3", "p1"])
+    assert counting.asked == ["p1"]
+    tiny = HostPageCache(page16 - 1)  # a page larger than the budget is served, not kept
+    found, _ = tiny.pages(store, ["p4"])
+    assert (found, len(tiny), tiny.nbytes) == (["p4"], 0, 0)

@@ -19,6 +19,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
 import torch
 from haystack import logging
 
@@ -26,7 +27,7 @@ from haystack_integrations.common.multimodal_rag.numerics.maxsim import StagedPa
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DevicePageCache", "stage_store_pages"]
+__all__ = ["DevicePageCache", "HostPageCache", "stage_store_pages"]
 
 
 @dataclass
@@ -216,3 +217,86 @@ def stage_store_pages(
         return cache.stage(store, ids, device)
     vectors = store.get(ids)
     return list(vectors), ([stage_pages(list(vectors.values()), device=device)] if vectors else [])
+
+
+class HostPageCache:
+    """
+    Stored pages' vectors kept in host memory as the store returned them, least recently used first out, within
+    `max_bytes`.
+
+    The CPU counterpart of `DevicePageCache`, for stores whose fetch costs (SQLite reads every blob): a cached page
+    skips the fetch. The arrays are kept in the store's dtype (float16 by default): measured on the 2-vCPU VM, the
+    MaxSim kernel's fused float16 -> float32 conversion costs less than reading float32 copies of twice the size
+    (1000 pages of 768 x 128: 50 vs 57 ms). Invalidated like `DevicePageCache` (the store's `revision()`, read by
+    one thread); thread-safe.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        """
+        :param max_bytes: Host memory the cached arrays may hold; a page larger than this is not cached.
+        """
+        self.max_bytes = max_bytes
+        self.hits = 0
+        self.misses = 0
+        self._entries: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._bytes = 0
+        self._owner: tuple[Any, Hashable] | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def nbytes(self) -> int:
+        """Host bytes the cached arrays hold now."""
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        """Drop every cached page."""
+        with self._lock:
+            self._entries.clear()
+            self._bytes = 0
+            self._owner = None
+
+    def pages(self, store: Any, ids: list[str]) -> tuple[list[str], list[np.ndarray]]:
+        """
+        The stored pages of `ids`: cached ones as they are, the others fetched and cached.
+
+        :param store: A multi-vector store with `get(ids)` and `revision()`.
+        :param ids: Distinct document ids.
+        :returns: The ids that have stored vectors and their `(n, dim)` arrays (read-only: shared with the cache),
+            cached pages first; ids without vectors are left out.
+        :raises Exception: Whatever the store's `get` or `revision` raise.
+        """
+        revision = store.revision()
+        with self._lock:
+            if self._owner is None or self._owner[0] is not store or self._owner[1] != revision:
+                self._entries.clear()
+                self._bytes = 0
+                self._owner = (store, revision)
+            owner = self._owner
+            found = [doc_id for doc_id in ids if doc_id in self._entries]
+            pages = [self._entries[doc_id] for doc_id in found]
+            for doc_id in found:
+                self._entries.move_to_end(doc_id)
+            self.hits += len(found)
+        hit = set(found)
+        missing = [doc_id for doc_id in ids if doc_id not in hit]
+        if not missing:
+            return found, pages
+        fetched = store.get(missing)
+        with self._lock:
+            self.misses += len(missing)
+            if self._owner is owner:
+                for doc_id, page in fetched.items():
+                    if page.nbytes > self.max_bytes:
+                        continue
+                    old = self._entries.pop(doc_id, None)
+                    if old is not None:
+                        self._bytes -= old.nbytes
+                    self._entries[doc_id] = page
+                    self._bytes += page.nbytes
+                while self._bytes > self.max_bytes and self._entries:
+                    _, evicted = self._entries.popitem(last=False)
+                    self._bytes -= evicted.nbytes
+        return [*found, *fetched], [*pages, *fetched.values()]

@@ -4,7 +4,7 @@ import inspect
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -23,11 +23,16 @@ from haystack_integrations.common.multimodal_rag.inputs.planning import iter_ima
 from haystack_integrations.common.multimodal_rag.numerics.maxsim import (
     StagedPages,
     cpu_kernel_threads,
+    maxsim,
     maxsim_by_id,
     maxsim_staged,
     to_device,
 )
-from haystack_integrations.common.multimodal_rag.numerics.page_cache import DevicePageCache, stage_store_pages
+from haystack_integrations.common.multimodal_rag.numerics.page_cache import (
+    DevicePageCache,
+    HostPageCache,
+    stage_store_pages,
+)
 from haystack_integrations.common.multimodal_rag.numerics.ranking import (
     DENSE_SCORE_META_KEY,
     LATE_INTERACTION_SCORE_META_KEY,
@@ -49,6 +54,10 @@ logger = logging.getLogger(__name__)
 #: Stores whose `score` is `get` plus the package's MaxSim kernel, so on a GPU the ranker may do those two steps
 #: itself and overlap them with query encoding. Exact types: a subclass may score its own way.
 _KERNEL_STORES = (InMemoryMultiVectorStore, SQLiteMultiVectorStore)
+#: On a CPU, the stores whose fetch is worth caching: SQLite reads every blob (fetch + MaxSim of 100 pages of
+#: 768 x 128: 14.7 ms per query without the cache, 7.5 ms with it; 1000 pages: 151 vs 56 ms; 2-vCPU VM,
+#: `benchmarks/rerank_latency.py --sections 6`). The in-memory store's `get` returns its own arrays: nothing to save.
+_HOST_CACHED_STORES = (SQLiteMultiVectorStore,)
 
 
 def _score_fetched(
@@ -75,6 +84,28 @@ def _score_fetched(
     if host[-1] == 0:
         return None
     return dict(zip(found, host[:-1].tolist(), strict=True))
+
+
+def _score_host_pages(
+    query: np.ndarray | torch.Tensor, fetch: Future[tuple[list[str], list[np.ndarray]]]
+) -> dict[str, float] | None:
+    """
+    CPU MaxSim of the pages `HostPageCache.pages` returned (cached or fetched by the fetch thread).
+
+    `None` where the caller must run `store.score` instead (the fetch failed, found nothing, or the query is
+    malformed or not finite): `store.score` then raises exactly the error it raises without the cache.
+    """
+    try:
+        found, pages = fetch.result()
+    except Exception:  # store.score raises it again, in its usual order after the query checks
+        return None
+    query_t = torch.as_tensor(query)
+    if not found or query_t.ndim != 2 or query_t.shape[0] == 0 or not bool(torch.isfinite(query_t).all()):
+        return None
+    return dict(zip(found, maxsim(query_t, pages).tolist(), strict=True))
+
+
+_Fetch = tuple[Callable[[Any, Any], "dict[str, float] | None"], Future[Any]]
 
 
 class _LRUCache:
@@ -121,9 +152,10 @@ class ColPaliRanker:
     (MaxSim where the vectors live: our CPU kernel for the in-memory and SQLite stores, on the model's GPU
     when the model runs on one, inside Qdrant for the Qdrant store) -> normalise -> select.
 
-    On a GPU with the in-memory or SQLite store, the stored vectors of ranked pages stay on the device within
-    `device_cache_mb` (least recently used out), so pages ranked again skip the fetch and upload; the cache starts
-    over whenever the store's `revision()` says something was written or deleted.
+    The stored vectors of ranked pages are kept within `device_cache_mb` (least recently used out): on a GPU on the
+    device (in-memory and SQLite stores), so pages ranked again skip the fetch and upload; on a CPU in host memory
+    for the SQLite store, so they skip the blob reads. The cache starts over whenever the store's `revision()` says
+    something was written or deleted.
 
     Pages without stored vectors go through a read-through path: they are planned and loaded by the
     package's shared document planning and pixel loader, encoded (pooled like the stored pages when the
@@ -191,10 +223,11 @@ class ColPaliRanker:
         :param token: Hugging Face token, for gated or private models.
         :param batch_size: Pages per forward pass when encoding on the fly.
         :param cache_size: Pages kept in the on-the-fly LRU cache (0 disables it).
-        :param device_cache_mb: On a GPU, MiB of its memory kept for the stored vectors of recently ranked pages
-            (in-memory and SQLite stores), so a page ranked again is not fetched and uploaded again (1024 MiB hold
-            ~5,400 pages of 768 x 128 float16). The cache checks the store's revision before each query and
-            starts over when anything was written or deleted. 0 disables it; unused on a CPU.
+        :param device_cache_mb: MiB kept for the stored vectors of recently ranked pages, so a page ranked again
+            is not fetched again (1024 MiB hold ~5,400 pages of 768 x 128 float16): on a GPU, in its memory (in-memory
+            and SQLite stores; the upload is skipped too); on a CPU, in host memory for the SQLite store (its blob
+            reads are skipped). The cache checks the store's revision before each query and starts over when
+            anything was written or deleted. 0 disables it.
         :param local_files_only: Only use a local path or the local Hugging Face cache.
         :param model_kwargs: Extra keyword arguments for the model's `from_pretrained`.
         :param file_path_meta_field: Meta key holding the path of a candidate's image or PDF (on-the-fly path).
@@ -232,8 +265,10 @@ class ColPaliRanker:
         self._cache = _LRUCache(cache_size)
         self._warm_lock = threading.Lock()
         self._fetch_pool: ThreadPoolExecutor | None = None  # one thread: fetches stored pages while a query encodes
-        # Used only by the fetch thread (a SQLite store's revision is read on that thread's connection).
+        # Used only by the fetch thread (a SQLite store's revision is read on that thread's connection): the GPU
+        # cache when the model is on CUDA, the host cache (SQLite only) when it is on the CPU.
         self._device_cache = DevicePageCache(device_cache_mb * 2**20) if device_cache_mb > 0 else None
+        self._host_cache = HostPageCache(device_cache_mb * 2**20) if device_cache_mb > 0 else None
         # The on-the-fly path stores vectors like the store does, so both paths score identical values.
         self._cache_dtype = np.dtype(multivector_store.dtype if multivector_store is not None else "float16")
 
@@ -305,16 +340,33 @@ class ColPaliRanker:
         target = torch.device(device)
         return target if target.type == "cuda" else None
 
-    def _start_fetch(self, documents: list[Document]) -> Future[tuple[list[str], list[StagedPages]]] | None:
-        """On a GPU, stage the candidates' stored pages (device cache, else fetched) in the background."""
+    def _start_fetch(self, documents: list[Document]) -> _Fetch | None:
+        """
+        Start getting the candidates' stored pages in the fetch thread, while the query is encoded.
+
+        On a GPU the pages are staged there (device cache, else fetched and uploaded); on a CPU with the SQLite
+        store they come from the host cache (else fetched and cached). `None`: `store.score` scores.
+
+        :returns: The function that scores the fetched pages, and the fetch's future.
+        """
+        store = self.multivector_store
+        if store is None or type(store) not in _KERNEL_STORES:
+            return None
         device = self._overlap_device()
-        if device is None or self.multivector_store is None:
+        host = device is None and self._score_device() is None
+        if host and (self._host_cache is None or type(store) not in _HOST_CACHED_STORES):
+            return None
+        if device is None and not host:
             return None
         with self._warm_lock:
             if self._fetch_pool is None:
                 self._fetch_pool = ThreadPoolExecutor(1, thread_name_prefix="colpali-ranker-fetch")
         ids = list(dict.fromkeys(d.id for d in documents))
-        return self._fetch_pool.submit(stage_store_pages, self.multivector_store, ids, device, self._device_cache)
+        if host:
+            assert self._host_cache is not None
+            return _score_host_pages, self._fetch_pool.submit(self._host_cache.pages, store, ids)
+        assert device is not None
+        return _score_fetched, self._fetch_pool.submit(stage_store_pages, store, ids, device, self._device_cache)
 
     def _encode_query(self, query: str, *, on_device: bool = False) -> np.ndarray | torch.Tensor:
         assert self._encoder is not None
@@ -352,7 +404,7 @@ class ColPaliRanker:
         self,
         query: np.ndarray | torch.Tensor,
         documents: list[Document],
-        fetch: Future[tuple[list[str], list[StagedPages]]] | None = None,
+        fetch: _Fetch | None = None,
     ) -> dict[str, float]:
         store = self.multivector_store
         if store is None:
@@ -365,7 +417,8 @@ class ColPaliRanker:
             )
             raise MultiVectorStoreError(msg)
         if fetch is not None:
-            scores = _score_fetched(query, fetch)
+            score_fetched, future = fetch
+            scores = score_fetched(query, future)
             if scores is not None:
                 return scores
         ids = list(dict.fromkeys(d.id for d in documents))
@@ -466,7 +519,8 @@ class ColPaliRanker:
         if query_multivector_embedding is None:
             self.warm_up()
             fetch = self._start_fetch(documents)
-            query_vectors = self._encode_query(str(query), on_device=fetch is not None)
+            # GPU scoring: the query stays where the model put it.
+            query_vectors = self._encode_query(str(query), on_device=fetch is not None and fetch[0] is _score_fetched)
         else:
             query_vectors = self._check_query_embedding(query_multivector_embedding)
             fetch = self._start_fetch(documents)
