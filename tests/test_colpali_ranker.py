@@ -196,6 +196,7 @@ def test_components_round_trip_through_to_dict(tiny_colqwen2: str, tmp_path: Pat
             batch_size=2,
             cache_size=0,
             device_cache_mb=64,
+            host_cache_mb=32,
             root_path="/r",
             file_path_meta_field="path",
             **kwargs,
@@ -619,10 +620,8 @@ def test_on_a_cpu_ranked_sqlite_pages_are_kept_in_memory_until_the_store_changes
     path = str(tmp_path / "mv.sqlite")
     store = SQLiteMultiVectorStore(path)
     docs = _embed_pages(tiny_colqwen2, _page_docs(pages_dir), store)["documents"]
-    expected = ColPaliRanker(tiny_colqwen2, multivector_store=store, device_cache_mb=0).run(
-        query="chart", documents=docs
-    )["documents"]
-    ranker = ColPaliRanker(tiny_colqwen2, multivector_store=store)
+    expected = ColPaliRanker(tiny_colqwen2, multivector_store=store).run(query="chart", documents=docs)["documents"]
+    ranker = ColPaliRanker(tiny_colqwen2, multivector_store=store, host_cache_mb=64)
     asked: list[str] = []
     scored: list[int] = []
     real_get, real_score = store.get, store.score
@@ -640,15 +639,17 @@ def test_on_a_cpu_ranked_sqlite_pages_are_kept_in_memory_until_the_store_changes
     other.close()
     changed = {d.id: d.score for d in ranker.run(query="chart", documents=docs)["documents"]}
     assert changed[best] == pytest.approx(changed[worst], rel=1e-5)
-    off = ColPaliRanker(tiny_colqwen2, multivector_store=store, device_cache_mb=0)
+    off = ColPaliRanker(tiny_colqwen2, multivector_store=store)
     off.run(query="chart", documents=docs)
-    assert scored == [1]  # device_cache_mb=0: store.score, as before
+    assert scored == [1]  # host_cache_mb=0 (the default): store.score, as before
 
 
 def test_on_a_cpu_the_in_memory_store_is_not_cached_its_get_is_free(tiny_colqwen2: str, pages_dir: Path) -> None:
     store = InMemoryMultiVectorStore()
     docs = _embed_pages(tiny_colqwen2, _page_docs(pages_dir), store)["documents"]
-    ranker = ColPaliRanker(tiny_colqwen2, multivector_store=store)
+    ranker = ColPaliRanker(tiny_colqwen2, multivector_store=store, host_cache_mb=64)
     ranker.run(query="chart", documents=docs)
     assert ranker._host_cache is not None
     assert len(ranker._host_cache) == 0
+    with pytest.raises(ValueError, match="host_cache_mb"):
+        ColPaliRanker(tiny_colqwen2, host_cache_mb=-1)

@@ -27,7 +27,7 @@ from haystack_integrations.common.multimodal_rag.numerics.maxsim import StagedPa
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DevicePageCache", "HostPageCache", "stage_store_pages"]
+__all__ = ["DevicePageCache", "HostLookup", "HostPageCache", "stage_store_pages"]
 
 
 @dataclass
@@ -227,8 +227,10 @@ class HostPageCache:
     The CPU counterpart of `DevicePageCache`, for stores whose fetch costs (SQLite reads every blob): a cached page
     skips the fetch. The arrays are kept in the store's dtype (float16 by default): measured on the 2-vCPU VM, the
     MaxSim kernel's fused float16 -> float32 conversion costs less than reading float32 copies of twice the size
-    (1000 pages of 768 x 128: 50 vs 57 ms). Invalidated like `DevicePageCache` (the store's `revision()`, read by
-    one thread); thread-safe.
+    (1000 pages of 768 x 128: 50 vs 57 ms). Invalidated like `DevicePageCache` by the store's `revision()`:
+    `lookup` must always be called from the same thread (a SQLite revision is read on that thread's connection),
+    while the missing pages may be fetched and `insert`ed from any thread, so concurrent queries do not queue
+    behind one thread's blob reads. Thread-safe.
     """
 
     def __init__(self, max_bytes: int) -> None:
@@ -258,15 +260,15 @@ class HostPageCache:
             self._bytes = 0
             self._owner = None
 
-    def pages(self, store: Any, ids: list[str]) -> tuple[list[str], list[np.ndarray]]:
+    def lookup(self, store: Any, ids: list[str]) -> HostLookup:
         """
-        The stored pages of `ids`: cached ones as they are, the others fetched and cached.
+        The cached pages of `ids`, after checking the store's revision (call it from one thread: see the class).
 
         :param store: A multi-vector store with `get(ids)` and `revision()`.
         :param ids: Distinct document ids.
-        :returns: The ids that have stored vectors and their `(n, dim)` arrays (read-only: shared with the cache),
-            cached pages first; ids without vectors are left out.
-        :raises Exception: Whatever the store's `get` or `revision` raise.
+        :returns: The cached ids and arrays (read-only: shared with the cache), the ids to fetch, and the token to
+            `insert` the fetched pages under.
+        :raises Exception: Whatever the store's `revision` raises.
         """
         revision = store.revision()
         with self._lock:
@@ -274,29 +276,62 @@ class HostPageCache:
                 self._entries.clear()
                 self._bytes = 0
                 self._owner = (store, revision)
-            owner = self._owner
             found = [doc_id for doc_id in ids if doc_id in self._entries]
             pages = [self._entries[doc_id] for doc_id in found]
             for doc_id in found:
                 self._entries.move_to_end(doc_id)
             self.hits += len(found)
-        hit = set(found)
-        missing = [doc_id for doc_id in ids if doc_id not in hit]
-        if not missing:
-            return found, pages
-        fetched = store.get(missing)
-        with self._lock:
+            hit = set(found)
+            missing = [doc_id for doc_id in ids if doc_id not in hit]
             self.misses += len(missing)
-            if self._owner is owner:
-                for doc_id, page in fetched.items():
-                    if page.nbytes > self.max_bytes:
-                        continue
-                    old = self._entries.pop(doc_id, None)
-                    if old is not None:
-                        self._bytes -= old.nbytes
-                    self._entries[doc_id] = page
-                    self._bytes += page.nbytes
-                while self._bytes > self.max_bytes and self._entries:
-                    _, evicted = self._entries.popitem(last=False)
-                    self._bytes -= evicted.nbytes
-        return [*found, *fetched], [*pages, *fetched.values()]
+            return HostLookup(found, pages, missing, self._owner)
+
+    def insert(self, fetched: dict[str, np.ndarray], owner: tuple[Any, Hashable]) -> None:
+        """
+        Cache pages fetched after `lookup` (from any thread: data at least as new as `owner`'s revision, so at worst
+        the next revision check drops it), unless the cache has moved to another revision or store since.
+
+        :param fetched: `{document_id: array}` as the store's `get` returned them.
+        :param owner: `HostLookup.owner` of the lookup that asked for them.
+        """
+        with self._lock:
+            if self._owner is not owner:
+                return
+            for doc_id, page in fetched.items():
+                if page.nbytes > self.max_bytes:
+                    continue
+                old = self._entries.pop(doc_id, None)
+                if old is not None:
+                    self._bytes -= old.nbytes
+                self._entries[doc_id] = page
+                self._bytes += page.nbytes
+            while self._bytes > self.max_bytes and self._entries:
+                _, evicted = self._entries.popitem(last=False)
+                self._bytes -= evicted.nbytes
+
+    def pages(self, store: Any, ids: list[str]) -> tuple[list[str], list[np.ndarray]]:
+        """
+        `lookup`, then fetch the missing pages from the store and `insert` them, in this thread.
+
+        :param store: A multi-vector store with `get(ids)` and `revision()`.
+        :param ids: Distinct document ids.
+        :returns: The ids that have stored vectors and their arrays, cached pages first; ids without vectors are
+            left out.
+        :raises Exception: Whatever the store's `get` or `revision` raise.
+        """
+        cached = self.lookup(store, ids)
+        if not cached.missing:
+            return cached.found, cached.pages
+        fetched = store.get(cached.missing)
+        self.insert(fetched, cached.owner)
+        return [*cached.found, *fetched], [*cached.pages, *fetched.values()]
+
+
+@dataclass(frozen=True)
+class HostLookup:
+    """What `HostPageCache.lookup` found: cached pages, the ids to fetch, and the revision token to insert under."""
+
+    found: list[str]
+    pages: list[np.ndarray]
+    missing: list[str]
+    owner: tuple[Any, Hashable]

@@ -4,7 +4,7 @@ import inspect
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -23,13 +23,14 @@ from haystack_integrations.common.multimodal_rag.inputs.planning import iter_ima
 from haystack_integrations.common.multimodal_rag.numerics.maxsim import (
     StagedPages,
     cpu_kernel_threads,
-    maxsim,
     maxsim_by_id,
+    maxsim_chunks,
     maxsim_staged,
     to_device,
 )
 from haystack_integrations.common.multimodal_rag.numerics.page_cache import (
     DevicePageCache,
+    HostLookup,
     HostPageCache,
     stage_store_pages,
 )
@@ -54,10 +55,11 @@ logger = logging.getLogger(__name__)
 #: Stores whose `score` is `get` plus the package's MaxSim kernel, so on a GPU the ranker may do those two steps
 #: itself and overlap them with query encoding. Exact types: a subclass may score its own way.
 _KERNEL_STORES = (InMemoryMultiVectorStore, SQLiteMultiVectorStore)
-#: On a CPU, the stores whose fetch is worth caching: SQLite reads every blob (fetch + MaxSim of 100 pages of
-#: 768 x 128: 14.7 ms per query without the cache, 7.5 ms with it; 1000 pages: 151 vs 56 ms; 2-vCPU VM,
-#: `benchmarks/rerank_latency.py --sections 6`). The in-memory store's `get` returns its own arrays: nothing to save.
+#: On a CPU, the stores whose fetch is worth caching (`host_cache_mb`): SQLite reads every blob (fetch + MaxSim of the
+#: same 100 pages of 768 x 128: 16.8 ms per query without the cache, 8.5 ms with it; 1000 pages: 141 vs 52 ms; 2-vCPU
+#: VM, `benchmarks/rerank_latency.py --sections 6`). The in-memory store's `get` returns its own arrays.
 _HOST_CACHED_STORES = (SQLiteMultiVectorStore,)
+_FETCH_CHUNK = 32  # pages read per store call while the kernel scores the previous ones (as SQLite's `score`)
 
 
 def _score_fetched(
@@ -84,25 +86,6 @@ def _score_fetched(
     if host[-1] == 0:
         return None
     return dict(zip(found, host[:-1].tolist(), strict=True))
-
-
-def _score_host_pages(
-    query: np.ndarray | torch.Tensor, fetch: Future[tuple[list[str], list[np.ndarray]]]
-) -> dict[str, float] | None:
-    """
-    CPU MaxSim of the pages `HostPageCache.pages` returned (cached or fetched by the fetch thread).
-
-    `None` where the caller must run `store.score` instead (the fetch failed, found nothing, or the query is
-    malformed or not finite): `store.score` then raises exactly the error it raises without the cache.
-    """
-    try:
-        found, pages = fetch.result()
-    except Exception:  # store.score raises it again, in its usual order after the query checks
-        return None
-    query_t = torch.as_tensor(query)
-    if not found or query_t.ndim != 2 or query_t.shape[0] == 0 or not bool(torch.isfinite(query_t).all()):
-        return None
-    return dict(zip(found, maxsim(query_t, pages).tolist(), strict=True))
 
 
 _Fetch = tuple[Callable[[Any, Any], "dict[str, float] | None"], Future[Any]]
@@ -152,10 +135,10 @@ class ColPaliRanker:
     (MaxSim where the vectors live: our CPU kernel for the in-memory and SQLite stores, on the model's GPU
     when the model runs on one, inside Qdrant for the Qdrant store) -> normalise -> select.
 
-    The stored vectors of ranked pages are kept within `device_cache_mb` (least recently used out): on a GPU on the
-    device (in-memory and SQLite stores), so pages ranked again skip the fetch and upload; on a CPU in host memory
-    for the SQLite store, so they skip the blob reads. The cache starts over whenever the store's `revision()` says
-    something was written or deleted.
+    On a GPU the stored vectors of ranked pages stay on the device within `device_cache_mb` (in-memory and SQLite
+    stores; least recently used out), so pages ranked again skip the fetch and upload; on a CPU, `host_cache_mb`
+    (off by default) keeps SQLite pages in host memory, so they skip the blob reads. Both start over whenever the
+    store's `revision()` says something was written or deleted.
 
     Pages without stored vectors go through a read-through path: they are planned and loaded by the
     package's shared document planning and pixel loader, encoded (pooled like the stored pages when the
@@ -200,6 +183,7 @@ class ColPaliRanker:
         batch_size: int = 4,
         cache_size: int = 512,
         device_cache_mb: int = 1024,
+        host_cache_mb: int = 0,
         local_files_only: bool = False,
         model_kwargs: dict[str, Any] | None = None,
         file_path_meta_field: str = "file_path",
@@ -223,11 +207,15 @@ class ColPaliRanker:
         :param token: Hugging Face token, for gated or private models.
         :param batch_size: Pages per forward pass when encoding on the fly.
         :param cache_size: Pages kept in the on-the-fly LRU cache (0 disables it).
-        :param device_cache_mb: MiB kept for the stored vectors of recently ranked pages, so a page ranked again
-            is not fetched again (1024 MiB hold ~5,400 pages of 768 x 128 float16): on a GPU, in its memory (in-memory
-            and SQLite stores; the upload is skipped too); on a CPU, in host memory for the SQLite store (its blob
-            reads are skipped). The cache checks the store's revision before each query and starts over when
-            anything was written or deleted. 0 disables it.
+        :param device_cache_mb: On a GPU, MiB of its memory kept for the stored vectors of recently ranked pages
+            (in-memory and SQLite stores), so a page ranked again is not fetched and uploaded again (1024 MiB hold
+            ~5,400 pages of 768 x 128 float16). The cache checks the store's revision before each query and starts
+            over when anything was written or deleted. 0 disables it; unused on a CPU.
+        :param host_cache_mb: On a CPU with the SQLite store, MiB of host memory kept for the stored vectors of
+            recently ranked pages, so a page ranked again is not read from the file again (invalidated like the
+            GPU cache). Off (0) by default: it pays off when queries keep meeting the same pages (fetch + MaxSim of
+            100 pages 2x faster, of 1000 pages 2.7x), but while it fills, each query's freshly read pages are kept
+            rather than reused, which made queries over 1000 new pages 2.6x slower on the 2-vCPU VM (README).
         :param local_files_only: Only use a local path or the local Hugging Face cache.
         :param model_kwargs: Extra keyword arguments for the model's `from_pretrained`.
         :param file_path_meta_field: Meta key holding the path of a candidate's image or PDF (on-the-fly path).
@@ -238,6 +226,7 @@ class ColPaliRanker:
         check_positive_int("batch_size", batch_size)
         check_int("cache_size", cache_size, minimum=0)
         check_int("device_cache_mb", device_cache_mb, minimum=0)
+        check_int("host_cache_mb", host_cache_mb, minimum=0)
         check_processor_kwargs(processor_kwargs)
         if query_prefix is not None and not _encoder_takes_query_prefix():
             msg = (
@@ -257,6 +246,7 @@ class ColPaliRanker:
         self.batch_size = batch_size
         self.cache_size = cache_size
         self.device_cache_mb = device_cache_mb
+        self.host_cache_mb = host_cache_mb
         self.local_files_only = local_files_only
         self.model_kwargs = model_kwargs
         self.file_path_meta_field = file_path_meta_field
@@ -265,10 +255,10 @@ class ColPaliRanker:
         self._cache = _LRUCache(cache_size)
         self._warm_lock = threading.Lock()
         self._fetch_pool: ThreadPoolExecutor | None = None  # one thread: fetches stored pages while a query encodes
-        # Used only by the fetch thread (a SQLite store's revision is read on that thread's connection): the GPU
-        # cache when the model is on CUDA, the host cache (SQLite only) when it is on the CPU.
+        # Looked up only by the fetch thread (a SQLite store's revision is read on that thread's connection): the
+        # GPU cache when the model is on CUDA, the host cache (SQLite only) when it is on the CPU.
         self._device_cache = DevicePageCache(device_cache_mb * 2**20) if device_cache_mb > 0 else None
-        self._host_cache = HostPageCache(device_cache_mb * 2**20) if device_cache_mb > 0 else None
+        self._host_cache = HostPageCache(host_cache_mb * 2**20) if host_cache_mb > 0 else None
         # The on-the-fly path stores vectors like the store does, so both paths score identical values.
         self._cache_dtype = np.dtype(multivector_store.dtype if multivector_store is not None else "float16")
 
@@ -311,6 +301,7 @@ class ColPaliRanker:
             batch_size=self.batch_size,
             cache_size=self.cache_size,
             device_cache_mb=self.device_cache_mb,
+            host_cache_mb=self.host_cache_mb,
             file_path_meta_field=self.file_path_meta_field,
             root_path=self.root_path,
         )
@@ -345,7 +336,8 @@ class ColPaliRanker:
         Start getting the candidates' stored pages in the fetch thread, while the query is encoded.
 
         On a GPU the pages are staged there (device cache, else fetched and uploaded); on a CPU with the SQLite
-        store they come from the host cache (else fetched and cached). `None`: `store.score` scores.
+        store the host cache is looked up (the missing pages are fetched later, in the calling thread). `None`:
+        `store.score` scores.
 
         :returns: The function that scores the fetched pages, and the fetch's future.
         """
@@ -364,9 +356,53 @@ class ColPaliRanker:
         ids = list(dict.fromkeys(d.id for d in documents))
         if host:
             assert self._host_cache is not None
-            return _score_host_pages, self._fetch_pool.submit(self._host_cache.pages, store, ids)
+            return self._score_host_lookup, self._fetch_pool.submit(self._host_cache.lookup, store, ids)
         assert device is not None
         return _score_fetched, self._fetch_pool.submit(stage_store_pages, store, ids, device, self._device_cache)
+
+    def _score_host_lookup(
+        self, query: np.ndarray | torch.Tensor, lookup: Future[HostLookup]
+    ) -> dict[str, float] | None:
+        """
+        CPU MaxSim of the candidates' stored pages: the ones the host cache holds, and the others fetched here, in
+        the calling thread (its own SQLite connection: concurrent queries read blobs in parallel), then cached.
+
+        `None` where the caller must run `store.score` instead (the lookup or the fetch failed, nothing was found,
+        or the query is malformed or not finite): `store.score` then raises exactly the error it raises without
+        the cache.
+        """
+        try:
+            cached = lookup.result()
+        except Exception:  # store.score raises it again, in its usual order after the query checks
+            return None
+        query_t = torch.as_tensor(query)
+        if query_t.ndim != 2 or query_t.shape[0] == 0 or not bool(torch.isfinite(query_t).all()):
+            return None
+        store, cache = self.multivector_store, self._host_cache
+        assert store is not None
+        assert cache is not None
+        found = list(cached.found)
+        fetched: dict[str, np.ndarray] = {}
+
+        def chunks() -> Iterator[list[np.ndarray]]:
+            # As the SQLite store's own `score` does: the kernel's workers score chunk i while this thread reads
+            # the blobs of chunk i + 1.
+            if cached.pages:
+                yield list(cached.pages)
+            for start in range(0, len(cached.missing), _FETCH_CHUNK):
+                part = store.get(cached.missing[start : start + _FETCH_CHUNK])
+                found.extend(part)
+                fetched.update(part)
+                yield list(part.values())
+
+        try:
+            scores = maxsim_chunks(query_t, chunks())
+        except Exception:
+            return None
+        cache.insert(fetched, cached.owner)
+        if not found:
+            return None
+        return dict(zip(found, scores.tolist(), strict=True))
 
     def _encode_query(self, query: str, *, on_device: bool = False) -> np.ndarray | torch.Tensor:
         assert self._encoder is not None
