@@ -46,30 +46,24 @@ class _Entry:
     length: int
 
 
-class DevicePageCache:
+class _RevisionCache:
     """
-    Stored pages' vectors kept on the scoring device, least recently used first out, within `max_bytes`.
-
-    Thread-safe; meant to be used from one thread (the ranker's fetch thread), because a SQLite store's
-    `revision()` is read on the calling thread's connection.
+    What both page caches share: LRU entries within a byte budget, hit/miss counters, and the (store, revision)
+    the entries belong to. Subclasses hold their own entry type and say what an entry costs.
     """
 
     def __init__(self, max_bytes: int) -> None:
-        """
-        :param max_bytes: Device memory the cached blocks may hold; a block is charged in full until its last page
-            is evicted, and an upload larger than this is not cached.
-        """
         self.max_bytes = max_bytes
         self.hits = 0
         self.misses = 0
-        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._entries: OrderedDict[str, Any] = OrderedDict()
         self._bytes = 0
         self._owner: tuple[Any, Hashable] | None = None  # (store, revision) the entries belong to
         self._lock = threading.Lock()
 
     @property
     def nbytes(self) -> int:
-        """Device bytes the cached blocks hold now."""
+        """Bytes the cached pages hold now."""
         return self._bytes
 
     def __len__(self) -> int:
@@ -84,6 +78,23 @@ class DevicePageCache:
         self._entries.clear()
         self._bytes = 0
         self._owner = None
+
+    def _owner_for(self, store: Any, revision: Hashable) -> tuple[Any, Hashable]:
+        """The entries' (store, revision), after dropping them when either changed. Call with the lock held."""
+        if self._owner is None or self._owner[0] is not store or self._owner[1] != revision:
+            self._clear()
+            self._owner = (store, revision)
+        return self._owner
+
+
+class DevicePageCache(_RevisionCache):
+    """
+    Stored pages' vectors kept on the scoring device, least recently used first out, within `max_bytes`.
+
+    Thread-safe; meant to be used from one thread (the ranker's fetch thread), because a SQLite store's
+    `revision()` is read on the calling thread's connection. `max_bytes`: device memory the cached blocks may hold;
+    a block is charged in full until its last page is evicted, and an upload larger than this is not cached.
+    """
 
     def stage(self, store: Any, ids: list[str], device: torch.device) -> tuple[list[str], list[StagedPages]]:
         """
@@ -127,10 +138,7 @@ class DevicePageCache:
     def _stage(self, store: Any, ids: list[str], device: torch.device) -> tuple[list[str], list[StagedPages]]:
         revision = store.revision()
         with self._lock:
-            if self._owner is None or self._owner[0] is not store or self._owner[1] != revision:
-                self._clear()
-                self._owner = (store, revision)
-            owner = self._owner
+            owner = self._owner_for(store, revision)
             cached = [(doc_id, self._entries[doc_id]) for doc_id in ids if doc_id in self._entries]
             for doc_id, _ in cached:
                 self._entries.move_to_end(doc_id)
@@ -219,7 +227,7 @@ def stage_store_pages(
     return list(vectors), ([stage_pages(list(vectors.values()), device=device)] if vectors else [])
 
 
-class HostPageCache:
+class HostPageCache(_RevisionCache):
     """
     Stored pages' vectors kept in host memory as the store returned them, least recently used first out, within
     `max_bytes`.
@@ -230,35 +238,9 @@ class HostPageCache:
     (1000 pages of 768 x 128: 50 vs 57 ms). Invalidated like `DevicePageCache` by the store's `revision()`:
     `lookup` must always be called from the same thread (a SQLite revision is read on that thread's connection),
     while the missing pages may be fetched and `insert`ed from any thread, so concurrent queries do not queue
-    behind one thread's blob reads. Thread-safe.
+    behind one thread's blob reads. Thread-safe. `max_bytes`: host memory the cached arrays may hold; a page larger
+    than this is not cached.
     """
-
-    def __init__(self, max_bytes: int) -> None:
-        """
-        :param max_bytes: Host memory the cached arrays may hold; a page larger than this is not cached.
-        """
-        self.max_bytes = max_bytes
-        self.hits = 0
-        self.misses = 0
-        self._entries: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._bytes = 0
-        self._owner: tuple[Any, Hashable] | None = None
-        self._lock = threading.Lock()
-
-    @property
-    def nbytes(self) -> int:
-        """Host bytes the cached arrays hold now."""
-        return self._bytes
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def clear(self) -> None:
-        """Drop every cached page."""
-        with self._lock:
-            self._entries.clear()
-            self._bytes = 0
-            self._owner = None
 
     def lookup(self, store: Any, ids: list[str]) -> HostLookup:
         """
@@ -272,10 +254,7 @@ class HostPageCache:
         """
         revision = store.revision()
         with self._lock:
-            if self._owner is None or self._owner[0] is not store or self._owner[1] != revision:
-                self._entries.clear()
-                self._bytes = 0
-                self._owner = (store, revision)
+            owner = self._owner_for(store, revision)
             found = [doc_id for doc_id in ids if doc_id in self._entries]
             pages = [self._entries[doc_id] for doc_id in found]
             for doc_id in found:
@@ -284,7 +263,7 @@ class HostPageCache:
             hit = set(found)
             missing = [doc_id for doc_id in ids if doc_id not in hit]
             self.misses += len(missing)
-            return HostLookup(found, pages, missing, self._owner)
+            return HostLookup(found, pages, missing, owner)
 
     def insert(self, fetched: dict[str, np.ndarray], owner: tuple[Any, Hashable]) -> None:
         """
