@@ -113,6 +113,14 @@ def _profile(folder: str | None, name: str, fn: Callable[[], object], device: st
     (Path(folder) / f"{name}.txt").write_text("\n".join(lines))
 
 
+class _Rows(list[tuple[str, str]]):
+    """The table's rows; each is also printed as soon as it is measured (a run cut short keeps its rows)."""
+
+    def append(self, row: tuple[str, str]) -> None:
+        print(f"row: {row[0]} -> {row[1]}", flush=True)
+        super().append(row)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
@@ -141,7 +149,7 @@ def main() -> None:
     data.mkdir(exist_ok=True)
     component_device = ComponentDevice.from_str(device)
     name = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "CPU"
-    rows: list[tuple[str, str]] = []
+    rows = _Rows()
     build_device = device if device.startswith("cuda") else "cpu"
 
     if only & {"ranker", "query", "pages"}:

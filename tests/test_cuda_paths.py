@@ -1,0 +1,128 @@
+"""The GPU-only code paths run on a real CUDA device (skipped without one; CI has none).
+
+Elsewhere these paths run on CPU tensors through the same code. Here they run where they were written for: the
+device page cache's streams and events, hierarchical pooling's rounds on CUDA, and the ranker's staged scoring.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from haystack.utils import ComponentDevice
+
+from haystack_integrations.common.multimodal_rag.numerics.pooling import pool_tensors, ward_labels
+from haystack_integrations.components.rankers.colpali import ColPaliRanker
+from haystack_integrations.document_stores.multivector import InMemoryMultiVectorStore, SQLiteMultiVectorStore
+from tests.colpali_fixtures import embed_pages as _embed_pages
+from tests.colpali_fixtures import page_docs as _page_docs
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="runs on a CUDA device only")
+
+CPU = ComponentDevice.from_str("cpu")
+GPU = ComponentDevice.from_str("cuda:0")
+
+
+def _clustered_pages(seed: int, sizes: list[int], dim: int = 128) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.nn.functional.normalize(torch.randn(24, dim, generator=generator), dim=-1)
+    return [
+        torch.nn.functional.normalize(
+            centres[torch.randint(0, 24, (n,), generator=generator)] + 0.3 * torch.randn(n, dim, generator=generator),
+            dim=-1,
+        )
+        for n in sizes
+    ]
+
+
+def _partition(labels: torch.Tensor) -> set[frozenset[int]]:
+    groups: dict[int, set[int]] = {}
+    for index, label in enumerate(labels.tolist()):
+        groups.setdefault(label, set()).add(index)
+    return {frozenset(group) for group in groups.values()}
+
+
+def test_ward_clusters_on_cuda_equal_those_on_the_cpu() -> None:
+    pages = _clustered_pages(0, [768, 500, 37, 2, 768])
+    n_clusters = [max(p.shape[0] // 3, 1) for p in pages]
+    on_cpu = ward_labels(pages, n_clusters)
+    on_gpu = ward_labels([p.cuda() for p in pages], n_clusters)
+    for cpu_labels, gpu_labels, k in zip(on_cpu, on_gpu, n_clusters, strict=True):
+        assert gpu_labels.device.type == "cuda"
+        assert _partition(gpu_labels.cpu()) == _partition(cpu_labels)
+        assert int(gpu_labels.max()) + 1 == k
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_pooling_on_cuda_keeps_dtype_device_and_the_cpu_result(dtype: torch.dtype) -> None:
+    pages = _clustered_pages(1, [768, 300, 1])
+    pages.append(torch.full((10, 128), float("nan")))  # passed on unpooled
+    on_gpu = pool_tensors([p.to("cuda", dtype) for p in pages], 3)
+    on_cpu = pool_tensors([p.to(dtype) for p in pages], 3)
+    for got, want, page in zip(on_gpu, on_cpu, pages, strict=True):
+        assert got.device.type == "cuda"
+        assert got.dtype == dtype
+        pooled = page.shape[0] >= 2 and bool(torch.isfinite(page).all())
+        assert got.shape == want.shape == ((max(page.shape[0] // 3, 1) if pooled else page.shape[0]), 128)
+    # Pooled vectors come in the same order (by each cluster's first token); bf16 rounding of the inputs may move a
+    # near-tie, so compare the MaxSim of a query against each page rather than vector by vector.
+    query = torch.nn.functional.normalize(torch.randn(20, 128, generator=torch.Generator().manual_seed(2)), dim=-1)
+    for got, want in zip(on_gpu[:3], on_cpu[:3], strict=True):
+        gpu_score = float((query @ got.float().cpu().T).max(dim=1).values.sum())
+        cpu_score = float((query @ want.float().T).max(dim=1).values.sum())
+        assert gpu_score == pytest.approx(cpu_score, rel=2e-2 if dtype != torch.float32 else 1e-4)
+    assert torch.isnan(on_gpu[3]).all()
+
+
+def test_the_ranker_on_cuda_scores_like_the_cpu_and_keeps_pages_on_the_device_until_the_store_changes(
+    tiny_colqwen2: str, pages_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = str(tmp_path / "mv.sqlite")
+    store = SQLiteMultiVectorStore(path)
+    docs = _embed_pages(tiny_colqwen2, _page_docs(pages_dir), store, device=CPU)["documents"]
+    expected = ColPaliRanker(tiny_colqwen2, multivector_store=store, device=CPU).run(query="chart", documents=docs)[
+        "documents"
+    ]
+    ranker = ColPaliRanker(tiny_colqwen2, multivector_store=store, device=GPU)
+    asked: list[str] = []
+    real_get = store.get
+    monkeypatch.setattr(store, "get", lambda ids: (asked.extend(ids), real_get(ids))[1])
+    first = ranker.run(query="chart", documents=docs)["documents"]
+    assert sorted(asked) == sorted(d.id for d in docs)
+    asked.clear()
+    again = ranker.run(query="chart", documents=docs)["documents"]
+    assert asked == []  # served from the device cache
+    for out in (first, again):
+        assert [d.id for d in out] == [d.id for d in expected]
+        # The GPU encodes the query in bf16 (the CUDA default): scores agree to bf16 precision.
+        assert [d.score for d in out] == pytest.approx([d.score for d in expected], rel=3e-2)
+    assert [d.score for d in again] == [d.score for d in first]
+    best, worst = expected[0].id, expected[-1].id
+    other = SQLiteMultiVectorStore(path)
+    other.write({best: other.get([worst])[worst]})
+    other.close()
+    changed = {d.id: d.score for d in ranker.run(query="chart", documents=docs)["documents"]}
+    assert changed[best] == pytest.approx(changed[worst], rel=1e-5)
+    assert sorted(asked) == sorted(d.id for d in docs)
+
+
+def test_a_cache_smaller_than_the_candidates_still_scores_every_page_on_cuda(
+    tiny_colqwen2: str, pages_dir: Path
+) -> None:
+    store = InMemoryMultiVectorStore()
+    docs = _embed_pages(tiny_colqwen2, _page_docs(pages_dir), store, device=CPU)["documents"]
+    rng = np.random.default_rng(0)
+    dim = next(iter(store.get([docs[0].id]).values())).shape[1]
+    extra = {f"x{i}": rng.standard_normal((40, dim)).astype(np.float16) for i in range(300)}
+    store.write(extra)
+    from haystack import Document
+
+    candidates = [*docs, *(Document(id=i, meta={"modality": "page"}) for i in extra)]
+    reference = ColPaliRanker(tiny_colqwen2, multivector_store=store, device=GPU, device_cache_mb=0, top_k=None)
+    tiny = ColPaliRanker(tiny_colqwen2, multivector_store=store, device=GPU, device_cache_mb=1, top_k=None)
+    want = {d.id: d.score for d in reference.run(query="chart", documents=candidates)["documents"]}
+    for _ in range(3):  # cold, then with evictions
+        got = {d.id: d.score for d in tiny.run(query="chart", documents=candidates)["documents"]}
+        assert got == pytest.approx(want, rel=1e-5)
