@@ -6,6 +6,7 @@ device page cache's streams and events, hierarchical pooling's rounds on CUDA, a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +14,13 @@ import pytest
 import torch
 from haystack.utils import ComponentDevice
 
+from haystack_integrations.common.multimodal_rag.backends.colpali import LateInteractionEncoder
+from haystack_integrations.common.multimodal_rag.backends.loading import LoadSpec
+from haystack_integrations.common.multimodal_rag.backends.query_graphs import QueryGraphs
 from haystack_integrations.common.multimodal_rag.numerics.pooling import pool_tensors, ward_labels
 from haystack_integrations.components.rankers.colpali import ColPaliRanker
 from haystack_integrations.document_stores.multivector import InMemoryMultiVectorStore, SQLiteMultiVectorStore
+from haystack_integrations.testing.multimodal_rag.tiny_colpali import FAMILIES
 from tests.colpali_fixtures import embed_pages as _embed_pages
 from tests.colpali_fixtures import page_docs as _page_docs
 
@@ -82,9 +87,16 @@ def test_the_ranker_on_cuda_scores_like_the_cpu_and_keeps_pages_on_the_device_un
     path = str(tmp_path / "mv.sqlite")
     store = SQLiteMultiVectorStore(path)
     docs = _embed_pages(tiny_colqwen2, _page_docs(pages_dir), store, device=CPU)["documents"]
-    expected = ColPaliRanker(tiny_colqwen2, multivector_store=store, device=CPU).run(query="chart", documents=docs)[
+    on_cpu = ColPaliRanker(tiny_colqwen2, multivector_store=store, device=CPU).run(query="chart", documents=docs)[
         "documents"
     ]
+    # The GPU encodes the query in bf16 (the CUDA default): its scores agree with the CPU's to bf16 precision (close
+    # pages of a random tiny model may swap), and exactly with the same GPU ranker without the cache.
+    expected = ColPaliRanker(tiny_colqwen2, multivector_store=store, device=GPU, device_cache_mb=0).run(
+        query="chart", documents=docs
+    )["documents"]
+    cpu_scores = {d.id: d.score for d in on_cpu}
+    assert [cpu_scores[d.id] for d in expected] == pytest.approx([d.score for d in expected], rel=3e-2)
     ranker = ColPaliRanker(tiny_colqwen2, multivector_store=store, device=GPU)
     asked: list[str] = []
     real_get = store.get
@@ -96,8 +108,7 @@ def test_the_ranker_on_cuda_scores_like_the_cpu_and_keeps_pages_on_the_device_un
     assert asked == []  # served from the device cache
     for out in (first, again):
         assert [d.id for d in out] == [d.id for d in expected]
-        # The GPU encodes the query in bf16 (the CUDA default): scores agree to bf16 precision.
-        assert [d.score for d in out] == pytest.approx([d.score for d in expected], rel=3e-2)
+        assert [d.score for d in out] == pytest.approx([d.score for d in expected], rel=1e-5)
     assert [d.score for d in again] == [d.score for d in first]
     best, worst = expected[0].id, expected[-1].id
     other = SQLiteMultiVectorStore(path)
@@ -126,3 +137,68 @@ def test_a_cache_smaller_than_the_candidates_still_scores_every_page_on_cuda(
     for _ in range(3):  # cold, then with evictions
         got = {d.id: d.score for d in tiny.run(query="chart", documents=candidates)["documents"]}
         assert got == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_query_replayed_from_a_cuda_graph_equals_the_plain_forward(
+    family: str, tiny_colpali_family: Callable[[str], str]
+) -> None:
+    model = tiny_colpali_family(family)
+    spec = LoadSpec(
+        model=model,
+        component="test",
+        device="cuda:0",
+        token=None,
+        local_files_only=True,
+        model_kwargs={"dtype": "float32"},  # tight comparison; the bf16 default differs by rounding only
+    )
+    encoder = LateInteractionEncoder.get(spec)
+    queries = ["a bar chart", "which quarter had the highest revenue in the EMEA region " * 3]
+    for query in queries:
+        plain = encoder.embed_query_tensor(query, cuda_graphs=False)
+        for _ in range(2):  # captured, then replayed
+            replayed = encoder.embed_query_tensor(query)
+            assert replayed.shape == plain.shape
+            torch.testing.assert_close(replayed, plain, rtol=1e-4, atol=1e-4)
+        host = encoder.embed_queries([query])[0]
+        np.testing.assert_allclose(host, plain.float().cpu().numpy(), rtol=1e-4, atol=1e-4)
+    graphs = encoder._query_graphs
+    if family == "ColPali":  # padding moves its query vectors (backends/colpali.py `_NO_QUERY_GRAPHS`)
+        assert graphs is None
+        return
+    assert graphs is not None
+    assert not graphs.disabled, f"{family}: the query forward could not be captured"
+    assert graphs.replays == 3 * len(queries)
+    assert len(graphs._graphs) == len(
+        {QueryGraphs.bucket(len(encoder.query_inputs([q])["input_ids"][0])) for q in queries}
+    )
+
+
+def test_a_forward_whose_padding_leaks_into_the_query_is_not_replayed(caplog: pytest.LogCaptureFixture) -> None:
+    table = torch.randn(100, 8, device="cuda")
+
+    def leaky(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        rows = table[inputs["input_ids"]]  # (1, length, 8)
+        return rows + rows.mean(dim=1, keepdim=True)  # every row sees the padding: not what a masked model does
+
+    graphs = QueryGraphs(leaky, device="cuda:0", pad_values={"input_ids": 0}, name="leaky-model")
+    batch = {"input_ids": torch.arange(1, 6)[None], "attention_mask": torch.ones((1, 5), dtype=torch.long)}
+    assert graphs.run(batch) is None
+    assert graphs.disabled
+    assert "padding changes this model's query vectors" in caplog.text
+    assert graphs.run(batch) is None  # and it does not try again
+
+
+def test_a_forward_that_cannot_be_captured_is_run_without_a_graph(caplog: pytest.LogCaptureFixture) -> None:
+    def syncing(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        if bool(inputs["attention_mask"].all()):  # a host sync: forbidden while capturing
+            return inputs["input_ids"][..., None].float()
+        return inputs["input_ids"][..., None].float() * 2
+
+    graphs = QueryGraphs(syncing, device="cuda:0", pad_values={}, name="syncing-model")
+    batch = {"input_ids": torch.arange(1, 6)[None], "attention_mask": torch.ones((1, 5), dtype=torch.long)}
+    assert graphs.run(batch) is None
+    assert graphs.disabled
+    assert "cannot be captured as a CUDA graph" in caplog.text
+    # The device is usable afterwards.
+    assert float(torch.ones(3, device="cuda").sum()) == 3.0

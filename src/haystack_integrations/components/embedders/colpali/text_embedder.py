@@ -47,6 +47,7 @@ class ColPaliTextEmbedder:
         model_kwargs: dict[str, Any] | None = None,
         processor_kwargs: dict[str, Any] | None = None,
         query_prefix: str | None = None,
+        cuda_graphs: bool = True,
     ) -> None:
         """
         Create the embedder. Nothing is loaded until `warm_up()`.
@@ -60,6 +61,9 @@ class ColPaliTextEmbedder:
             training recipe's settings (give the same value as the document embedder so both share one model).
         :param query_prefix: Text put before each query; `None` uses the family's trained prefix (see above),
             `""` none.
+        :param cuda_graphs: On a GPU, encode the query by replaying a CUDA graph of the model's forward, captured
+            once per padded query length (ColQwen2.5-3B-shaped on an H100: ~4x faster). Results equal the plain
+            forward's up to bf16 rounding; a model whose forward cannot be captured is encoded without one.
         :raises TypeError: If `query_prefix` is neither a string nor `None`, or `processor_kwargs` not a dict.
         """
         check_processor_kwargs(processor_kwargs)
@@ -73,6 +77,7 @@ class ColPaliTextEmbedder:
         self.model_kwargs = model_kwargs
         self.processor_kwargs = processor_kwargs
         self.query_prefix = query_prefix
+        self.cuda_graphs = cuda_graphs
         self._encoder: LateInteractionEncoder | None = None
 
     def warm_up(self) -> None:
@@ -95,6 +100,7 @@ class ColPaliTextEmbedder:
             **serialize_loading_params(self),
             processor_kwargs=self.processor_kwargs,
             query_prefix=self.query_prefix,
+            cuda_graphs=self.cuda_graphs,
         )
 
     @classmethod
@@ -122,6 +128,9 @@ class ColPaliTextEmbedder:
         self.warm_up()
         assert self._encoder is not None
         vectors = self._encoder.embed_queries(
-            [text], query_prefix=self.query_prefix, max_query_tokens=DEFAULT_MAX_QUERY_TOKENS
+            [text],
+            query_prefix=self.query_prefix,
+            max_query_tokens=DEFAULT_MAX_QUERY_TOKENS,
+            cuda_graphs=self.cuda_graphs,
         )[0]
         return {"multivector_embedding": vectors.tolist()}

@@ -184,6 +184,7 @@ class ColPaliRanker:
         cache_size: int = 512,
         device_cache_mb: int = 1024,
         host_cache_mb: int = 0,
+        cuda_graphs: bool = True,
         local_files_only: bool = False,
         model_kwargs: dict[str, Any] | None = None,
         file_path_meta_field: str = "file_path",
@@ -216,6 +217,9 @@ class ColPaliRanker:
             GPU cache). Off (0) by default: it pays off when queries keep meeting the same pages (fetch + MaxSim of
             100 pages 2x faster, of 1000 pages 2.7x), but while it fills, each query's freshly read pages are kept
             rather than reused, which made queries over 1000 new pages 2.6x slower on the 2-vCPU VM (README).
+        :param cuda_graphs: On a GPU, encode the query by replaying a CUDA graph of the model's forward, captured
+            once per padded query length (ColQwen2.5-3B-shaped on an H100: ~4x faster). Results equal the plain
+            forward's up to bf16 rounding; a model whose forward cannot be captured is encoded without one.
         :param local_files_only: Only use a local path or the local Hugging Face cache.
         :param model_kwargs: Extra keyword arguments for the model's `from_pretrained`.
         :param file_path_meta_field: Meta key holding the path of a candidate's image or PDF (on-the-fly path).
@@ -247,6 +251,7 @@ class ColPaliRanker:
         self.cache_size = cache_size
         self.device_cache_mb = device_cache_mb
         self.host_cache_mb = host_cache_mb
+        self.cuda_graphs = cuda_graphs
         self.local_files_only = local_files_only
         self.model_kwargs = model_kwargs
         self.file_path_meta_field = file_path_meta_field
@@ -302,6 +307,7 @@ class ColPaliRanker:
             cache_size=self.cache_size,
             device_cache_mb=self.device_cache_mb,
             host_cache_mb=self.host_cache_mb,
+            cuda_graphs=self.cuda_graphs,
             file_path_meta_field=self.file_path_meta_field,
             root_path=self.root_path,
         )
@@ -407,11 +413,11 @@ class ColPaliRanker:
     def _encode_query(self, query: str, *, on_device: bool = False) -> np.ndarray | torch.Tensor:
         assert self._encoder is not None
         if on_device:  # GPU scoring: the query stays where the model put it
-            return self._encoder.embed_query_tensor(query, query_prefix=self.query_prefix)
+            return self._encoder.embed_query_tensor(query, query_prefix=self.query_prefix, cuda_graphs=self.cuda_graphs)
         if self.query_prefix is None:
-            return self._encoder.embed_queries([query])[0]
+            return self._encoder.embed_queries([query], cuda_graphs=self.cuda_graphs)[0]
         embed: Any = self._encoder.embed_queries
-        return embed([query], query_prefix=self.query_prefix)[0]
+        return embed([query], query_prefix=self.query_prefix, cuda_graphs=self.cuda_graphs)[0]
 
     def _check_query_embedding(self, embedding: Any) -> np.ndarray:
         name = type(self).__name__

@@ -1,0 +1,185 @@
+"""CUDA graphs of a late-interaction model's query forward: one query encoded by one graph replay.
+
+Encoding one query is a few milliseconds of GPU work issued as ~1,500 small kernels; on an H100 the host needs
+~25 ms to launch them (ColQwen2.5-3B-shaped model: 28.5 ms p50 eager; the GPU time under the profiler 6.1 ms).
+A CUDA graph captured once replays the whole forward with one launch.
+
+A graph has fixed shapes, so each query is padded on the RIGHT to a bucket length (32, 64, ... 512 tokens), with
+`attention_mask` 0 on the padding. Every supported family masks padded keys, and its valid tokens' positions do
+not depend on what follows them (Qwen2/2.5-VL derive positions from the mask's cumulative sum, PaliGemma, Idefics3
+and Gemma3 count from the start), so the valid rows are the same function of the query as without padding. They
+are not bit-identical: bf16 kernels picked for another length round differently (on a 36-layer random-weight
+ColQwen2.5-3B-shaped model, max abs difference 0.0098 on values up to 0.32). Graphs are captured lazily, one per
+bucket and input layout, on first use; capture runs the forward four times (the last one unpadded, to check that
+the replay gives its rows) and keeps its activations' memory (tens of MiB). A model whose forward cannot be
+captured (a host synchronisation inside it), or whose valid rows change with padding, is logged once and encoded
+without graphs from then on. ColPali (PaliGemma) is such a model and is never captured (`backends/colpali.py`).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from haystack import logging
+
+logger = logging.getLogger(__name__)
+
+#: Padded query lengths; a longer query is encoded eagerly.
+BUCKETS = (32, 64, 128, 256, 512)
+
+_WARMUP_RUNS = 2  # forwards on a side stream before capture (cuBLAS/cuDNN workspaces, lazy module state)
+#: At capture, each valid row of the padded replay must point where the plain forward's does (bf16 rounding on a
+#: 36-layer random model: >= 0.998; a model whose padding leaks into the valid rows: far lower).
+_MIN_ROW_COSINE = 0.99
+
+
+class _Graph:
+    def __init__(self, graph: torch.cuda.CUDAGraph, inputs: dict[str, torch.Tensor], output: torch.Tensor) -> None:
+        self.graph = graph
+        self.inputs = inputs
+        self.output = output
+
+
+class QueryGraphs:
+    """
+    Captured forwards of one model, by padded length and input layout; thread-safe.
+
+    :param forward: Calls the model on a dict of `(1, length)` tensors on `device` and returns its `(1, length, dim)`
+        output (padding rows may hold anything: only the valid rows are read).
+    :param device: The model's CUDA device.
+    :param pad_values: Fill value per input name for the padding (e.g. `{"input_ids": pad_token_id}`); inputs not
+        named here are padded with 0 (`attention_mask` must be 0 there).
+    :param name: The model, for the log message when capture fails.
+    """
+
+    def __init__(
+        self,
+        forward: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+        *,
+        device: str | torch.device,
+        pad_values: dict[str, int],
+        name: str,
+    ) -> None:
+        self._forward = forward
+        self.device = torch.device(device)
+        self._pad_values = pad_values
+        self._name = name
+        self._graphs: dict[tuple[Any, ...], _Graph] = {}
+        self._lock = threading.Lock()
+        self._done: torch.cuda.Event | None = None  # recorded after the last replay's output was copied out
+        self.disabled = False
+        self.replays = 0
+
+    @staticmethod
+    def bucket(length: int) -> int | None:
+        """The padded length for a query of `length` tokens, or `None` when it is longer than every bucket."""
+        return next((b for b in BUCKETS if b >= length), None)
+
+    @torch.inference_mode()
+    def run(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        """
+        The model's output rows for the query's tokens, from a graph replay; `None` where no graph applies.
+
+        No graph applies to a batch of more than one query, to inputs that are not all `(1, length)` integer
+        tensors (e.g. pixel values), to a query longer than the last bucket, or once capture has failed.
+
+        :param batch: The processor's batch for ONE query (host or device tensors), `attention_mask` included.
+        :returns: `(length, dim)` on the device, a fresh tensor (the graph's buffers are reused by the next call).
+        """
+        if self.disabled:
+            return None
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        mask = inputs.get("attention_mask")
+        if not isinstance(mask, torch.Tensor) or mask.ndim != 2 or mask.shape[0] != 1:
+            return None
+        length = int(mask.shape[1])
+        for value in inputs.values():
+            if not (
+                isinstance(value, torch.Tensor)
+                and value.shape == mask.shape
+                and not value.is_floating_point()
+                and not value.is_complex()
+            ):
+                return None
+        padded = self.bucket(length)
+        if padded is None:
+            return None
+        key = (padded, tuple(sorted((k, v.dtype) for k, v in inputs.items())))
+        with self._lock:
+            current = torch.cuda.current_stream(self.device)
+            if self._done is not None:
+                current.wait_event(self._done)  # the previous caller's output copy (maybe on another stream)
+            graph = self._graphs.get(key)
+            if graph is None:
+                graph = self._capture(key, inputs, padded)
+                if graph is None:
+                    return None
+            else:
+                self._fill(graph.inputs, inputs, length)
+                graph.graph.replay()
+            out = graph.output[0, :length].clone()
+            self._done = torch.cuda.Event()
+            self._done.record(current)
+            self.replays += 1
+            return out
+
+    def _fill(self, static: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor], length: int) -> None:
+        for name, buffer in static.items():
+            buffer[0, :length].copy_(inputs[name][0], non_blocking=True)
+            buffer[0, length:].fill_(self._pad_values.get(name, 0))
+
+    def _capture(self, key: tuple[Any, ...], inputs: dict[str, torch.Tensor], padded: int) -> _Graph | None:
+        length = int(inputs["attention_mask"].shape[1])
+        static = {
+            name: torch.zeros((1, padded), dtype=value.dtype, device=self.device) for name, value in inputs.items()
+        }
+        self._fill(static, inputs, length)
+        current = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+        try:
+            side.wait_stream(current)
+            with torch.cuda.stream(side):
+                for _ in range(_WARMUP_RUNS):
+                    self._forward(static)
+            current.wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: the ranker's fetch thread may upload pages meanwhile; only this thread's calls are
+            # checked for what a capture forbids.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                output = self._forward(static)
+            graph.replay()
+            plain = self._forward({name: value.to(self.device) for name, value in inputs.items()})[0, :length]
+        except Exception as error:  # a forward with a host sync (or anything else a capture forbids)
+            self._disable()
+            logger.warning(
+                "{model}: the query forward cannot be captured as a CUDA graph ({error}); queries are encoded "
+                "without one (slower on a GPU, same results)",
+                model=self._name,
+                error=f"{type(error).__name__}: {error}",
+            )
+            return None
+        # The padded replay must give the plain forward's rows: a model that lets padding change the valid
+        # tokens' outputs (e.g. attention that ignores the padding mask) is encoded without graphs.
+        agreement = float(
+            torch.nn.functional.cosine_similarity(output[0, :length].float(), plain.float(), dim=-1).min()
+        )
+        if not agreement >= _MIN_ROW_COSINE:
+            self._disable()
+            logger.warning(
+                "{model}: padding changes this model's query vectors (row cosine {agreement:.4f} against the "
+                "unpadded forward), so its queries are encoded without CUDA graphs (slower on a GPU)",
+                model=self._name,
+                agreement=agreement,
+            )
+            return None
+        captured = _Graph(graph, static, output)
+        self._graphs[key] = captured
+        return captured
+
+    def _disable(self) -> None:
+        self.disabled = True
+        self._graphs.clear()
+        torch.cuda.synchronize(self.device)
