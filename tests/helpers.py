@@ -141,3 +141,25 @@ def corpus_dir(tmp_path: Path) -> Path:
     make_image(tmp_path / "blue.jpg", color="blue", fmt="JPEG")
     make_pdf(tmp_path / "report.pdf", pages=3)
     return tmp_path
+
+
+@pytest.fixture(autouse=True)
+def _no_device_means_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    In tests, a component given no device runs on the CPU, as on CI, also on a machine with a GPU.
+
+    Most tests compare results with float32 references (colpali-engine's scorer, model cards' recipes), which a
+    bfloat16 GPU run meets only to bf16 precision. The GPU paths have their own tests that name their device
+    (tests/test_cuda_paths.py and the `skipif(not torch.cuda.is_available())` tests). `MMRAG_TEST_DEVICE=best`
+    keeps the library's own choice (the best available device) for a run of the whole suite on a GPU.
+    """
+    if os.environ.get("MMRAG_TEST_DEVICE") == "best":
+        return
+    from haystack.utils import ComponentDevice
+
+    from haystack_integrations.common.multimodal_rag.backends import loading
+
+    def resolve(device: ComponentDevice | None) -> str:
+        return "cpu" if device is None else ComponentDevice.resolve_device(device).to_torch_str()
+
+    monkeypatch.setattr(loading, "resolve_device", resolve)

@@ -202,3 +202,31 @@ def test_a_forward_that_cannot_be_captured_is_run_without_a_graph(caplog: pytest
     assert "cannot be captured as a CUDA graph" in caplog.text
     # The device is usable afterwards.
     assert float(torch.ones(3, device="cuda").sum()) == 3.0
+
+
+def test_a_downscale_the_gpu_resize_refuses_is_preprocessed_on_the_host(
+    tiny_siglip: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Seen on an H100 in the tiny quickstart: torch's antialiased CUDA resize raises "Too much shared memory
+    # required" for large downscale factors; the batch must still embed, as the host processor does it.
+    from PIL import Image
+
+    from haystack_integrations.common.multimodal_rag.backends.dense import DenseEncoder
+
+    encoder = DenseEncoder.get(
+        LoadSpec(
+            model=tiny_siglip, component="t", device="cuda:0", token=None, local_files_only=True, model_kwargs=None
+        )
+    )
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (2400, 3200, 3), dtype=np.uint8))]
+    inputs = encoder.image_inputs(images)
+    torch.cuda.synchronize()
+    on_host = encoder.image_processor(images=images, return_tensors="pt")
+    for key, value in on_host.items():
+        got = inputs[key].cpu().float()
+        assert got.shape == value.shape
+        assert float((got - value.float()).abs().max()) <= 4 * 2 / 255  # host result, or the GPU's within rounding
+    vectors = encoder.embed_image_inputs(inputs, normalize=True)
+    assert vectors.shape[0] == 1
+    assert np.isfinite(vectors).all()

@@ -238,12 +238,24 @@ class DenseEncoder(CachedModel):
             # It runs on a side stream: on the default stream its host-to-device copies would wait for the forward
             # pass of the previous batch, and the GPU would then wait for them (measured 273 images/s on an H100).
             stream = self._preprocess_stream()
-            with torch.cuda.stream(stream):
-                gpu_inputs = dict(self.image_processor(images=images, return_tensors="pt", device=self.device))
-                ready = torch.cuda.Event()
-                ready.record(stream)
-            gpu_inputs[_READY] = ready
-            return gpu_inputs
+            try:
+                with torch.cuda.stream(stream):
+                    gpu_inputs = dict(self.image_processor(images=images, return_tensors="pt", device=self.device))
+                    ready = torch.cuda.Event()
+                    ready.record(stream)
+                gpu_inputs[_READY] = ready
+                return gpu_inputs
+            except RuntimeError as error:
+                # torch's antialiased CUDA resize refuses large downscale factors ("Too much shared memory
+                # required", e.g. a 2000 px photo for a 32 px model; seen on an H100 in the tiny quickstart): this
+                # batch is preprocessed on the host instead, the reference path (same operations).
+                logger.warning(
+                    "{model}: GPU image preprocessing failed for a batch of {count} image(s) ({error}); it was "
+                    "preprocessed on the host",
+                    model=self.model_id,
+                    count=len(images),
+                    error=f"{type(error).__name__}: {error}",
+                )
         inputs = self.image_processor(images=images, return_tensors="pt")
         return {
             key: (value.pin_memory() if cuda and isinstance(value, torch.Tensor) else value)
