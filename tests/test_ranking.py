@@ -1,0 +1,26 @@
+"""The shared ranking rule (numerics/ranking.py)."""
+
+from __future__ import annotations
+
+import pytest
+from haystack import Document
+
+from haystack_integrations.common.multimodal_rag.numerics.ranking import select_top, select_top_positions
+
+SCORES = [0.5, None, 0.9, 0.5, -1.0, None, 0.0, 0.9, 0.2]
+
+
+@pytest.mark.parametrize("top_k", [None, 0, 1, 3, 100])
+@pytest.mark.parametrize("score_threshold", [None, 0.0, 0.5, 2.0])
+def test_positions_are_those_select_top_keeps_in_its_order(top_k: int | None, score_threshold: float | None) -> None:
+    docs = [Document(id=str(i), score=score) for i, score in enumerate(SCORES)]
+    positions = select_top_positions(SCORES, top_k=top_k, score_threshold=score_threshold)
+    kept = select_top(docs, top_k=top_k, score_threshold=score_threshold)
+    assert [docs[i] for i in positions] == kept
+    assert all(a is b for a, b in zip([docs[i] for i in positions], kept, strict=True))
+
+
+def test_ties_keep_the_incoming_order_and_unscored_come_last() -> None:
+    assert select_top_positions(SCORES, top_k=None, score_threshold=None) == [2, 7, 0, 3, 8, 6, 4, 1, 5]
+    assert select_top_positions(SCORES, top_k=2, score_threshold=0.5) == [2, 7]
+    assert select_top_positions([], top_k=3, score_threshold=None) == []
