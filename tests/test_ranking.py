@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import pytest
 from haystack import Document
 
-from haystack_integrations.common.multimodal_rag.numerics.ranking import select_top, select_top_positions
+from haystack_integrations.common.multimodal_rag.numerics.ranking import rescored, select_top, select_top_positions
 
 SCORES = [0.5, None, 0.9, 0.5, -1.0, None, 0.0, 0.9, 0.2]
 
@@ -24,3 +27,24 @@ def test_ties_keep_the_incoming_order_and_unscored_come_last() -> None:
     assert select_top_positions(SCORES, top_k=None, score_threshold=None) == [2, 7, 0, 3, 8, 6, 4, 1, 5]
     assert select_top_positions(SCORES, top_k=2, score_threshold=0.5) == [2, 7]
     assert select_top_positions([], top_k=3, score_threshold=None) == []
+
+
+def test_rescored_copy_equals_dataclasses_replace() -> None:
+    from haystack.dataclasses import ByteStream
+
+    doc = Document(
+        id="x",
+        content="text",
+        blob=ByteStream(b"abc", mime_type="image/png"),
+        meta={"modality": "text", "dense_score": 0.5},
+        score=0.5,
+        embedding=[0.1, 0.2],
+    )
+    before = copy.deepcopy(doc)
+    meta = {**doc.meta, "fused_score": 0.7}
+    fast = rescored(doc, 0.7, meta)
+    assert fast == dataclasses.replace(doc, score=0.7, meta=meta)
+    assert type(fast) is Document
+    assert fast.to_dict() == dataclasses.replace(doc, score=0.7, meta=meta).to_dict()
+    assert doc == before
+    assert fast is not doc

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from haystack import Document
 
@@ -19,6 +19,29 @@ CROSS_ENCODER_SCORE_META_KEY = "cross_encoder_score"
 CALIBRATED_DENSE_SCORE_META_KEY = "calibrated_dense_score"
 CALIBRATED_LATE_SCORE_META_KEY = "calibrated_late_interaction_score"
 FUSED_SCORE_META_KEY = "fused_score"
+
+
+def rescored(doc: Document, score: float | None, meta: dict[str, Any]) -> Document:
+    """
+    A new Document equal to `dataclasses.replace(doc, score=score, meta=meta)`; `doc` is not modified.
+
+    For rankers that give many candidates a new score: `replace()` re-runs `Document.__init__`, `__post_init__`
+    and Haystack's mutation tracking, ~4-10 us per document (4 ms for 1000 candidates on a 2-vCPU VM), ten times
+    this copy. The fields `__post_init__` derives (the id) are already final in `doc`, so copying its instance
+    dict and swapping the two fields builds the same Document, sharing content, blob and embeddings exactly as
+    `replace()` does. Pinned by `test_rescored_copy_equals_dataclasses_replace` (tests/test_ranking.py).
+
+    :param doc: The document to copy.
+    :param score: The copy's score.
+    :param meta: The copy's meta (used as given, not copied).
+    :returns: The new Document.
+    """
+    new = object.__new__(type(doc))
+    fields = new.__dict__
+    fields.update(doc.__dict__)
+    fields["score"] = score
+    fields["meta"] = meta
+    return new
 
 
 def check_top_k_and_threshold(top_k: int | None, score_threshold: float | None) -> None:

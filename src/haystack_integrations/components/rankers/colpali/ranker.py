@@ -6,7 +6,6 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +38,7 @@ from haystack_integrations.common.multimodal_rag.numerics.ranking import (
     LATE_INTERACTION_SCORE_META_KEY,
     call_top_k_and_threshold,
     check_top_k_and_threshold,
+    rescored,
     select_top_positions,
 )
 from haystack_integrations.common.multimodal_rag.validation import check_int, check_positive_int, check_query
@@ -106,8 +106,8 @@ def _rescore_and_select(
     A candidate with a finite raw MaxSim in `late` gets it as its score (divided by `n_query_tokens` when
     `normalize`) and the raw value in its meta; a non-finite one gets no score; one missing from `late` keeps its
     score. Every returned candidate's meta keeps its incoming score as `dense_score` (unless set). The scores are
-    selected first and new Documents built only for the kept ones: a Document costs ~10 us to construct, and
-    `top_k` often keeps few of ~1000 candidates.
+    selected first and new Documents built only for the kept ones (`top_k` often keeps few of ~1000
+    candidates), with `rescored` rather than `dataclasses.replace` (ten times cheaper, the same Document).
     """
     raws: list[float | None] = []
     scores: list[float | None] = []
@@ -127,7 +127,7 @@ def _rescore_and_select(
         meta.setdefault(DENSE_SCORE_META_KEY, doc.score)
         if raw is not None and math.isfinite(raw):
             meta[LATE_INTERACTION_SCORE_META_KEY] = raw
-        ranked.append(replace(doc, score=scores[i], meta=meta))
+        ranked.append(rescored(doc, scores[i], meta))
     return ranked
 
 
