@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 
 import numpy as np
@@ -11,7 +10,7 @@ from haystack import Document, Pipeline
 from haystack_integrations.common.multimodal_rag.numerics.ranking import select_top
 from haystack_integrations.components.monitors.alignment_drift import AlignmentDriftMonitor
 from haystack_integrations.components.rankers.modality_calibration import ModalityScoreCalibrator
-from haystack_integrations.components.rankers.modality_calibration.calibrator import MAX_RULE_QUERY_CHARS, _rescored
+from haystack_integrations.components.rankers.modality_calibration.calibrator import MAX_RULE_QUERY_CHARS
 
 
 def _doc(doc_id: str, modality: str, dense: float | None, late: float | None = None, **meta) -> Document:
@@ -252,27 +251,6 @@ def test_rules_see_a_bounded_prefix_so_a_huge_query_cannot_hang() -> None:
     # A keyword after the first MAX_RULE_QUERY_CHARS characters is not seen (documented).
     assert calibrator.alpha_for("x " * (MAX_RULE_QUERY_CHARS // 2) + "chart") == 0.5
     assert calibrator.alpha_for("x " * 10 + "chart") == 0.85
-
-
-def test_rescored_copy_equals_dataclasses_replace() -> None:
-    from haystack.dataclasses import ByteStream
-
-    doc = Document(
-        id="x",
-        content="text",
-        blob=ByteStream(b"abc", mime_type="image/png"),
-        meta={"modality": "text", "dense_score": 0.5},
-        score=0.5,
-        embedding=[0.1, 0.2],
-    )
-    before = copy.deepcopy(doc)
-    meta = {**doc.meta, "fused_score": 0.7}
-    fast = _rescored(doc, 0.7, meta)
-    assert fast == dataclasses.replace(doc, score=0.7, meta=meta)
-    assert type(fast) is Document
-    assert fast.to_dict() == dataclasses.replace(doc, score=0.7, meta=meta).to_dict()
-    assert doc == before
-    assert fast is not doc
 
 
 def test_ranking_matches_the_shared_select_top_rule_with_ties_and_unscored_documents() -> None:

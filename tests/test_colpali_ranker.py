@@ -310,6 +310,49 @@ def test_by_default_every_candidate_passes_so_text_is_not_cut_against_pages(
     assert ColPaliRanker.from_dict(ranker.to_dict()).top_k is None
 
 
+def test_top_k_and_threshold_return_exactly_the_head_of_the_full_ranking_and_leave_inputs_alone(
+    tiny_colqwen2: str,
+) -> None:
+    # The ranker selects on the new scores before building Documents for the kept candidates only: what it returns
+    # must be the full ranking's head (ids, scores, meta), ties in incoming order, unscored candidates last.
+    rng = np.random.default_rng(40)
+    n_pages, dim = 120, 128
+    pages = {f"page-{i:03d}": rng.standard_normal((3 + i % 5, dim)).astype(np.float32) for i in range(n_pages)}
+    best = rng.standard_normal((4, dim)).astype(np.float32) * 10
+    pages["page-007"] = pages["page-003"] = best  # a tie for first place: page-003 comes later in the input
+    store = InMemoryMultiVectorStore(dtype="float32")
+    store.write(pages)
+    docs = [Document(id=doc_id, meta={"modality": "page", "n": i}, score=i / 1000) for i, doc_id in enumerate(pages)]
+    docs[7], docs[3] = docs[3], docs[7]  # page-007 now precedes page-003
+    # Text candidates keep their incoming score; those without one rank last.
+    docs += [Document(content=f"passage {i}", meta={"modality": "text"}, score=[0.2, None][i % 2]) for i in range(20)]
+    before = copy.deepcopy(docs)
+    query = rng.standard_normal((6, dim)).astype(np.float32).tolist()
+    ranker = ColPaliRanker(tiny_colqwen2, multivector_store=store, device=CPU)
+    full = ranker.run(documents=docs, query_multivector_embedding=query)["documents"]
+    assert len(full) == len(docs)
+    assert [d.id for d in full[:2]] == ["page-007", "page-003"]
+    assert full[-1].score is None
+
+    def summary(ranked: list[Document]) -> list[tuple[str, float | None, dict]]:
+        return [(d.id, d.score, d.meta) for d in ranked]
+
+    top2 = ranker.run(documents=docs, query_multivector_embedding=query, top_k=2)["documents"]
+    assert summary(top2) == summary(full[:2])
+    cut = full[40].score
+    assert cut is not None
+    above = [d for d in full if d.score is not None and d.score >= cut]
+    for top_k in (2, None):
+        kept = ranker.run(documents=docs, query_multivector_embedding=query, top_k=top_k, score_threshold=cut)
+        assert summary(kept["documents"]) == summary(above if top_k is None else above[:top_k])
+    assert ranker.run(documents=docs, query_multivector_embedding=query, top_k=2, score_threshold=1e9) == {
+        "documents": []
+    }
+    assert docs == before  # not mutated
+    assert [d.meta for d in docs] == [d.meta for d in before]
+    assert all(out is not doc for out in [*full, *top2] for doc in docs)
+
+
 def test_read_through_pages_are_pooled_like_the_stored_ones(
     tiny_colqwen2: str, pages_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -230,3 +230,47 @@ def test_a_downscale_the_gpu_resize_refuses_is_preprocessed_on_the_host(
     vectors = encoder.embed_image_inputs(inputs, normalize=True)
     assert vectors.shape[0] == 1
     assert np.isfinite(vectors).all()
+
+
+@pytest.mark.parametrize("cat_runs", [0, 16], ids=["index_select", "cat"])
+def test_cached_pages_gathered_on_cuda_are_the_stored_rows_and_score_on_another_stream(
+    cat_runs: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Hits gathered as a view of one block, a few runs, and many runs (index_select on the device), then scored on
+    # a side stream: `ready` must order the scoring after the uploads and the copy.
+    from haystack_integrations.common.multimodal_rag.numerics import page_cache
+    from haystack_integrations.common.multimodal_rag.numerics.maxsim import maxsim_staged
+    from haystack_integrations.testing.multimodal_rag.reference import maxsim_reference
+
+    monkeypatch.setattr(page_cache, "_CAT_RUNS", cat_runs)  # 0: every multi-run gather takes the index path
+    rng = np.random.default_rng(5)
+    ids = [f"p{i:02d}" for i in range(60)]
+    store = InMemoryMultiVectorStore()
+    store.write({doc_id: rng.standard_normal((1 + i % 9, 128)).astype(np.float32) for i, doc_id in enumerate(ids)})
+    cache = page_cache.DevicePageCache(1 << 24)
+    device = torch.device("cuda", 0)
+    for upload in (ids[:20], ids[20:40], ids[40:]):
+        cache.stage(store, upload, device)
+    query = torch.randn(8, 128, generator=torch.Generator().manual_seed(6))
+    side = torch.cuda.Stream(device)
+    for wanted in (ids[20:40], list(reversed(ids)), [doc_id for i, doc_id in enumerate(ids) if i % 3]):
+        found, parts = cache.stage(store, wanted, device)
+        assert sorted(found) == sorted(wanted)
+        assert len(parts) == 1  # every page was cached
+        part = parts[0]
+        assert part.packed.device.type == "cuda"
+        assert part.ready is not None
+        assert part.device_lengths.tolist() == list(part.lengths)
+        with torch.cuda.stream(side):
+            scores = maxsim_staged(query, part)
+        side.synchronize()
+        stored = store.get(found)
+        rows = part.packed.float().cpu().numpy()
+        start = 0
+        for doc_id, length in zip(found, part.lengths, strict=True):
+            np.testing.assert_array_equal(rows[start : start + length], stored[doc_id].astype(np.float32))
+            start += length
+        expected = maxsim_reference(query.numpy(), [stored[doc_id].astype(np.float32) for doc_id in found])
+        np.testing.assert_allclose(scores.cpu().numpy(), expected, rtol=1e-3, atol=1e-3)
+        if wanted == ids[20:40]:  # one whole block: a view of it, no copy
+            assert part.packed.data_ptr() == cache._entries["p20"].block.packed.data_ptr()

@@ -59,6 +59,114 @@ def _assert_serves(store: Any, found: list[str], parts: list[StagedPages]) -> No
         np.testing.assert_array_equal(rows, stored[doc_id].astype(np.float32))
 
 
+def _ragged_store(n: int = 40) -> tuple[InMemoryMultiVectorStore, list[str]]:
+    """`n` pages of 1 to 12 vectors (one-vector pages included), ids p00, p01, ..."""
+    rng = np.random.default_rng(30)
+    ids = [f"p{i:02d}" for i in range(n)]
+    store = InMemoryMultiVectorStore()
+    store.write({doc_id: rng.standard_normal((1 + i % 12, DIM)).astype(np.float32) for i, doc_id in enumerate(ids)})
+    return store, ids
+
+
+def _fill(cache: DevicePageCache, store: Any, uploads: list[list[str]]) -> None:
+    for ids in uploads:
+        cache.stage(store, ids, CPU)
+
+
+def _partly_evicted(store: Any, ids: list[str]) -> DevicePageCache:
+    """
+    A cache of four uploads of 10 pages (A, B, C, D) whose budget is one byte short of the corpus: A and B keep
+    only the pages used again after their upload (ids 3-6 and 12-16), C is evicted whole, D stays whole.
+    """
+    rows = sum(len(page) for page in store.get(ids).values())
+    cache = DevicePageCache(rows * DIM * 2 - 1)
+    _fill(cache, store, [ids[:10], ids[10:20], ids[20:30]])
+    _fill(cache, store, [ids[3:7], ids[12:17]])  # used again: newest
+    _fill(cache, store, [ids[30:]])  # over budget: the oldest pages go until a whole block (C) is freed
+    assert cache.nbytes <= cache.max_bytes
+    return cache
+
+
+@pytest.mark.parametrize("cat_runs", [0, 16, 1000], ids=["index_select", "default", "cat"])
+@pytest.mark.parametrize(
+    "scenario",
+    ["one_block_in_order", "one_block_out_of_order", "several_blocks", "partial_blocks_after_evictions", "one_page"],
+)
+def test_cached_hits_are_served_exactly_as_stored_however_they_sit_in_the_cache(
+    scenario: str, cat_runs: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from haystack_integrations.common.multimodal_rag.numerics import page_cache
+
+    monkeypatch.setattr(page_cache, "_CAT_RUNS", cat_runs)  # 0: every multi-run gather takes the index path
+    stored, ids = _ragged_store()
+    store = _CountingStore(stored)  # the cache's owner: filled and asked through the same object
+    rng = np.random.default_rng(31)
+    shuffled = [ids[i] for i in rng.permutation(len(ids))]
+    cache = DevicePageCache(1 << 20)
+    if scenario == "one_block_in_order":
+        _fill(cache, store, [ids])
+        query = ids
+    elif scenario == "one_block_out_of_order":
+        _fill(cache, store, [ids])
+        query = [doc_id for doc_id in shuffled if doc_id not in {"p03", "p04", "p17", "p30"}]  # gaps: several runs
+    elif scenario == "several_blocks":
+        _fill(cache, store, [shuffled[:10], ids[10:20], shuffled[20:35]])
+        query = [*shuffled[:30], "unknown"]  # some cached in each block, some to fetch, one without vectors
+    elif scenario == "partial_blocks_after_evictions":
+        cache = _partly_evicted(store, ids)
+        query = shuffled
+    else:  # one page per upload: as many blocks as pages
+        _fill(cache, store, [[doc_id] for doc_id in ids])
+        query = shuffled
+    store.asked.clear()
+    cached = [doc_id for doc_id in query if doc_id in cache._entries]
+    found, parts = cache.stage(store, query, CPU)
+    assert sorted(store.asked) == sorted(doc_id for doc_id in query if doc_id not in cached)
+    assert sorted(found) == sorted(doc_id for doc_id in query if doc_id != "unknown")
+    assert sorted(found[: len(cached)]) == sorted(cached)  # cached pages first
+    _assert_serves(stored, found, parts)
+    for part in parts:
+        assert part.device_lengths.tolist() == list(part.lengths)
+        assert part.packed.shape[0] == sum(part.lengths)
+    if scenario == "one_block_in_order":  # every page, in upload order: the block itself, not a copy
+        block = cache._entries["p00"].block.packed
+        assert parts[0].packed.data_ptr() == block.data_ptr()
+        assert parts[0].packed.shape == block.shape
+
+
+def test_pages_left_in_partly_evicted_blocks_are_served_by_block_then_row() -> None:
+    stored, ids = _ragged_store()
+    store = _CountingStore(stored)
+    cache = _partly_evicted(store, ids)
+    assert sorted(cache._entries) == [*ids[3:7], *ids[12:17], *ids[30:]]
+    store.asked.clear()
+    found, parts = cache.stage(store, list(reversed(ids)), CPU)
+    assert found[:19] == [*ids[3:7], *ids[12:17], *ids[30:]]  # blocks in upload order, rows in block order
+    assert sorted(store.asked) == sorted([*ids[:3], *ids[7:12], *ids[17:30]])
+    assert len(parts) == 2
+    _assert_serves(stored, found, parts)
+
+
+def test_gathered_blocks_of_different_dtypes_are_packed_as_float32(monkeypatch: pytest.MonkeyPatch) -> None:
+    from haystack_integrations.common.multimodal_rag.numerics import page_cache
+
+    half = page_cache._Block(torch.randn(6, DIM).half(), None, live=2)
+    full = page_cache._Block(torch.randn(5, DIM), None, live=2)
+    entries = [
+        page_cache._Entry(half, 0, 2),
+        page_cache._Entry(full, 3, 2),
+        page_cache._Entry(half, 4, 2),
+        page_cache._Entry(full, 0, 3),
+    ]
+    expected = torch.cat([half.packed[0:2].float(), full.packed[3:5], half.packed[4:6].float(), full.packed[0:3]])
+    for cat_runs in (0, 16):
+        monkeypatch.setattr(page_cache, "_CAT_RUNS", cat_runs)
+        staged = page_cache._gather(entries, CPU)
+        assert staged.packed.dtype == torch.float32
+        torch.testing.assert_close(staged.packed, expected, rtol=0, atol=0)
+        assert (staged.lengths, staged.device_lengths.tolist()) == ((2, 2, 2, 3), [2, 2, 2, 3])
+
+
 def test_pages_ranked_again_come_from_the_cache_and_score_the_same() -> None:
     store = InMemoryMultiVectorStore()
     store.write(_pages(0, ["a", "b", "c"]))
@@ -67,7 +175,7 @@ def test_pages_ranked_again_come_from_the_cache_and_score_the_same() -> None:
     assert counting.asked == ["a", "b", "c"]
     found, parts = cache.stage(counting, ["c", "a", "x"], CPU)  # x has no vectors
     assert counting.asked == ["a", "b", "c", "x"]  # only the unknown id was fetched again
-    assert found == ["c", "a"]
+    assert found == ["a", "c"]  # cached pages come in the order they sit in the cache (here: their upload's)
     assert (cache.hits, cache.misses) == (2, 4)
     _assert_serves(store, found, parts)
     query = torch.randn(4, DIM)
@@ -192,14 +300,9 @@ def test_another_store_does_not_see_the_first_stores_pages() -> None:
     _assert_serves(second, found, parts)
 
 
-def test_a_gathered_part_on_cuda_carries_an_event_recorded_after_its_copy(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The cached pages are copied together on the fetch thread's current stream, but scored on the scoring
-    # thread's, which can be another stream: the part must carry a `ready` event (recorded on the copying stream
-    # after the copy) so that `maxsim_staged` waits for it and keeps the memory from reuse. Faked CUDA objects:
-    # the order of the stream calls is what is checked.
+def _fake_cuda(monkeypatch: pytest.MonkeyPatch, calls: list[tuple[str, Any]]) -> tuple[Any, type]:
+    """Fake CUDA streams and events that log their calls into `calls` (on CPU tensors); returns (stream, Event)."""
     from haystack_integrations.common.multimodal_rag.numerics import page_cache
-
-    calls: list[tuple[str, Any]] = []
 
     class FakeEvent:
         def record(self, stream: Any) -> None:
@@ -210,24 +313,63 @@ def test_a_gathered_part_on_cuda_carries_an_event_recorded_after_its_copy(monkey
             calls.append(("wait", event))
 
     stream = FakeStream()
-    real_stage = page_cache.stage_pages
+    real_serve = page_cache._serve_runs
 
-    def stage_on_cpu(pages: Any, *, device: Any) -> StagedPages:
-        calls.append(("copy", device.type))
-        return real_stage(pages, device=CPU)
+    def serve(runs: Any, lengths: Any) -> Any:
+        calls.append(("copy", len(runs)))
+        return real_serve(runs, lengths)
 
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream)
     monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
     monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, s: calls.append(("record_stream", s)))
-    monkeypatch.setattr(page_cache, "stage_pages", stage_on_cpu)
-    upload = FakeEvent()
+    monkeypatch.setattr(page_cache, "_serve_runs", serve)
+    return stream, FakeEvent
+
+
+def test_a_gathered_part_on_cuda_carries_an_event_recorded_after_its_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The cached pages are copied together on the fetch thread's current stream, but scored on the scoring
+    # thread's, which can be another stream: the part must carry a `ready` event (recorded on the copying stream
+    # after the copy) so that `maxsim_staged` waits for it and keeps the memory from reuse. Faked CUDA objects:
+    # the order of the stream calls is what is checked.
+    from haystack_integrations.common.multimodal_rag.numerics import page_cache
+
+    calls: list[tuple[str, Any]] = []
+    stream, fake_event = _fake_cuda(monkeypatch, calls)
+    upload = fake_event()
     block = page_cache._Block(torch.arange(2 * 3 * DIM, dtype=torch.float32).view(6, DIM), upload, live=2)
     entries = [page_cache._Entry(block, 3, 3), page_cache._Entry(block, 0, 3)]
     staged = page_cache._gather(entries, torch.device("cuda", 0))
-    assert calls == [("wait", upload), ("record_stream", stream), ("copy", "cuda"), ("record", stream)]
-    assert isinstance(staged.ready, FakeEvent)
+    assert calls == [("wait", upload), ("record_stream", stream), ("copy", 2), ("record", stream)]
+    assert isinstance(staged.ready, fake_event)
     torch.testing.assert_close(staged.packed, torch.cat([block.packed[3:], block.packed[:3]]))
     assert staged.lengths == (3, 3)
+    assert staged.device_lengths.tolist() == [3, 3]
+
+
+def test_a_single_run_on_cuda_is_a_view_of_its_block_that_still_carries_the_waits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # No copy, but the scorer must still wait for the block's upload (through `ready`, recorded after this stream
+    # waited for it) and record its use of the block's memory (`maxsim_staged` records `packed`: the view's
+    # storage is the block's).
+    from haystack_integrations.common.multimodal_rag.numerics import page_cache
+
+    calls: list[tuple[str, Any]] = []
+    stream, fake_event = _fake_cuda(monkeypatch, calls)
+    upload = fake_event()
+    block = page_cache._Block(torch.arange(3 * 4 * DIM, dtype=torch.float16).view(12, DIM), upload, live=3)
+    entries = [page_cache._Entry(block, 4, 4), page_cache._Entry(block, 8, 4)]
+    staged = page_cache._gather(entries, torch.device("cuda", 0))
+    assert calls == [("wait", upload), ("record_stream", stream), ("copy", 1), ("record", stream)]
+    assert isinstance(staged.ready, fake_event)
+    assert staged.packed.untyped_storage().data_ptr() == block.packed.untyped_storage().data_ptr()
+    assert staged.packed.data_ptr() == block.packed[4].data_ptr()
+    torch.testing.assert_close(staged.packed, block.packed[4:])
+    assert (staged.lengths, staged.device_lengths.tolist()) == ((4, 4), [4, 4])
+    calls.clear()
+    other = page_cache._Block(torch.zeros(2, DIM, dtype=torch.float16), fake_event(), live=1)
+    page_cache._gather([page_cache._Entry(block, 0, 4), page_cache._Entry(other, 0, 2)], torch.device("cuda", 0))
+    assert [name for name, _ in calls] == ["wait", "record_stream", "wait", "record_stream", "copy", "record"]
 
 
 def test_running_out_of_device_memory_empties_the_cache_halves_its_budget_and_retries(

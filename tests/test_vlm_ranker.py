@@ -351,6 +351,29 @@ def test_top_k_threshold_and_empty_query(tiny_monoqwen: str, candidates: list[Do
         ranker.run(query="  ", documents=candidates)
 
 
+def test_top_k_returns_exactly_the_head_of_the_full_ranking_over_many_unjudged_candidates(
+    tiny_monoqwen: str, candidates: list[Document]
+) -> None:
+    # The unjudged candidates are copied only when top_k returns them: the result must be the full ranking's head.
+    texts = [
+        Document(id=f"t{i:02d}", content=f"passage {i}", score=[0.1 + i / 100, None][i % 3 == 0]) for i in range(40)
+    ]
+    docs = [*candidates, *texts]
+    before = copy.deepcopy(docs)
+    ranker = VisionLanguageRanker(tiny_monoqwen, max_candidates=3)
+    full = ranker.run(query="q", documents=docs)["documents"]
+    assert len(full) == len(docs)
+    assert sum("cross_encoder_score" in d.meta for d in full) == 3
+
+    def summary(ranked: list[Document]) -> list[tuple[str, float | None, dict]]:
+        return [(d.id, d.score, d.meta) for d in ranked]
+
+    for top_k in (1, 3, 4, 10, len(docs) - 1):
+        assert summary(ranker.run(query="q", documents=docs, top_k=top_k)["documents"]) == summary(full[:top_k])
+    assert docs == before
+    assert [d.meta for d in docs] == [d.meta for d in before]
+
+
 def test_input_is_not_mutated(tiny_monoqwen: str, candidates: list[Document]) -> None:
     before = copy.deepcopy(candidates)
     VisionLanguageRanker(tiny_monoqwen).run(query="q", documents=candidates)

@@ -3,8 +3,8 @@
 Re-ranking 1000 candidates of 768 x 128 float16 moves 188 MiB from host memory to the GPU per query (packing into
 page-locked memory, then the copy), which costs more than the query encoding it overlaps. Queries of one
 deployment keep meeting the same hot pages, so the pages a query fetched stay on the device, in the blocks they
-were uploaded in, up to a byte budget; the next query gathers its cached pages there (one device-side copy) and
-fetches and uploads only the others.
+were uploaded in, up to a byte budget; the next query gathers its cached pages there (a view of a block when they
+are consecutive rows of it, else one device-side copy) and fetches and uploads only the others.
 
 The cache is only as current as the store says: every lookup first asks the store's `revision()` (a counter of
 changes; SQLite's `PRAGMA data_version` for commits by other connections and processes) and drops everything when
@@ -13,21 +13,29 @@ it changed, so a page re-indexed in between is never served stale. Stores withou
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections import OrderedDict
 from collections.abc import Hashable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from haystack import logging
 
-from haystack_integrations.common.multimodal_rag.numerics.maxsim import StagedPages, stage_pages
+from haystack_integrations.common.multimodal_rag.numerics.maxsim import StagedPages, stage_pages, to_device
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["DevicePageCache", "HostLookup", "HostPageCache", "stage_store_pages"]
+
+
+#: Numbers the uploads, so that cached hits are gathered block by block in a stable order.
+_BLOCK_SERIALS = itertools.count()
+#: Up to this many runs of consecutive rows, cached pages are gathered by one `torch.cat` of the runs' slices (a
+#: view and a few microseconds each); more runs take one `index_select` per block from device-built row numbers.
+_CAT_RUNS = 16
 
 
 @dataclass
@@ -37,6 +45,7 @@ class _Block:
     packed: torch.Tensor
     ready: torch.cuda.Event | None
     live: int
+    serial: int = field(default_factory=lambda: next(_BLOCK_SERIALS))
 
 
 @dataclass(frozen=True)
@@ -44,6 +53,8 @@ class _Entry:
     block: _Block
     start: int
     length: int
+    #: Sorts the entries by block (upload order), then row: `(block.serial << 32) + start` (set by the cache).
+    order: int = 0
 
 
 class _RevisionCache:
@@ -108,7 +119,8 @@ class DevicePageCache(_RevisionCache):
         :param ids: Distinct document ids.
         :param device: The scoring device.
         :returns: The ids that have stored vectors, and the staged parts holding their pages in that order
-            (cached pages first, then the fetched ones); ids without vectors are left out.
+            (cached pages first, in the order they sit in the cache, then the fetched ones in `ids` order); ids
+            without vectors are left out.
         :raises Exception: Whatever the store's `get` or `revision` raise; an out-of-memory error raised with the
             cache empty (at once, or on the retry).
         """
@@ -143,6 +155,9 @@ class DevicePageCache(_RevisionCache):
             for doc_id, _ in cached:
                 self._entries.move_to_end(doc_id)
             self.hits += len(cached)
+        # In the order the pages sit in the cache, so that pages uploaded together are gathered as runs of rows
+        # (`_gather`); `found` follows the same order, so ids and staged rows stay aligned.
+        cached.sort(key=lambda item: item[1].order)
         found: list[str] = []
         parts: list[StagedPages] = []
         if cached:
@@ -170,7 +185,7 @@ class DevicePageCache(_RevisionCache):
             start = 0
             for doc_id, length in zip(ids, staged.lengths, strict=True):
                 self._drop(doc_id)
-                self._entries[doc_id] = _Entry(block, start, length)
+                self._entries[doc_id] = _Entry(block, start, length, (block.serial << 32) + start)
                 start += length
             self._bytes += nbytes
             while self._bytes > self.max_bytes and self._entries:
@@ -186,18 +201,40 @@ class DevicePageCache(_RevisionCache):
 
 
 def _gather(entries: list[_Entry], device: torch.device) -> StagedPages:
-    """Copy cached pages into one packed tensor on their device (a device-side copy, no host transfer)."""
+    """
+    Cached pages, in the order of `entries`, packed on their device (no host transfer of page data).
+
+    Entries that are consecutive rows of one block (`DevicePageCache._stage` orders its hits by block, then row)
+    form a run, gathered whole: a single run is served as a view of its block, without a copy (the scorer only
+    reads it); several are copied into one new tensor (`_serve_runs`).
+
+    On CUDA the block was filled on the upload's side stream and the pages are scored on the scoring thread's
+    stream. This (fetch) thread's current stream waits for each block's upload and records its use of the block,
+    then `ready` is recorded on it after the copy (and the page lengths' transfer): `maxsim_staged` waits for
+    `ready` on its own stream and records its use of `packed` there. A view needs the same: waiting for `ready`
+    is what orders the scoring after the block's upload (the event is recorded after this stream's wait on the
+    upload), and recording the view's use on the scoring stream records the block's memory (a view shares its
+    storage), so an evicted block is not reused before the scoring has read it.
+    """
+    runs: list[list[Any]] = []  # [block, first row, rows]
+    for entry in entries:
+        if runs:
+            last = runs[-1]
+            if last[0] is entry.block and last[1] + last[2] == entry.start:
+                last[2] += entry.length
+                continue
+        runs.append([entry.block, entry.start, entry.length])
     current = torch.cuda.current_stream(device) if device.type == "cuda" else None
     if current is not None:
-        for block in {id(entry.block): entry.block for entry in entries}.values():
+        for block in {id(run[0]): run[0] for run in runs}.values():
             if block.ready is not None:
                 current.wait_event(block.ready)  # the upload that filled it has finished (a no-op once it has)
             # The block was allocated on the upload stream and is read on this one: its memory must not be
             # reused by the upload stream before this read is done, even if the block is evicted meanwhile.
             block.packed.record_stream(current)
-    staged = stage_pages(
-        [entry.block.packed[entry.start : entry.start + entry.length] for entry in entries], device=device
-    )
+    lengths = tuple(entry.length for entry in entries)
+    packed, device_lengths = _serve_runs(runs, lengths)
+    staged = StagedPages(packed, lengths, device_lengths)
     if current is None:
         return staged
     # The copy is queued on THIS thread's current stream (the fetch thread's), but the pages are scored on the
@@ -206,7 +243,57 @@ def _gather(entries: list[_Entry], device: torch.device) -> StagedPages:
     # there, so the caching allocator does not hand their memory out before the scoring has read it.
     ready = torch.cuda.Event()
     ready.record(current)
-    return replace(staged, ready=ready)
+    return StagedPages(packed, lengths, device_lengths, ready)
+
+
+def _serve_runs(runs: list[list[Any]], lengths: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    The rows of `runs` (`[block, first row, rows]`) packed one after the other, and `lengths` on their device.
+
+    One run: a view of its block. Up to `_CAT_RUNS` runs: a `torch.cat` of their slices. More: one `index_select`
+    per stretch of runs from one block, with row numbers built on the device from one small transfer (each run's
+    shift and row count, then the page lengths), so the host sends a few integers per run, not one per row. Blocks
+    of different dtypes are packed as float32, as `stage_pages` packs mixed pages.
+    """
+    target = runs[0][0].packed.device
+    with torch.inference_mode():
+        if len(runs) == 1:
+            block, start, rows = runs[0]
+            return block.packed[start : start + rows], to_device(_int64(lengths), target)
+        dtypes = {run[0].packed.dtype for run in runs}
+        dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+        if len(runs) <= _CAT_RUNS:
+            packed = torch.cat([block.packed[start : start + rows].to(dtype) for block, start, rows in runs])
+            return packed, to_device(_int64(lengths), target)
+        shifts: list[int] = []
+        run_rows: list[int] = []
+        stretches: list[tuple[torch.Tensor, int, int]] = []  # (block's rows, first output row, end)
+        total = 0
+        for block, start, rows in runs:
+            shifts.append(start - total)  # output row `total + j` is the block's row `start + j`
+            run_rows.append(rows)
+            if stretches and stretches[-1][0] is block.packed:
+                stretches[-1] = (block.packed, stretches[-1][1], total + rows)
+            else:
+                stretches.append((block.packed, total, total + rows))
+            total += rows
+        n_runs = len(runs)
+        small = to_device(_int64([*shifts, *run_rows, *lengths]), target)
+        source_rows = torch.arange(total, device=target) + torch.repeat_interleave(
+            small[:n_runs], small[n_runs : 2 * n_runs], output_size=total
+        )
+        packed = torch.empty((total, runs[0][0].packed.shape[1]), dtype=dtype, device=target)
+        for source, lo, hi in stretches:
+            if source.dtype == dtype:
+                torch.index_select(source, 0, source_rows[lo:hi], out=packed[lo:hi])
+            else:
+                packed[lo:hi] = source.index_select(0, source_rows[lo:hi])
+        return packed, small[2 * n_runs :]
+
+
+def _int64(values: Any) -> torch.Tensor:
+    """A host int64 tensor of `values` (through numpy: `torch.tensor` of a list costs ~0.1 us per element)."""
+    return torch.from_numpy(np.array(values, dtype=np.int64))
 
 
 def stage_store_pages(

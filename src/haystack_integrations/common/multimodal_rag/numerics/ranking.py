@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from haystack import Document
 
@@ -19,6 +19,29 @@ CROSS_ENCODER_SCORE_META_KEY = "cross_encoder_score"
 CALIBRATED_DENSE_SCORE_META_KEY = "calibrated_dense_score"
 CALIBRATED_LATE_SCORE_META_KEY = "calibrated_late_interaction_score"
 FUSED_SCORE_META_KEY = "fused_score"
+
+
+def rescored(doc: Document, score: float | None, meta: dict[str, Any]) -> Document:
+    """
+    A new Document equal to `dataclasses.replace(doc, score=score, meta=meta)`; `doc` is not modified.
+
+    For rankers that give many candidates a new score: `replace()` re-runs `Document.__init__`, `__post_init__`
+    and Haystack's mutation tracking, ~4-10 us per document (4 ms for 1000 candidates on a 2-vCPU VM), ten times
+    this copy. The fields `__post_init__` derives (the id) are already final in `doc`, so copying its instance
+    dict and swapping the two fields builds the same Document, sharing content, blob and embeddings exactly as
+    `replace()` does. Pinned by `test_rescored_copy_equals_dataclasses_replace` (tests/test_ranking.py).
+
+    :param doc: The document to copy.
+    :param score: The copy's score.
+    :param meta: The copy's meta (used as given, not copied).
+    :returns: The new Document.
+    """
+    new = object.__new__(type(doc))
+    fields = new.__dict__
+    fields.update(doc.__dict__)
+    fields["score"] = score
+    fields["meta"] = meta
+    return new
 
 
 def check_top_k_and_threshold(top_k: int | None, score_threshold: float | None) -> None:
@@ -61,6 +84,10 @@ def call_top_k_and_threshold(
     return top_k, score_threshold
 
 
+def _score_key(score: float | None) -> tuple[bool, float]:
+    return score is None, -(score or 0.0)
+
+
 def score_sort_key(document: Document) -> tuple[bool, float]:
     """
     Sort key that puts the best `score` first and documents without a score last.
@@ -68,7 +95,27 @@ def score_sort_key(document: Document) -> tuple[bool, float]:
     :param document: A document.
     :returns: The key.
     """
-    return document.score is None, -(document.score or 0.0)
+    return _score_key(document.score)
+
+
+def select_top_positions(
+    scores: Sequence[float | None], *, top_k: int | None, score_threshold: float | None
+) -> list[int]:
+    """
+    `select_top` on scores alone: the positions of the documents it keeps, in its order.
+
+    For rankers that compute new scores for many candidates but return few: they select first and build new
+    Documents only for the kept ones (a Document costs ~10 us to construct).
+
+    :param scores: One score (or `None`) per document, in the incoming order.
+    :param top_k: How many to keep; `None` keeps all.
+    :param score_threshold: Drop scores below it (and `None` ones); `None` keeps all.
+    :returns: Positions into `scores`: best first, stable, `None` last, thresholded, cut at `top_k`.
+    """
+    order = sorted(range(len(scores)), key=lambda i: _score_key(scores[i]))
+    if score_threshold is not None:
+        order = [i for i in order if (score := scores[i]) is not None and score >= score_threshold]
+    return order if top_k is None else order[:top_k]
 
 
 def select_top(documents: Sequence[Document], *, top_k: int | None, score_threshold: float | None) -> list[Document]:
@@ -80,7 +127,5 @@ def select_top(documents: Sequence[Document], *, top_k: int | None, score_thresh
     :param score_threshold: Drop documents whose score is below it (and those without a score); `None` keeps all.
     :returns: The selected documents.
     """
-    ranked = sorted(documents, key=score_sort_key)
-    if score_threshold is not None:
-        ranked = [d for d in ranked if d.score is not None and d.score >= score_threshold]
-    return ranked if top_k is None else ranked[:top_k]
+    positions = select_top_positions([d.score for d in documents], top_k=top_k, score_threshold=score_threshold)
+    return [documents[i] for i in positions]

@@ -6,7 +6,6 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +38,8 @@ from haystack_integrations.common.multimodal_rag.numerics.ranking import (
     LATE_INTERACTION_SCORE_META_KEY,
     call_top_k_and_threshold,
     check_top_k_and_threshold,
-    select_top,
+    rescored,
+    select_top_positions,
 )
 from haystack_integrations.common.multimodal_rag.validation import check_int, check_positive_int, check_query
 from haystack_integrations.document_stores.multivector.in_memory import InMemoryMultiVectorStore
@@ -89,6 +89,46 @@ def _score_fetched(
 
 
 _Fetch = tuple[Callable[[Any, Any], "dict[str, float] | None"], Future[Any]]
+
+
+def _rescore_and_select(
+    documents: list[Document],
+    late: dict[str, float],
+    *,
+    n_query_tokens: int,
+    normalize: bool,
+    top_k: int | None,
+    score_threshold: float | None,
+) -> list[Document]:
+    """
+    The candidates with their late-interaction scores, selected by `select_top`'s rule; `documents` not modified.
+
+    A candidate with a finite raw MaxSim in `late` gets it as its score (divided by `n_query_tokens` when
+    `normalize`) and the raw value in its meta; a non-finite one gets no score; one missing from `late` keeps its
+    score. Every returned candidate's meta keeps its incoming score as `dense_score` (unless set). The scores are
+    selected first and new Documents built only for the kept ones (`top_k` often keeps few of ~1000
+    candidates), with `rescored` rather than `dataclasses.replace` (ten times cheaper, the same Document).
+    """
+    raws: list[float | None] = []
+    scores: list[float | None] = []
+    for doc in documents:
+        raw = float(late[doc.id]) if doc.id in late else None
+        raws.append(raw)
+        if raw is None:
+            scores.append(doc.score)
+        elif math.isfinite(raw):
+            scores.append(raw / n_query_tokens if normalize else raw)
+        else:
+            scores.append(None)
+    ranked: list[Document] = []
+    for i in select_top_positions(scores, top_k=top_k, score_threshold=score_threshold):
+        doc, raw = documents[i], raws[i]
+        meta = dict(doc.meta)
+        meta.setdefault(DENSE_SCORE_META_KEY, doc.score)
+        if raw is not None and math.isfinite(raw):
+            meta[LATE_INTERACTION_SCORE_META_KEY] = raw
+        ranked.append(rescored(doc, scores[i], meta))
+    return ranked
 
 
 class _LRUCache:
@@ -591,17 +631,12 @@ class ColPaliRanker:
                 ids=", ".join(f"'{doc_id}'" for doc_id in corrupt),
             )
 
-        ranked: list[Document] = []
-        for doc in documents:
-            meta = dict(doc.meta)
-            meta.setdefault(DENSE_SCORE_META_KEY, doc.score)
-            score = doc.score
-            if doc.id in late:
-                raw = float(late[doc.id])
-                if math.isfinite(raw):
-                    meta[LATE_INTERACTION_SCORE_META_KEY] = raw
-                    score = raw / n_query_tokens if self.normalize_scores else raw
-                else:
-                    score = None
-            ranked.append(replace(doc, score=score, meta=meta))
-        return {"documents": select_top(ranked, top_k=top_k, score_threshold=score_threshold)}
+        ranked = _rescore_and_select(
+            documents,
+            late,
+            n_query_tokens=n_query_tokens,
+            normalize=self.normalize_scores,
+            top_k=top_k,
+            score_threshold=score_threshold,
+        )
+        return {"documents": ranked}

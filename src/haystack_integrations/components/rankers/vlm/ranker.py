@@ -676,5 +676,7 @@ class VisionLanguageRanker:
             ranked = [d for d in judged if d.score is not None and d.score >= score_threshold]
         else:
             unjudged = sorted([d for d, _ in unreadable] + rest, key=score_sort_key)
+            if top_k is not None:  # copied only when returned (a Document costs ~10 us to construct)
+                unjudged = unjudged[: max(top_k - len(judged), 0)]
             ranked = judged + [replace(d, meta={DENSE_SCORE_META_KEY: d.score, **d.meta}) for d in unjudged]
         return {"documents": ranked if top_k is None else ranked[:top_k]}
