@@ -8,6 +8,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import transformers
+from packaging.version import Version
 from PIL import Image
 
 from haystack_integrations.common.multimodal_rag.backends.colpali import (
@@ -137,7 +139,13 @@ def test_colqwen3_projects_to_320_dimensions(tiny_colpali_family: Callable[[str]
     assert LateInteractionEncoder.get(_spec(tiny_colpali_family("ColQwen3"))).dim == 320
 
 
+#: Seen on 2026-11-23: ColQwen2.5-Omni loads, embeds and ranks under transformers 5.17 (the H100 machine) and fails
+#: under 5.23 (this project's VMs and CI); the versions between were not tried, so the failure is expected from 5.23.
+_OMNI_BROKEN = Version(transformers.__version__) >= Version("5.23")
+
+
 @pytest.mark.xfail(
+    condition=_OMNI_BROKEN,
     raises=AttributeError,
     strict=True,  # passes once colpali-engine / transformers fix it: then add ColQwen2_5Omni to FAMILIES
     reason=f"colpali-engine 0.3.18 under transformers 5.23: {BROKEN_FAMILIES['ColQwen2_5Omni']}",
@@ -153,6 +161,7 @@ def test_colqwen2_5_omni_loads_embeds_and_ranks(tmp_path: Path) -> None:
     assert page.shape[1] == query.shape[1] == encoder.dim
 
 
+@pytest.mark.skipif(not _OMNI_BROKEN, reason=f"transformers {transformers.__version__} loads ColQwen2.5-Omni")
 def test_colqwen2_5_omni_fails_upstream_with_the_documented_error(tmp_path: Path) -> None:
     # Pins the exact upstream failure behind BROKEN_FAMILIES (the xfail above pins only its type). When this fails
     # with "DID NOT RAISE", move ColQwen2_5Omni from BROKEN_FAMILIES to FAMILIES.

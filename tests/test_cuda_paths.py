@@ -274,3 +274,25 @@ def test_cached_pages_gathered_on_cuda_are_the_stored_rows_and_score_on_another_
         np.testing.assert_allclose(scores.cpu().numpy(), expected, rtol=1e-3, atol=1e-3)
         if wanted == ids[20:40]:  # one whole block: a view of it, no copy
             assert part.packed.data_ptr() == cache._entries["p20"].block.packed.data_ptr()
+
+
+def test_batches_queued_without_waiting_give_the_synchronous_embeddings(tiny_siglip: str) -> None:
+    from PIL import Image
+
+    from haystack_integrations.common.multimodal_rag.backends.dense import DenseEncoder
+
+    encoder = DenseEncoder.get(
+        LoadSpec(
+            model=tiny_siglip, component="t", device="cuda:0", token=None, local_files_only=True, model_kwargs=None
+        )
+    )
+    rng = np.random.default_rng(1)
+    batches = [
+        [Image.fromarray(rng.integers(0, 255, (60 + 4 * i, 80, 3), dtype=np.uint8)) for i in range(b, b + 3)]
+        for b in range(0, 9, 3)
+    ]
+    expected = [encoder.embed_image_inputs(encoder.image_inputs(images), normalize=True) for images in batches]
+    pending = [encoder.start_embedding(encoder.image_inputs(images), normalize=True) for images in batches]
+    for want, queued in zip(expected, pending, strict=True):
+        np.testing.assert_array_equal(queued.result(), want)
+        np.testing.assert_array_equal(queued.result(), want)  # a second call returns the same array

@@ -168,8 +168,10 @@ def test_the_processor_prepares_the_next_batch_while_the_model_runs(
     single = VisionLanguageRanker(tiny_monoqwen, max_candidates=len(many), batch_size=1)
     reference = {d.id: d for d in single.run(query="revenue", documents=many)["documents"]}
     assert len(reference) == len(pipelined)
+    # Batches of 4 (left-padded) against batches of 1: float32 kernels of other shapes round differently; on the
+    # H100 machine's 16-core host CPU the scores differed by up to 1.3e-4 (2026-11-23), on the 2-vCPU VM by < 1e-4.
     for doc in pipelined:
-        assert doc.score == pytest.approx(reference[doc.id].score, abs=1e-4)
+        assert doc.score == pytest.approx(reference[doc.id].score, abs=5e-4)
         assert ("cross_encoder_score" in doc.meta) == ("cross_encoder_score" in reference[doc.id].meta)
 
 

@@ -262,7 +262,6 @@ class DenseEncoder(CachedModel):
             for key, value in inputs.items()
         }
 
-    @torch.inference_mode()
     def embed_image_inputs(self, inputs: dict[str, Any], *, normalize: bool) -> np.ndarray:
         """
         Embed a batch `image_inputs` prepared.
@@ -270,6 +269,22 @@ class DenseEncoder(CachedModel):
         :param inputs: From `image_inputs`.
         :param normalize: L2-normalise each embedding.
         :returns: `float32` array of shape `(batch, dim)`.
+        """
+        return self.start_embedding(inputs, normalize=normalize).result()
+
+    @torch.inference_mode()
+    def start_embedding(self, inputs: dict[str, Any], *, normalize: bool) -> PendingEmbeddings:
+        """
+        Queue the embedding of a batch `image_inputs` prepared, without waiting for the GPU.
+
+        On CUDA the forward pass and a non-blocking copy of the embeddings into page-locked host memory are queued
+        and the call returns, so the caller can queue the next batch while this one runs (waiting for each batch's
+        result before queueing the next left the GPU idle while the host launched the next forward). Elsewhere the
+        result is computed at once.
+
+        :param inputs: From `image_inputs`.
+        :param normalize: L2-normalise each embedding.
+        :returns: The batch's pending result; `result()` gives the `float32` `(batch, dim)` array.
         """
         non_blocking = self.device.startswith("cuda")
         ready = inputs.get(_READY)
@@ -286,8 +301,16 @@ class DenseEncoder(CachedModel):
                 if value.is_floating_point():
                     value = value.to(self.dtype)
             kwargs[key] = value
-        features = _pooled(self.model.get_image_features(**kwargs))
-        return self._finish(features, normalize)
+        features = _pooled(self.model.get_image_features(**kwargs)).float()
+        if normalize:
+            features = torch.nn.functional.normalize(features, p=2, dim=-1)
+        if not features.is_cuda:
+            return PendingEmbeddings(features.numpy(), None)
+        host = torch.empty(features.shape, dtype=torch.float32, pin_memory=True)
+        host.copy_(features, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return PendingEmbeddings(host, done)
 
     def embed_images(self, images: list[Image.Image], *, normalize: bool) -> np.ndarray:
         """
@@ -307,6 +330,23 @@ class DenseEncoder(CachedModel):
         if normalize:
             features = torch.nn.functional.normalize(features, p=2, dim=-1)
         return features.cpu().numpy()
+
+
+class PendingEmbeddings:
+    """A batch's embeddings being copied back from the GPU (`DenseEncoder.start_embedding`)."""
+
+    def __init__(self, values: np.ndarray | torch.Tensor, done: torch.cuda.Event | None) -> None:
+        self._values = values
+        self._done = done
+
+    def result(self) -> np.ndarray:
+        """Wait for the batch (if it still runs) and return its `float32` `(batch, dim)` embeddings."""
+        if self._done is not None:
+            self._done.synchronize()
+            self._done = None
+        if isinstance(self._values, torch.Tensor):
+            self._values = self._values.numpy()
+        return self._values
 
 
 def _lowercases_itself(tokenizer: Any) -> bool:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import replace
 from typing import Any
 
@@ -9,7 +10,7 @@ from haystack.document_stores.types import DocumentStore
 from haystack.utils import ComponentDevice, Secret
 from PIL import Image
 
-from haystack_integrations.common.multimodal_rag.backends.dense import DenseEmbedderBase
+from haystack_integrations.common.multimodal_rag.backends.dense import DenseEmbedderBase, PendingEmbeddings
 from haystack_integrations.common.multimodal_rag.backends.loading import serialize_loading_params
 from haystack_integrations.common.multimodal_rag.index_guard import model_record
 from haystack_integrations.common.multimodal_rag.inputs.failures import validate_on_error
@@ -179,6 +180,14 @@ class MultimodalDocumentEmbedder(DenseEmbedderBase):
             return bool(run.failures) and self.on_error == "raise"
 
         embeddings: dict[int, np.ndarray] = {}
+        # Batches queued on the GPU whose embeddings are not back yet: at most two, so the next forward is queued
+        # while one runs (the GPU does not wait for the host between batches) and inputs stay bounded.
+        pending: deque[tuple[list[int], PendingEmbeddings]] = deque()
+
+        def collect(keep: int) -> None:
+            while len(pending) > keep:
+                positions, result = pending.popleft()
+                embeddings.update(zip(positions, result.result(), strict=True))
 
         def prepare(_positions: list[int], images: list[Image.Image]) -> dict[str, Any] | None:
             # The image processor runs in the background thread, beside the model's work on the previous batch.
@@ -188,8 +197,8 @@ class MultimodalDocumentEmbedder(DenseEmbedderBase):
             positions: list[int], _images: list[Image.Image], _failed: dict[int, str], inputs: dict[str, Any] | None
         ) -> dict[int, str]:
             if inputs is not None and not doomed():
-                vectors = encoder.embed_image_inputs(inputs, normalize=self.normalize_embeddings)
-                embeddings.update(zip(positions, vectors, strict=True))
+                pending.append((positions, encoder.start_embedding(inputs, normalize=self.normalize_embeddings)))
+                collect(keep=1)
             return {}
 
         text_indices = plan.indices("text")
@@ -208,6 +217,7 @@ class MultimodalDocumentEmbedder(DenseEmbedderBase):
                 embeddings.update(zip(chunk, vectors, strict=True))
                 bar.update(len(chunk))
             run.embed_image_batches(visual_indices, self.batch_size, embed_images, prepare=prepare, progress_bar=bar)
+            collect(keep=0)
         run.raise_if_failed()
         if truncated:
             shown = ", ".join(f"'{doc_id}' ({count} tokens)" for doc_id, count in truncated[:10])
