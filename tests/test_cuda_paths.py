@@ -200,8 +200,79 @@ def test_a_forward_that_cannot_be_captured_is_run_without_a_graph(caplog: pytest
     assert graphs.run(batch) is None
     assert graphs.disabled
     assert "cannot be captured as a CUDA graph" in caplog.text
-    # The device is usable afterwards.
+    # The device is usable afterwards, and this thread's work runs on its own stream again (torch.cuda.graph's
+    # __exit__ raises before restoring it when the capture failed).
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()
     assert float(torch.ones(3, device="cuda").sum()) == 3.0
+
+
+def test_padding_that_leaks_is_caught_also_when_the_first_query_fills_its_bucket() -> None:
+    table = torch.randn(100, 8, device="cuda")
+    table[0] = 10.0  # the padding token: its rows dominate any row that sees them
+
+    def leaky(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        rows = table[inputs["input_ids"]]
+        return rows + rows.mean(dim=1, keepdim=True)
+
+    graphs = QueryGraphs(leaky, device="cuda:0", pad_values={"input_ids": 0}, name="leaky-model")
+    full = {"input_ids": torch.arange(1, 33)[None], "attention_mask": torch.ones((1, 32), dtype=torch.long)}
+    assert graphs.run(full) is None  # 32 tokens pad nothing: the query alone could not show the leak
+    assert graphs.disabled
+
+
+def _toy_forward(seed: int, device: str) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+    table = torch.randn(100, 16, device=device, generator=torch.Generator(device).manual_seed(seed))
+
+    def forward(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        rows = table[inputs["input_ids"]] * inputs["attention_mask"][..., None]
+        for _ in range(200):  # many small kernels: a capture that takes a while
+            rows = torch.tanh(rows) + 0.5 * rows
+        return rows
+
+    return forward
+
+
+def test_two_models_capture_from_two_threads_at_once() -> None:
+    # torch.cuda.graph allows one capture at a time in a process (and, without a stream, captures on one shared
+    # stream): two encoders' first queries in two threads must both get working graphs.
+    import threading
+
+    forwards = [_toy_forward(seed, "cuda:0") for seed in (1, 2)]
+    graphs = [
+        QueryGraphs(f, device="cuda:0", pad_values={"input_ids": 0}, name=f"m{i}") for i, f in enumerate(forwards)
+    ]
+    batch = {"input_ids": torch.arange(1, 11)[None], "attention_mask": torch.ones((1, 10), dtype=torch.long)}
+    start = threading.Barrier(2)
+    results: dict[int, torch.Tensor | None] = {}
+
+    def first_query(i: int) -> None:
+        start.wait()
+        results[i] = graphs[i].run(batch)
+
+    threads = [threading.Thread(target=first_query, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for i, forward in enumerate(forwards):
+        assert not graphs[i].disabled
+        replayed = results[i]
+        assert replayed is not None
+        torch.testing.assert_close(replayed, forward({k: v.cuda() for k, v in batch.items()})[0])
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU")
+def test_a_model_on_another_gpu_than_the_current_one_replays_each_querys_rows() -> None:
+    # Without a capture stream on the model's device, the forward ran instead of being captured: an empty graph,
+    # and every later query of the bucket got the first query's rows.
+    forward = _toy_forward(3, "cuda:1")
+    graphs = QueryGraphs(forward, device="cuda:1", pad_values={"input_ids": 0}, name="m")
+    assert torch.cuda.current_device() == 0
+    for ids in (torch.arange(1, 11), torch.arange(20, 27)):
+        batch = {"input_ids": ids[None], "attention_mask": torch.ones((1, len(ids)), dtype=torch.long)}
+        replayed = graphs.run(batch)
+        assert replayed is not None
+        torch.testing.assert_close(replayed, forward({k: v.to("cuda:1") for k, v in batch.items()})[0])
 
 
 def test_a_downscale_the_gpu_resize_refuses_is_preprocessed_on_the_host(

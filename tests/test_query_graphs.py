@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Any
 
 import pytest
@@ -45,8 +47,10 @@ def _never_called(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
             "input_ids": torch.ones((1, BUCKETS[-1] + 1), dtype=torch.long),
             "attention_mask": torch.ones((1, BUCKETS[-1] + 1), dtype=torch.long),
         },
+        # Padded by its processor: the replay would return the padding's rows with the query's.
+        {"input_ids": torch.ones((1, 5), dtype=torch.long), "attention_mask": torch.tensor([[0, 0, 1, 1, 1]])},
     ],
-    ids=["two queries", "no attention mask", "float input", "other shape", "longer than every bucket"],
+    ids=["two queries", "no attention mask", "float input", "other shape", "longer than every bucket", "padded"],
 )
 def test_no_graph_for_what_it_cannot_replay(batch: dict[str, Any]) -> None:
     graphs = QueryGraphs(_never_called, device="cuda:0", pad_values={}, name="m")
@@ -85,3 +89,40 @@ def test_cuda_graphs_setting_round_trips_and_reaches_the_encoder(
     ColPaliTextEmbedder(tiny_colqwen2, cuda_graphs=False).run(text="q")
     ColPaliTextEmbedder(tiny_colqwen2).run(text="q")
     assert seen == [False, True]
+
+
+def test_two_threads_first_queries_share_one_set_of_graphs(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two components on one cached encoder, first queries at the same time: each thread made its own QueryGraphs,
+    # and the one assigned last replaced the other (whose captures were lost, and which could capture meanwhile).
+    from haystack_integrations.common.multimodal_rag.backends import colpali
+
+    made: list[object] = []
+
+    class SlowGraphs:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            time.sleep(0.05)  # the other thread reaches the same check meanwhile
+            made.append(self)
+
+        def run(self, batch: Any) -> None:
+            return None
+
+    monkeypatch.setattr(colpali, "QueryGraphs", SlowGraphs)
+    encoder = object.__new__(LateInteractionEncoder)
+    encoder.device = "cuda:0"
+    encoder.family = colpali.ColPaliFamily("ColQwen2", "ColQwen2Processor", "qwen2_vl")
+    encoder.processor = type("P", (), {"tokenizer": type("T", (), {"pad_token_id": 0})()})()
+    encoder.model_id = "m"
+    encoder._query_graphs = None
+    start = threading.Barrier(2)
+
+    def first_query() -> None:
+        start.wait()
+        encoder._graph_query({}, True)
+
+    threads = [threading.Thread(target=first_query) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(made) == 1
+    assert encoder._query_graphs is made[0]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import threading
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -103,6 +104,7 @@ _QUERY_PADDING_SIDE: dict[str, str] = {"ColPali": "right"}
 # PaliGemma checkpoint by up to 0.23 (unit vectors; every other family: < 1e-7 in float32), as in its training
 # batches, where queries are right-padded (see above); a single query is encoded unpadded, like colpali-engine's.
 _NO_QUERY_GRAPHS = frozenset({"ColPali"})
+_QUERY_GRAPHS_LOCK = threading.Lock()  # makes each encoder's QueryGraphs once
 
 #: Number of query augmentation tokens appended to every query (colpali-engine `process_queries`: `token * 10`,
 #: the same in every version since 0.3.0).
@@ -388,15 +390,21 @@ class LateInteractionEncoder(CachedModel):
         """One query's `(n_tokens, dim)` rows from a CUDA graph replay, or `None` where no graph applies."""
         if not cuda_graphs or not self.device.startswith("cuda") or self.family.model_class in _NO_QUERY_GRAPHS:
             return None
-        if self._query_graphs is None:
-            pad_token_id = getattr(self.processor.tokenizer, "pad_token_id", None)
-            self._query_graphs = QueryGraphs(
-                self._call_model,
-                device=self.device,
-                pad_values={"input_ids": int(pad_token_id or 0)},
-                name=self.model_id,
-            )
-        return self._query_graphs.run(batch)
+        graphs = self._query_graphs
+        if graphs is None:
+            # One per encoder, also when its first queries come from two threads at once (each would capture into
+            # its own and keep the other's graphs from being used).
+            with _QUERY_GRAPHS_LOCK:
+                if self._query_graphs is None:
+                    pad_token_id = getattr(self.processor.tokenizer, "pad_token_id", None)
+                    self._query_graphs = QueryGraphs(
+                        self._call_model,
+                        device=self.device,
+                        pad_values={"input_ids": int(pad_token_id or 0)},
+                        name=self.model_id,
+                    )
+                graphs = self._query_graphs
+        return graphs.run(batch)
 
     def _truncate_query(self, text: str, max_query_tokens: int) -> str:
         tokenizer = self.processor.tokenizer

@@ -10,10 +10,12 @@ not depend on what follows them (Qwen2/2.5-VL derive positions from the mask's c
 and Gemma3 count from the start), so the valid rows are the same function of the query as without padding. They
 are not bit-identical: bf16 kernels picked for another length round differently (on a 36-layer random-weight
 ColQwen2.5-3B-shaped model, max abs difference 0.0098 on values up to 0.32). Graphs are captured lazily, one per
-bucket and input layout, on first use; capture runs the forward four times (the last one unpadded, to check that
-the replay gives its rows) and keeps its activations' memory (tens of MiB). A model whose forward cannot be
-captured (a host synchronisation inside it), or whose valid rows change with padding, is logged once and encoded
-without graphs from then on. ColPali (PaliGemma) is such a model and is never captured (`backends/colpali.py`).
+bucket and input layout, on first use; capture runs the forward three times, then checks two replays against the
+unpadded forward (the query itself, and its first token with its second half: other tokens, at least half the
+bucket of padding) and keeps its activations' memory (tens of MiB). A model whose forward cannot be captured (a
+host synchronisation inside it), or whose valid rows change with padding, is logged once and encoded without graphs
+from then on. ColPali (PaliGemma) is such a model and is never captured (`backends/colpali.py`). One capture runs
+at a time in the process (`torch.cuda.graph` allows no more), on the model's device.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ _WARMUP_RUNS = 2  # forwards on a side stream before capture (cuBLAS/cuDNN works
 #: At capture, each valid row of the padded replay must point where the plain forward's does (bf16 rounding on a
 #: 36-layer random model: >= 0.998; a model whose padding leaks into the valid rows: far lower).
 _MIN_ROW_COSINE = 0.99
+#: `torch.cuda.graph` allows one capture at a time in a process: encoders of two models, or two threads, capture
+#: one after the other.
+_CAPTURE_LOCK = threading.Lock()
 
 
 class _Graph:
@@ -84,7 +89,8 @@ class QueryGraphs:
         The model's output rows for the query's tokens, from a graph replay; `None` where no graph applies.
 
         No graph applies to a batch of more than one query, to inputs that are not all `(1, length)` integer
-        tensors (e.g. pixel values), to a query longer than the last bucket, or once capture has failed.
+        tensors (e.g. pixel values), to a query padded by its processor (a host `attention_mask` with zeros: the
+        replay returns the first `length` rows), to a query longer than the last bucket, or once capture has failed.
 
         :param batch: The processor's batch for ONE query (host or device tensors), `attention_mask` included.
         :returns: `(length, dim)` on the device, a fresh tensor (the graph's buffers are reused by the next call).
@@ -104,6 +110,8 @@ class QueryGraphs:
                 and not value.is_complex()
             ):
                 return None
+        if mask.device.type == "cpu" and not bool(mask.all()):
+            return None
         padded = self.bucket(length)
         if padded is None:
             return None
@@ -114,12 +122,12 @@ class QueryGraphs:
                 current.wait_event(self._done)  # the previous caller's output copy (maybe on another stream)
             graph = self._graphs.get(key)
             if graph is None:
-                graph = self._capture(key, inputs, padded)
+                graph = self._capture(inputs, padded)
                 if graph is None:
                     return None
-            else:
-                self._fill(graph.inputs, inputs, length)
-                graph.graph.replay()
+                self._graphs[key] = graph
+            self._fill(graph.inputs, inputs, length)
+            graph.graph.replay()
             out = graph.output[0, :length].clone()
             self._done = torch.cuda.Event()
             self._done.record(current)
@@ -131,27 +139,36 @@ class QueryGraphs:
             buffer[0, :length].copy_(inputs[name][0], non_blocking=True)
             buffer[0, length:].fill_(self._pad_values.get(name, 0))
 
-    def _capture(self, key: tuple[Any, ...], inputs: dict[str, torch.Tensor], padded: int) -> _Graph | None:
+    def _capture(self, inputs: dict[str, torch.Tensor], padded: int) -> _Graph | None:
         length = int(inputs["attention_mask"].shape[1])
         static = {
             name: torch.zeros((1, padded), dtype=value.dtype, device=self.device) for name, value in inputs.items()
         }
-        self._fill(static, inputs, length)
         current = torch.cuda.current_stream(self.device)
         side = torch.cuda.Stream(self.device)
         try:
-            side.wait_stream(current)
-            with torch.cuda.stream(side):
-                for _ in range(_WARMUP_RUNS):
-                    self._forward(static)
-            current.wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            # thread_local: the ranker's fetch thread may upload pages meanwhile; only this thread's calls are
-            # checked for what a capture forbids.
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                output = self._forward(static)
-            graph.replay()
-            plain = self._forward({name: value.to(self.device) for name, value in inputs.items()})[0, :length]
+            with _CAPTURE_LOCK, torch.cuda.device(self.device):
+                try:
+                    self._fill(static, inputs, length)
+                    side.wait_stream(current)
+                    with torch.cuda.stream(side):
+                        for _ in range(_WARMUP_RUNS):
+                            self._forward(static)
+                    current.wait_stream(side)
+                    graph = torch.cuda.CUDAGraph()
+                    # Captured on `side`, a stream of the model's device: without `stream`, torch.cuda.graph uses one
+                    # stream per process, made on the device current at the first capture, and a forward on another
+                    # device would run instead of being captured (an empty graph: every replay returns the capture
+                    # query's rows). thread_local: the ranker's fetch thread may upload pages meanwhile; only this
+                    # thread's calls are checked for what a capture forbids.
+                    with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
+                        output = self._forward(static)
+                finally:
+                    # When the capture fails, torch.cuda.graph's __exit__ raises before it restores the stream it made
+                    # current: this thread's later work would run on the capture stream.
+                    torch.cuda.set_stream(current)
+                captured = _Graph(graph, static, output)
+                agreement = self._agreement(captured, inputs)
         except Exception as error:  # a forward with a host sync (or anything else a capture forbids)
             self._disable()
             logger.warning(
@@ -161,11 +178,8 @@ class QueryGraphs:
                 error=f"{type(error).__name__}: {error}",
             )
             return None
-        # The padded replay must give the plain forward's rows: a model that lets padding change the valid
+        # The padded replays must give the plain forward's rows: a model that lets padding change the valid
         # tokens' outputs (e.g. attention that ignores the padding mask) is encoded without graphs.
-        agreement = float(
-            torch.nn.functional.cosine_similarity(output[0, :length].float(), plain.float(), dim=-1).min()
-        )
         if not agreement >= _MIN_ROW_COSINE:
             self._disable()
             logger.warning(
@@ -175,11 +189,33 @@ class QueryGraphs:
                 agreement=agreement,
             )
             return None
-        captured = _Graph(graph, static, output)
-        self._graphs[key] = captured
         return captured
+
+    def _agreement(self, graph: _Graph, inputs: dict[str, torch.Tensor]) -> float:
+        """
+        The lowest row cosine between the graph's replays and the plain forward, for two probes of the query.
+
+        The query itself, then its first token followed by its second half: other tokens at the same positions
+        (a replay that does not recompute from its inputs returns the query's rows there) and at least half the
+        bucket of padding (the query alone pads nothing when it fills its bucket).
+        """
+        length = int(inputs["attention_mask"].shape[1])
+        half = max(length // 2, 1)
+        probes = [
+            {name: torch.cat([value[:, :1], value[:, length - half + 1 :]], dim=1) for name, value in inputs.items()}
+        ]
+        probes.append(inputs)
+        worst = 1.0
+        for probe in probes:
+            rows = int(probe["attention_mask"].shape[1])
+            self._fill(graph.inputs, probe, rows)
+            graph.graph.replay()
+            plain = self._forward({name: value.to(self.device) for name, value in probe.items()})[0, :rows]
+            cosine = torch.nn.functional.cosine_similarity(graph.output[0, :rows].float(), plain.float(), dim=-1)
+            worst = min(worst, float(cosine.min()))
+        return worst
 
     def _disable(self) -> None:
         self.disabled = True
+        torch.cuda.synchronize(self.device)  # no replay still runs when the graphs and their memory are released
         self._graphs.clear()
-        torch.cuda.synchronize(self.device)
