@@ -367,3 +367,26 @@ def test_batches_queued_without_waiting_give_the_synchronous_embeddings(tiny_sig
     for want, queued in zip(expected, pending, strict=True):
         np.testing.assert_array_equal(queued.result(), want)
         np.testing.assert_array_equal(queued.result(), want)  # a second call returns the same array
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU")
+def test_queued_batches_of_a_model_on_another_gpu_than_the_current_one_are_complete(tiny_siglip: str) -> None:
+    # The copy back is queued on cuda:1's stream: an event recorded on the current device's stream (cuda:0) let
+    # `result()` read the page-locked buffer before the copy had filled it.
+    from PIL import Image
+
+    from haystack_integrations.common.multimodal_rag.backends.dense import DenseEncoder
+
+    def encoder_on(device: str) -> DenseEncoder:
+        spec = LoadSpec(
+            model=tiny_siglip, component="test", device=device, token=None, local_files_only=True, model_kwargs=None
+        )
+        return DenseEncoder.get(spec)
+
+    on_cpu, on_gpu1 = encoder_on("cpu"), encoder_on("cuda:1")
+    assert torch.cuda.current_device() == 0
+    rng = np.random.default_rng(2)
+    batches = [[Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)) for _ in range(8)] for _ in range(3)]
+    pending = [on_gpu1.start_embedding(on_gpu1.image_inputs(images), normalize=True) for images in batches]
+    for images, result in zip(batches, pending, strict=True):
+        np.testing.assert_allclose(result.result(), on_cpu.embed_images(images, normalize=True), atol=5e-2)

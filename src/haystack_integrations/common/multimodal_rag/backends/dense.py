@@ -288,14 +288,18 @@ class DenseEncoder(CachedModel):
         """
         non_blocking = self.device.startswith("cuda")
         ready = inputs.get(_READY)
-        if ready is not None:  # prepared on the side stream: wait for it, and keep its memory until this stream is done
-            torch.cuda.current_stream().wait_event(ready)
+        # Prepared on the side stream: the model's stream waits for it and keeps its memory until done. The model's
+        # device's stream, not the current device's: a model on cuda:1 runs on cuda:1's stream.
+        stream = None
+        if ready is not None:
+            stream = torch.cuda.current_stream(torch.device(self.device))
+            stream.wait_event(ready)
         kwargs: dict[str, Any] = {}
         for key, value in inputs.items():
             if key == _READY:
                 continue
-            if ready is not None and isinstance(value, torch.Tensor) and value.is_cuda:
-                value.record_stream(torch.cuda.current_stream())
+            if stream is not None and isinstance(value, torch.Tensor) and value.is_cuda:
+                value.record_stream(stream)
             if isinstance(value, torch.Tensor):
                 value = value.to(self.device, non_blocking=non_blocking)
                 if value.is_floating_point():
@@ -307,9 +311,9 @@ class DenseEncoder(CachedModel):
         if not features.is_cuda:
             return PendingEmbeddings(features.numpy(), None)
         host = torch.empty(features.shape, dtype=torch.float32, pin_memory=True)
-        host.copy_(features, non_blocking=True)
+        host.copy_(features, non_blocking=True)  # queued on the stream of the features' device
         done = torch.cuda.Event()
-        done.record()
+        done.record(torch.cuda.current_stream(features.device))
         return PendingEmbeddings(host, done)
 
     def embed_images(self, images: list[Image.Image], *, normalize: bool) -> np.ndarray:
