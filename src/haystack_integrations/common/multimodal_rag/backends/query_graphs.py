@@ -117,6 +117,8 @@ class QueryGraphs:
             return None
         key = (padded, tuple(sorted((k, v.dtype) for k, v in inputs.items())))
         with self._lock:
+            if self.disabled:  # by another thread's failed capture while this one waited for the lock
+                return None
             current = torch.cuda.current_stream(self.device)
             if self._done is not None:
                 current.wait_event(self._done)  # the previous caller's output copy (maybe on another stream)
