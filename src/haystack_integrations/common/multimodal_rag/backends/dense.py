@@ -96,6 +96,7 @@ class DenseEncoder(CachedModel):
         self._token = token
         self._identity: dict[str, Any] | None = None
         self._stream: Any = None  # the CUDA stream of GPU preprocessing, created on first use
+        self._gpu_preprocess_failed = False  # warned once that the GPU resize refused a batch
         self.tokenizer: Any = getattr(processor, "tokenizer", None)
         self.image_processor: Any = getattr(processor, "image_processor", None)
         if self.tokenizer is None or self.image_processor is None:
@@ -249,9 +250,11 @@ class DenseEncoder(CachedModel):
                 # torch's antialiased CUDA resize refuses large downscale factors ("Too much shared memory
                 # required", e.g. a 2000 px photo for a 32 px model; seen on an H100 in the tiny quickstart): this
                 # batch is preprocessed on the host instead, the reference path (same operations).
-                logger.warning(
+                log = logger.debug if self._gpu_preprocess_failed else logger.warning  # once per encoder
+                self._gpu_preprocess_failed = True
+                log(
                     "{model}: GPU image preprocessing failed for a batch of {count} image(s) ({error}); it was "
-                    "preprocessed on the host",
+                    "preprocessed on the host (later batches try the GPU first, and are not logged again)",
                     model=self.model_id,
                     count=len(images),
                     error=f"{type(error).__name__}: {error}",

@@ -6,16 +6,17 @@ A CUDA graph captured once replays the whole forward with one launch.
 
 A graph has fixed shapes, so each query is padded on the RIGHT to a bucket length (32, 64, ... 512 tokens), with
 `attention_mask` 0 on the padding. Every supported family masks padded keys, and its valid tokens' positions do
-not depend on what follows them (Qwen2/2.5-VL derive positions from the mask's cumulative sum, PaliGemma, Idefics3
-and Gemma3 count from the start), so the valid rows are the same function of the query as without padding. They
-are not bit-identical: bf16 kernels picked for another length round differently (on a 36-layer random-weight
-ColQwen2.5-3B-shaped model, max abs difference 0.0098 on values up to 0.32). Graphs are captured lazily, one per
-bucket and input layout, on first use; capture runs the forward three times, then checks two replays against the
-unpadded forward (the query itself, and its first token with its second half: other tokens, at least half the
-bucket of padding) and keeps its activations' memory (tens of MiB). A model whose forward cannot be captured (a
-host synchronisation inside it), or whose valid rows change with padding, is logged once and encoded without graphs
-from then on. ColPali (PaliGemma) is such a model and is never captured (`backends/colpali.py`). One capture runs
-at a time in the process (`torch.cuda.graph` allows no more), on the model's device.
+not depend on what follows them (text positions count from the start, or from the mask's cumulative sum, which
+right padding leaves unchanged on the valid tokens), so the valid rows are the same function of the query as
+without padding (ColPali's are not: see below). They are not bit-identical: bf16 kernels picked for another length
+round differently (on a 36-layer random-weight ColQwen2.5-3B-shaped model, max abs difference 0.0098 on values up
+to 0.32). Graphs are captured lazily, one per bucket and input layout, on first use; capture runs the forward three
+times, then checks two replays against the unpadded forward (the query itself, and its first token with its second
+half: other tokens, at least half the bucket of padding) and keeps its activations' memory (tens of MiB). A model
+whose forward cannot be captured (a host synchronisation inside it), or whose valid rows change with padding, is
+logged once and encoded without graphs from then on. ColPali (PaliGemma) is such a model and is never captured
+(`backends/colpali.py`). One capture runs at a time in the process (`torch.cuda.graph` allows no more), on the
+model's device.
 """
 
 from __future__ import annotations
