@@ -173,6 +173,7 @@ class QueryGraphs:
                 captured = _Graph(graph, static, output)
                 agreement = self._agreement(captured, inputs)
         except Exception as error:  # a forward with a host sync (or anything else a capture forbids)
+            _reset_generator_after_failed_capture(self.device)
             self._disable()
             logger.warning(
                 "{model}: the query forward cannot be captured as a CUDA graph ({error}); queries are encoded "
@@ -222,3 +223,30 @@ class QueryGraphs:
         self.disabled = True
         torch.cuda.synchronize(self.device)  # no replay still runs when the graphs and their memory are released
         self._graphs.clear()
+
+
+def _reset_generator_after_failed_capture(device: torch.device) -> None:
+    """
+    Leave the device's default random generator usable after a capture that failed.
+
+    `torch.cuda.graph` marks the default CUDA generator as capturing when a capture begins and unmarks it only when
+    the capture ends well (CUDAGraph::capture_end calls the generator's capture_epilogue after
+    cudaStreamEndCapture, which raises for a failed capture). Left marked, every later random op on the device
+    raises "Offset increment outside graph capture encountered unexpectedly" (seen on an H100 in
+    tests/test_cuda_paths.py, torch 2.11): dropout, sampling generators, `torch.randn`. A trivial capture that ends
+    well runs the prologue and epilogue again and unmarks it; it is never replayed.
+    """
+    try:
+        with _CAPTURE_LOCK, torch.cuda.device(device):
+            current = torch.cuda.current_stream(device)
+            side = torch.cuda.Stream(device)
+            side.wait_stream(current)
+            scratch = torch.zeros(1, device=device)
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph, stream=side):
+                    scratch.add_(1)
+            finally:
+                torch.cuda.set_stream(current)
+    except Exception as error:  # nothing more to do: the caller falls back to the plain forward anyway
+        logger.debug("Could not reset the CUDA generator after a failed capture: {error}", error=error)
