@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from haystack import Document
@@ -50,3 +51,38 @@ def embed_pages(model: str, docs: list[Document], store: object, **kwargs: objec
     """Run a `ColPaliDocumentEmbedder` (progress bar off) writing to `store`."""
     kwargs.setdefault("progress_bar", False)
     return ColPaliDocumentEmbedder(model, multivector_store=store, **kwargs).run(docs)  # type: ignore[arg-type]
+
+
+def check_kept_until_the_store_changes(
+    ranker: Any, path: str, docs: list[Document], expected: list[Document], monkeypatch: pytest.MonkeyPatch
+) -> list[str]:
+    """
+    Rank `docs` twice with a caching `ranker` over the SQLite store at `path` (its `multivector_store`): the first
+    run fetches every page, the second none, both as `expected`; then another connection re-indexes the best page
+    with the worst page's vectors, and the next run fetches everything again and scores the change.
+
+    :returns: The list recording every id the store was asked for (cleared between the checks), for more checks.
+    """
+    from haystack_integrations.document_stores.multivector import SQLiteMultiVectorStore
+
+    store = ranker.multivector_store
+    asked: list[str] = []
+    real_get = store.get
+    monkeypatch.setattr(store, "get", lambda ids: (asked.extend(ids), real_get(ids))[1])
+    first = ranker.run(query="chart", documents=docs)["documents"]
+    assert sorted(asked) == sorted(d.id for d in docs)
+    asked.clear()
+    again = ranker.run(query="chart", documents=docs)["documents"]
+    assert asked == []  # every page came from the cache
+    for out in (first, again):
+        assert [d.id for d in out] == [d.id for d in expected]
+        assert [d.score for d in out] == pytest.approx([d.score for d in expected], rel=1e-5)
+    assert [d.score for d in again] == [d.score for d in first]  # cached pages score exactly as fetched ones
+    best, worst = expected[0].id, expected[-1].id
+    other = SQLiteMultiVectorStore(path)
+    other.write({best: other.get([worst])[worst]})
+    other.close()
+    changed = {d.id: d.score for d in ranker.run(query="chart", documents=docs)["documents"]}
+    assert changed[best] == pytest.approx(changed[worst], rel=1e-5)
+    assert sorted(asked) == sorted(d.id for d in docs)  # everything fetched again
+    return asked

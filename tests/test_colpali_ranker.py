@@ -23,6 +23,7 @@ from haystack_integrations.components.embedders.colpali import ColPaliDocumentEm
 from haystack_integrations.components.embedders.multimodal import MultimodalDocumentEmbedder, MultimodalTextEmbedder
 from haystack_integrations.components.rankers.colpali import ColPaliRanker
 from haystack_integrations.document_stores.multivector import InMemoryMultiVectorStore, QdrantMultiVectorStore
+from tests.colpali_fixtures import check_kept_until_the_store_changes as _check_kept_until_the_store_changes
 from tests.colpali_fixtures import embed_pages as _embed_pages
 from tests.colpali_fixtures import page_docs as _page_docs
 from tests.helpers import make_image
@@ -626,25 +627,7 @@ def test_the_gpu_path_keeps_ranked_pages_on_the_device_until_the_store_changes(
     ranker = ColPaliRanker(tiny_colqwen2, multivector_store=store)
     expected = ranker.run(query="chart", documents=docs)["documents"]
     _staging_on_cpu(ranker, monkeypatch)
-    asked: list[str] = []
-    real_get = store.get
-    monkeypatch.setattr(store, "get", lambda ids: (asked.extend(ids), real_get(ids))[1])
-    first = ranker.run(query="chart", documents=docs)["documents"]
-    assert sorted(asked) == sorted(d.id for d in docs)
-    asked.clear()
-    again = ranker.run(query="chart", documents=docs)["documents"]
-    assert asked == []  # every page came from the device cache
-    for out in (first, again):
-        assert [d.id for d in out] == [d.id for d in expected]
-        assert [d.score for d in out] == pytest.approx([d.score for d in expected], rel=1e-5)
-    # Another connection re-indexes the best page with the worst page's vectors: the cache must notice.
-    best, worst = expected[0].id, expected[-1].id
-    other = SQLiteMultiVectorStore(path)
-    other.write({best: other.get([worst])[worst]})
-    other.close()
-    changed = {d.id: d.score for d in ranker.run(query="chart", documents=docs)["documents"]}
-    assert changed[best] == pytest.approx(changed[worst], rel=1e-5)
-    assert sorted(asked) == sorted(d.id for d in docs)  # everything fetched again
+    asked = _check_kept_until_the_store_changes(ranker, path, docs, expected, monkeypatch)
     no_cache = ColPaliRanker(tiny_colqwen2, multivector_store=store, device_cache_mb=0)
     _staging_on_cpu(no_cache, monkeypatch)
     asked.clear()

@@ -21,6 +21,7 @@ from haystack_integrations.common.multimodal_rag.numerics.pooling import pool_te
 from haystack_integrations.components.rankers.colpali import ColPaliRanker
 from haystack_integrations.document_stores.multivector import InMemoryMultiVectorStore, SQLiteMultiVectorStore
 from haystack_integrations.testing.multimodal_rag.tiny_colpali import FAMILIES
+from tests.colpali_fixtures import check_kept_until_the_store_changes
 from tests.colpali_fixtures import embed_pages as _embed_pages
 from tests.colpali_fixtures import page_docs as _page_docs
 
@@ -98,25 +99,7 @@ def test_the_ranker_on_cuda_scores_like_the_cpu_and_keeps_pages_on_the_device_un
     cpu_scores = {d.id: d.score for d in on_cpu}
     assert [cpu_scores[d.id] for d in expected] == pytest.approx([d.score for d in expected], rel=3e-2)
     ranker = ColPaliRanker(tiny_colqwen2, multivector_store=store, device=GPU)
-    asked: list[str] = []
-    real_get = store.get
-    monkeypatch.setattr(store, "get", lambda ids: (asked.extend(ids), real_get(ids))[1])
-    first = ranker.run(query="chart", documents=docs)["documents"]
-    assert sorted(asked) == sorted(d.id for d in docs)
-    asked.clear()
-    again = ranker.run(query="chart", documents=docs)["documents"]
-    assert asked == []  # served from the device cache
-    for out in (first, again):
-        assert [d.id for d in out] == [d.id for d in expected]
-        assert [d.score for d in out] == pytest.approx([d.score for d in expected], rel=1e-5)
-    assert [d.score for d in again] == [d.score for d in first]
-    best, worst = expected[0].id, expected[-1].id
-    other = SQLiteMultiVectorStore(path)
-    other.write({best: other.get([worst])[worst]})
-    other.close()
-    changed = {d.id: d.score for d in ranker.run(query="chart", documents=docs)["documents"]}
-    assert changed[best] == pytest.approx(changed[worst], rel=1e-5)
-    assert sorted(asked) == sorted(d.id for d in docs)
+    check_kept_until_the_store_changes(ranker, path, docs, expected, monkeypatch)
 
 
 def test_a_cache_smaller_than_the_candidates_still_scores_every_page_on_cuda(
