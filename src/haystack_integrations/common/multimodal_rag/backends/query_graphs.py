@@ -12,7 +12,7 @@ without padding (ColPali's are not: see below). They are not bit-identical: bf16
 round differently (on a 36-layer random-weight ColQwen2.5-3B-shaped model, max abs difference 0.0098 on values up
 to 0.32). Graphs are captured lazily, one per bucket and input layout, on first use; capture runs the forward three
 times, then checks two replays against the unpadded forward (the query itself, and its first token with its second
-half: other tokens, at least half the bucket of padding) and keeps its activations' memory (tens of MiB). A model
+half: other tokens, at least half the bucket of padding) and keeps its activations' memory (not measured). A model
 whose forward cannot be captured (a host synchronisation inside it), or whose valid rows change with padding, is
 logged once and encoded without graphs from then on. ColPali (PaliGemma) is such a model and is never captured
 (`backends/colpali.py`). One capture runs at a time in the process (`torch.cuda.graph` allows no more), on the
