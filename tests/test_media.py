@@ -22,6 +22,7 @@ from haystack_integrations.common.multimodal_rag.inputs.media import (
     image_page_count,
     load_document_image,
     load_image,
+    load_images,
     locate,
     normalize_image,
     pad_to_aspect_ratio,
@@ -472,3 +473,68 @@ def test_probe_without_decoding_names_a_tiff_page_error_without_calling_the_file
             probe(source, decode=False)
         assert str(info.value).startswith(start)
         assert "corrupt" not in str(info.value)
+
+
+def _page_source(scan: Path, page: int | None) -> MediaLocation:
+    return MediaLocation(document_id=f"p{page}", modality="image", path=scan, page_number=page, label=f"'{scan}'")
+
+
+def _same(a: Image.Image | MediaError, b: Image.Image | MediaError) -> bool:
+    if isinstance(a, MediaError) or isinstance(b, MediaError):
+        return type(a) is type(b) and str(a) == str(b)
+    return a.size == b.size and a.tobytes() == b.tobytes()
+
+
+def test_pages_of_one_tiff_in_a_batch_decode_as_each_alone(tmp_path: Path) -> None:
+    colors = ("red", "green", "blue", "yellow", "purple", "orange")
+    scan = make_tiff(tmp_path / "scan.tif", colors=colors)
+    other = make_tiff(tmp_path / "other.tif", colors=("white", "black"))
+    pages = [5, 2, None, 6, 2, 1, 9, 3]  # out of order, a duplicate, no page_number, one beyond the last
+    sources = [_page_source(scan, p) for p in pages] + [_page_source(other, 2), _page_source(other, 1)]
+    batch = load_images(sources)
+    for source, got in zip(sources, batch, strict=True):
+        alone = load_images([source])[0]
+        assert _same(got, alone), source
+    assert isinstance(batch[6], MediaError)
+    assert "page_number 9 is beyond image" in str(batch[6])
+    assert _center(batch[0]) == (128, 0, 128)  # type: ignore[arg-type]  # page 5: purple
+    assert _center(batch[8]) == (0, 0, 0)  # type: ignore[arg-type]  # other.tif page 2: black
+
+
+def test_a_damaged_tiff_in_a_batch_fails_the_same_pages_with_the_same_messages(tmp_path: Path) -> None:
+    scan = _tiff_cut_inside_page_3(tmp_path / "scan.tif")
+    sources = [_page_source(scan, p) for p in (3, 1, 2, 3, 4)]
+    batch = load_images(sources)
+    assert [isinstance(r, MediaError) for r in batch] == [True, False, False, True, True]
+    for source, got in zip(sources, batch, strict=True):
+        assert _same(got, load_images([source])[0]), source
+
+
+def test_the_pages_of_one_tiff_in_a_batch_walk_its_directories_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Loading pages 1..n of an n-page scan each from a freshly opened file walked n^2/2 page directories (a
+    # 5000-page scan took ~15 min); a batch now opens the file once and walks on from page to page.
+    from PIL import TiffImagePlugin
+
+    from haystack_integrations.common.multimodal_rag.inputs import media
+
+    scan = make_tiff(tmp_path / "scan.tif", colors=("red", "green", "blue", "yellow", "purple", "orange", "white"))
+    seeks: list[int] = []
+    real_seek = TiffImagePlugin.TiffImageFile.seek
+
+    def counting_seek(self: Any, frame: int) -> None:
+        seeks.append(frame)
+        real_seek(self, frame)
+
+    monkeypatch.setattr(TiffImagePlugin.TiffImageFile, "seek", counting_seek)
+    sources = [_page_source(scan, p) for p in range(7, 0, -1)]
+    # One decoding thread: one run, one step per page (21 steps when each page walked from page 1).
+    monkeypatch.setattr(media, "DECODE_THREADS", 1)
+    assert not any(isinstance(r, MediaError) for r in load_images(sources))
+    assert len(seeks) == 6
+    # Two threads: two runs of consecutive pages (1-4, 5-7), each walking from page 1 to its first page.
+    seeks.clear()
+    monkeypatch.setattr(media, "DECODE_THREADS", 2)
+    assert not any(isinstance(r, MediaError) for r in load_images(sources))
+    assert len(seeks) == 3 + 6
