@@ -50,7 +50,7 @@ import os
 import threading
 import warnings
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from struct import error as struct_error
@@ -963,6 +963,8 @@ def load_images(sources: Sequence[MediaLocation], *, max_side: int | None = None
             except BaseException:
                 for other in pending.values():
                     other.cancel()
+                # The runs already under way finish (and close their files) before the exception leaves the call.
+                wait(pending.values())
                 raise
     done: list[Image.Image | MediaError] = []
     for decoded in results:
