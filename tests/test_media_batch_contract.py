@@ -7,11 +7,12 @@ to page) mixed with everything else a batch can hold, for 1, 2 and 8 decoding th
 from __future__ import annotations
 
 import os
+import struct
 from pathlib import Path
 from typing import Any
 
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
 from haystack_integrations.common.multimodal_rag.errors import MediaError
 from haystack_integrations.common.multimodal_rag.inputs import media
@@ -65,6 +66,69 @@ def _check(sources: list[MediaLocation], monkeypatch: pytest.MonkeyPatch) -> lis
     return alone
 
 
+# --- a hand-written TIFF writer, so that directories can be damaged precisely ----------------------------------------
+
+
+def _write_tiff(path: Path, pages: list[dict[str, Any]]) -> Path:
+    """
+    Write an uncompressed grey-scale multi-page TIFF (little-endian); each page dict: `value` (grey level),
+    `size` (w, h), `rows` (rows per strip), `listed` (how many strips the directory lists, default all),
+    `beyond` (the first strip whose offset points past the end of the file), `orientation`, `drop` (tag ids left
+    out), `extra` ({tag: (type, count, value)}).
+    """
+    out = bytearray(b"II*\x00\x00\x00\x00\x00")
+    previous_next = 4  # where the offset of the next directory is written
+    for page in pages:
+        w, h = page.get("size", (40, 30))
+        rows = page.get("rows", h)
+        strips = -(-h // rows)
+        pixels_at = len(out)
+        offsets = [pixels_at + i * rows * w for i in range(strips)]
+        offsets[page.get("beyond", strips) :] = [10**8] * (strips - page.get("beyond", strips))  # cut-off strips
+        counts = [min(rows, h - i * rows) * w for i in range(strips)]
+        listed = page.get("listed", strips)
+        out += bytes([page["value"]]) * sum(counts[:listed])  # only the strips listed (a bomb stays small)
+        arrays_at = len(out)
+        out += struct.pack(f"<{listed}I", *offsets[:listed]) + struct.pack(f"<{listed}I", *counts[:listed])
+        tags: dict[int, tuple[int, int, int]] = {
+            256: (4, 1, w),
+            257: (4, 1, h),
+            258: (3, 1, 8),
+            259: (3, 1, 1),
+            262: (3, 1, 1),
+            273: (4, listed, offsets[0] if listed == 1 else arrays_at),
+            277: (3, 1, 1),
+            278: (4, 1, rows),
+            279: (4, listed, counts[0] if listed == 1 else arrays_at + 4 * listed),
+        }
+        if "orientation" in page:
+            tags[274] = (3, 1, page["orientation"])
+        for tag in page.get("drop", ()):
+            tags.pop(tag, None)
+        tags.update(page.get("extra", {}))
+        if len(out) % 2:
+            out += b"\x00"
+        ifd_at = len(out)
+        struct.pack_into("<I", out, previous_next, ifd_at)
+        out += struct.pack("<H", len(tags))
+        for tag in sorted(tags):
+            kind, count, value = tags[tag]
+            packed = struct.pack("<H", value) + b"\x00\x00" if kind == 3 and count == 1 else struct.pack("<I", value)
+            out += struct.pack("<HHI", tag, kind, count) + packed
+        previous_next = len(out)
+        out += b"\x00\x00\x00\x00"
+    path.write_bytes(bytes(out))
+    return path
+
+
+def _pages(n: int, **damage: dict[str, Any]) -> list[dict[str, Any]]:
+    """n pages of grey levels 10, 20, ...; `damage={"3": {...}}` merges into page 3 (1-based)."""
+    pages: list[dict[str, Any]] = [{"value": 10 * (k + 1)} for k in range(n)]
+    for key, patch in damage.items():
+        pages[int(key) - 1].update(patch)
+    return pages
+
+
 # --- scenarios ----------------------------------------------------------------------------------------------------
 
 
@@ -99,3 +163,23 @@ def test_an_exception_leaves_the_call_only_after_the_other_runs_closed_their_fil
         load_images([_src(scan, p) for p in (1, 2, 3, 4, 5, 6)])
     assert finished.is_set() or not raised.is_set()
     assert _open_fds() <= before
+
+
+def test_a_page_whose_directory_lists_too_few_strips_shows_no_pixels_of_the_page_before(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Pillow decodes only the strips a directory lists, into the image buffer it keeps when the next page has the
+    # same size and mode: a page walked to from the one before must not show that page's pixels where its own
+    # strips are missing (alone, those rows are black).
+    scan = _write_tiff(tmp_path / "scan.tif", _pages(4, **{"2": {"rows": 5}, "3": {"rows": 5, "listed": 2}}))
+    alone = _check([_src(scan, p) for p in (1, 2, 3, 4)], monkeypatch)
+    assert alone[2][0] == "image"
+
+
+def test_a_truncated_page_with_load_truncated_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # With ImageFile.LOAD_TRUNCATED_IMAGES (a setting users turn on for damaged collections) a truncated page is
+    # decoded as far as its data goes; the rest must be what it is alone, not the page before.
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    scan = _write_tiff(tmp_path / "scan.tif", _pages(3, **{"2": {"rows": 5}, "3": {"rows": 5, "beyond": 2}}))
+    alone = _check([_src(scan, p) for p in (1, 2, 3)], monkeypatch)
+    assert alone[2][0] == "image"

@@ -525,12 +525,28 @@ def _decode_image(
         img.close()
 
 
+def _forget_pixels(img: Image.Image) -> None:
+    """
+    Drop the pixel buffer of the page an image showed before it was moved to another (`_decode_pages`).
+
+    Pillow (11+) decodes a TIFF page into the buffer of the page loaded before it when both have the same size and
+    mode, so the rows a damaged page does not cover (a directory listing too few strips, a page cut short under
+    `ImageFile.LOAD_TRUNCATED_IMAGES`) would show the page before instead of the black they are when the page is
+    loaded alone. Pillow 10 allocates a new buffer on every seek (and has no `_im`).
+    """
+    if getattr(img, "_im", None) is not None:
+        img._im = None
+
+
 def _decode_frame(
     img: Image.Image, label: str, draft_side: int | None, page_number: int | None, page_error: str | None
 ) -> Image.Image:
     """Decode page `page_number` of an opened image (see `_seek_page`) into a new normalised RGB image."""
     try:
+        frame = img.tell()
         _seek_page(img, page_number, label, page_error)
+        if img.tell() != frame:
+            _forget_pixels(img)
         if draft_side is not None and img.format == "JPEG":
             # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the result stays at least draft_side x draft_side
             # (a square box, so the EXIF rotation applied later cannot make it smaller than the fitted image).
