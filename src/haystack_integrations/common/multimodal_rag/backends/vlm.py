@@ -325,16 +325,10 @@ class VisionLanguageModel(CachedModel):
 
     def encode(self, texts: list[str], images: list[list[Image.Image]], *, padding_side: str | None = None) -> Any:
         """
-        Tokenize prompts and preprocess their images into model inputs on the model's device.
+        Tokenize prompts and preprocess their images into model inputs on the model's device: `preprocess` (same
+        parameters, same errors) then `to_device`.
 
-        `preprocess` then `to_device`.
-
-        :param texts: One rendered prompt per sample.
-        :param images: The images of each sample, in the order their placeholders appear.
-        :param padding_side: `"left"` aligns every sample's last token at the end (for scoring the next token).
-        :returns: A dict with `input_ids`, `attention_mask` and (when there are images) pixel inputs.
-        :raises ValueError: When the processor refuses an input (e.g. Qwen's "absolute aspect ratio must be
-            smaller than 200").
+        :returns: `preprocess`'s dict, tensors on the model's device.
         """
         return self.to_device(self.preprocess(texts, images, padding_side=padding_side))
 
