@@ -120,13 +120,16 @@ def _pages(folder: Path) -> list[Document]:
 def switched(model: torch.nn.Module) -> Iterator[None]:
     """The model's vision tower on `VARLEN_ATTENTION` (what loading on CUDA does), restored to SDPA afterwards:
     loaded models are shared by every component of the process, and other tests use the same checkpoints."""
-    configs = [m.config for m in attention._vision_attention_modules(model)]
+    modules = attention._vision_attention_modules(model)
+    configs = [m.config for m in modules]
     assert switch_vision_attention(model)
     try:
         yield
     finally:
         for config in configs:
             config._attn_implementation = "sdpa"
+        for module in modules:  # the lean forward, when the probe kept it
+            module.__dict__.pop("forward", None)
 
 
 def _embed(model: str, docs: list[Document], *, switch: bool) -> tuple[ColPaliDocumentEmbedder, dict]:
@@ -153,25 +156,18 @@ def test_colqwen25_pages_embed_identically_with_one_call_per_layer(windowed_colq
 def test_windows_really_are_several_segments(windowed_colqwen25: str, tmp_path: Path) -> None:
     # Guards the test above: the pages must cross several windows, or both paths would be one call per image.
     calls: list[int] = []
-    original = attention.varlen_attention
+    original = attention._attend_segments
 
-    def spy(*args: object, **kwargs: object) -> object:
-        cu = kwargs.get("cu_seq_lens_q")
-        if cu is not None:
-            calls.append(int(cu.numel()) - 1)  # type: ignore[attr-defined]
-        return original(*args, **kwargs)  # type: ignore[arg-type]
-
-    from transformers import AttentionInterface
+    def spy(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, *args: object) -> torch.Tensor:
+        calls.append(int(cu.numel()) - 1)
+        return original(q, k, v, cu, *args)  # type: ignore[arg-type]
 
     embedder = ColPaliDocumentEmbedder(windowed_colqwen25, multivector_store=InMemoryMultiVectorStore(), device=CPU)
     embedder.warm_up()
-    with switched(embedder._encoder.model):  # type: ignore[union-attr]
-        AttentionInterface.register(VARLEN_ATTENTION, spy)
-        try:
-            embedder.run(_pages(tmp_path)[:1])
-        finally:
-            AttentionInterface.register(VARLEN_ATTENTION, original)
-    assert calls, "the vision tower did not call the registered attention"
+    with switched(embedder._encoder.model), pytest.MonkeyPatch.context() as patch:  # type: ignore[union-attr]
+        patch.setattr(attention, "_attend_segments", spy)
+        embedder.run(_pages(tmp_path)[:1])
+    assert calls, "the vision tower did not attend by segments"
     assert max(calls) > 1  # windowed blocks: several segments in one call
     assert min(calls) == 1  # the full-attention block: the whole page is one segment
 
@@ -231,3 +227,102 @@ def test_on_cuda_pages_embed_as_with_per_window_sdpa(windowed_colqwen25: str, tm
     assert not attention._TORCH_VARLEN_BROKEN
     for doc in docs:
         np.testing.assert_allclose(results["varlen"][doc.id], results["sdpa"][doc.id], atol=3e-2)
+
+
+# --- the lean forward: fused rotary, then one varlen call -----------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("equal_halves", [True, False])
+def test_fused_rotary_is_transformers_rotary_bit_for_bit(family: str, dtype: torch.dtype, equal_halves: bool) -> None:
+    import importlib
+
+    reference = importlib.import_module(f"transformers.models.{family}.modeling_{family}").apply_rotary_pos_emb_vision
+    generator = torch.Generator().manual_seed(1)
+    qkv = (3 * torch.randn(257, 3, 4, 80, generator=generator)).to(dtype)
+    angles = 40 * torch.randn(257, 40 if equal_halves else 80, generator=generator)
+    if equal_halves:  # the towers' layout: cat(freqs, freqs)
+        angles = angles.repeat(1, 2)
+    cos, sin = angles.cos(), angles.sin()
+    q, k, _ = qkv.permute(1, 0, 2, 3).unbind(0)  # the strided views the towers pass
+    want_q, want_k = reference(q, k, cos, sin)
+    got = attention.rotate_query_and_key(qkv, cos, sin)
+    assert got.dtype == dtype
+    assert got[0].is_contiguous()
+    assert got[1].is_contiguous()
+    assert torch.equal(got[0], want_q)
+    assert torch.equal(got[1], want_k)
+
+
+def _rotary_calls(patch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    original = attention.rotate_query_and_key
+
+    def counted(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        calls.append(qkv.shape[0])
+        return original(qkv, cos, sin)
+
+    patch.setattr(attention, "rotate_query_and_key", counted)
+    return calls
+
+
+def test_switched_colqwen25_pages_run_the_lean_forward(windowed_colqwen25: str, tmp_path: Path) -> None:
+    # colpali-engine passes output_hidden_states down to the vision attention: the lean forward must still run.
+    docs = _pages(tmp_path)
+    _, reference = _embed(windowed_colqwen25, docs, switch=False)
+    with pytest.MonkeyPatch.context() as patch:
+        calls = _rotary_calls(patch)
+        embedder, lean = _embed(windowed_colqwen25, docs, switch=True)
+    layers = len(attention._vision_attention_modules(embedder._encoder.model))  # type: ignore[union-attr]
+    assert len(calls) >= layers  # every layer of every forward (plus the probe)
+    for doc in docs:
+        np.testing.assert_allclose(lean[doc.id].astype(np.float32), reference[doc.id].astype(np.float32), atol=2e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lean_forward_is_the_modules_forward_bit_for_bit(windowed_colqwen25: str, dtype: torch.dtype) -> None:
+    from colpali_engine.models import ColQwen2_5
+
+    model = ColQwen2_5.from_pretrained(windowed_colqwen25, attn_implementation="sdpa", dtype=dtype)
+    assert switch_vision_attention(model)
+    modules = attention._vision_attention_modules(model)
+    assert all("forward" in m.__dict__ for m in modules)  # the probe kept it
+    module = modules[0]
+    generator = torch.Generator().manual_seed(3)
+    hidden = torch.randn(90, module.qkv.in_features, generator=generator).to(dtype)  # type: ignore[union-attr]
+    angles = torch.randn(90, module.qkv.in_features // module.num_heads // 2, generator=generator).repeat(1, 2)
+    cu = torch.tensor([0, 16, 50, 90], dtype=torch.int32)
+    with torch.inference_mode():
+        own = type(module).forward(module, hidden, cu_seqlens=cu, position_embeddings=(angles.cos(), angles.sin()))
+        lean = module(hidden, cu_seqlens=cu, position_embeddings=(angles.cos(), angles.sin()), max_seqlen=40)
+    assert torch.equal(own, lean)
+
+
+def test_a_lean_forward_that_differs_is_not_kept(windowed_colqwen25: str) -> None:
+    from colpali_engine.models import ColQwen2_5
+
+    original = attention.rotate_query_and_key
+
+    def off_by_a_little(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return original(qkv, cos, sin) * 1.01
+
+    model = ColQwen2_5.from_pretrained(windowed_colqwen25, attn_implementation="sdpa")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(attention, "rotate_query_and_key", off_by_a_little)
+        assert switch_vision_attention(model)  # the varlen switch itself still happens
+    assert not any("forward" in m.__dict__ for m in attention._vision_attention_modules(model))
+
+
+def test_lean_forward_steps_aside_when_the_tower_is_switched_away(windowed_colqwen25: str, tmp_path: Path) -> None:
+    # A user who sets another attention implementation after loading gets transformers' forward again.
+    embedder = ColPaliDocumentEmbedder(windowed_colqwen25, multivector_store=InMemoryMultiVectorStore(), device=CPU)
+    embedder.warm_up()
+    model = embedder._encoder.model  # type: ignore[union-attr]
+    with switched(model):
+        for config in {id(m.config): m.config for m in attention._vision_attention_modules(model)}.values():
+            config._attn_implementation = "sdpa"
+        with pytest.MonkeyPatch.context() as patch:
+            calls = _rotary_calls(patch)
+            embedder.run(_pages(tmp_path)[:1])
+    assert calls == []
