@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -173,3 +173,66 @@ def test_prefetched_image_batches_equal_the_unprefetched_ones_failures_included(
     plain, ahead = collect(0), collect(2)
     assert ahead == plain
     assert [list(failed) for _, _, failed in plain] == [[], [4], []]  # reported in its batch either way
+
+
+# --- contiguous vision embeddings (SigLIP, also inside PaliGemma) -------------------------------------------------
+
+
+def _siglip_vision(seed: int = 0) -> torch.nn.Module:
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(seed)
+    config = SiglipVisionConfig(
+        hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=3, image_size=56, patch_size=14
+    )
+    return SiglipVisionModel(config).eval()
+
+
+def test_siglip_embeddings_leave_a_transposed_view_and_the_hook_makes_them_contiguous() -> None:
+    model = _siglip_vision()
+    embeddings = next(m for m in model.modules() if type(m).__name__ == "SiglipVisionEmbeddings")
+    pixels = torch.randn(3, 3, 56, 56)
+    with torch.inference_mode():
+        assert not embeddings(pixels).is_contiguous()  # what the tower gets from transformers (the reason)
+        want = model(pixel_values=pixels)
+        assert acceleration.contiguous_vision_embeddings(model) == 1
+        assert acceleration.contiguous_vision_embeddings(model) == 0  # once per module
+        assert embeddings(pixels).is_contiguous()
+        got = model(pixel_values=pixels)
+    assert torch.equal(got.last_hidden_state, want.last_hidden_state)  # bit for bit: only the layout changed
+    assert torch.equal(got.pooler_output, want.pooler_output)
+
+
+def test_towers_without_siglip_embeddings_are_left_alone() -> None:
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    clip = CLIPVisionModel(
+        CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=1)
+    )
+    pixels = torch.randn(2, 3, 224, 224)
+    with torch.inference_mode():
+        want = clip(pixel_values=pixels).pooler_output
+        # CLIP's embeddings are already contiguous (a cat): hooked, but the hook returns them as they are.
+        assert acceleration.contiguous_vision_embeddings(clip) == 1
+        assert torch.equal(clip(pixel_values=pixels).pooler_output, want)
+    assert acceleration.contiguous_vision_embeddings(torch.nn.Linear(2, 2)) == 0
+
+
+def test_loaded_siglip_and_colpali_models_get_contiguous_embeddings(
+    tmp_path: Path, tiny_colpali_family: Callable[[str], str]
+) -> None:
+    from haystack_integrations.common.multimodal_rag.backends.colpali import LateInteractionEncoder
+    from haystack_integrations.common.multimodal_rag.backends.dense import DenseEncoder
+    from haystack_integrations.testing.multimodal_rag.tiny_models import build_tiny_siglip
+
+    def spec(model: str) -> LoadSpec:
+        return LoadSpec(
+            model=model, component="test", device="cpu", token=None, local_files_only=True, model_kwargs=None
+        )
+
+    dense = DenseEncoder.get(spec(str(build_tiny_siglip(tmp_path / "siglip"))))
+    colpali = LateInteractionEncoder.get(spec(tiny_colpali_family("ColPali")))  # PaliGemma: a SigLIP tower
+    for model in (dense.model, colpali.model):
+        hooked = [m for m in model.modules() if type(m).__name__ == "SiglipVisionEmbeddings"]
+        assert hooked
+        assert all(getattr(m, "_mmrag_contiguous", False) for m in hooked)

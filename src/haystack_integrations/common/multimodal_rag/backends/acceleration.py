@@ -12,6 +12,11 @@ in `model_kwargs` (`dtype`/`torch_dtype`, `attn_implementation`) always wins.
 - attention: on CUDA, flash-attention-2 when the `flash_attn` package is installed; otherwise transformers'
   own default (PyTorch SDPA for every model family used here). Override with
   `model_kwargs={"attn_implementation": "sdpa"}` (or `"eager"`) for a model flash-attention does not support.
+- layout (`contiguous_vision_embeddings`): SigLIP's patch embeddings leave the vision tower as a transposed view
+  of the convolution's output, and every later residual sum keeps that layout: each layer norm then copies its
+  input, and the residual additions run on the strided, unvectorised path. One copy at the tower's entry gives
+  bit-identical results (elementwise sums and layer norms do not depend on the layout) at 20-30% less GPU time
+  for the tower (issue 15's profile: 55 full-size copies and 54 strided sums per image batch of SigLIP-so400m).
 """
 
 from __future__ import annotations
@@ -130,3 +135,25 @@ def with_device_defaults(spec: LoadSpec) -> LoadSpec:
     if spec.device.startswith("cuda") and "attn_implementation" not in kwargs and flash_attention_available():
         kwargs["attn_implementation"] = "flash_attention_2"
     return dataclasses.replace(spec, model_kwargs=kwargs)
+
+
+def _contiguous_output(_module: torch.nn.Module, _args: Any, output: Any) -> Any:
+    return output.contiguous() if isinstance(output, torch.Tensor) else output
+
+
+def contiguous_vision_embeddings(model: torch.nn.Module) -> int:
+    """
+    Make the output of every `*VisionEmbeddings` module of `model` contiguous (SigLIP's, also inside PaliGemma).
+
+    A forward hook, once per module; a contiguous output (CLIP's, SigLIP2's) is returned as it is.
+
+    :param model: A loaded transformers model.
+    :returns: How many modules were hooked now.
+    """
+    hooked = 0
+    for module in model.modules():
+        if type(module).__name__.endswith("VisionEmbeddings") and not getattr(module, "_mmrag_contiguous", False):
+            module.register_forward_hook(_contiguous_output)
+            setattr(module, "_mmrag_contiguous", True)  # noqa: B010 - an nn.Module attribute, not a tensor
+            hooked += 1
+    return hooked

@@ -159,7 +159,10 @@ def load_model_and_processor(
     :returns: `(model, processor)`.
     :raises ModelLoadError: When either cannot be loaded.
     """
-    from haystack_integrations.common.multimodal_rag.backends.acceleration import with_device_defaults
+    from haystack_integrations.common.multimodal_rag.backends.acceleration import (
+        contiguous_vision_embeddings,
+        with_device_defaults,
+    )
     from haystack_integrations.common.multimodal_rag.backends.attention import use_varlen_vision_attention
 
     requested_attention = (spec.model_kwargs or {}).get("attn_implementation")
@@ -182,6 +185,7 @@ def load_model_and_processor(
         **(spec.processor_kwargs or {}),
     )
     use_varlen_vision_attention(hf_model, device=spec.device, requested=requested_attention)
+    contiguous_vision_embeddings(hf_model)
     hf_model.to(spec.device)
     hf_model.eval()
     return hf_model, processor

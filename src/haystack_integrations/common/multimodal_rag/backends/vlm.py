@@ -22,7 +22,10 @@ from haystack import logging
 from haystack.dataclasses import ChatMessage, ChatRole, ImageContent
 from PIL import Image
 
-from haystack_integrations.common.multimodal_rag.backends.acceleration import with_device_defaults
+from haystack_integrations.common.multimodal_rag.backends.acceleration import (
+    contiguous_vision_embeddings,
+    with_device_defaults,
+)
 from haystack_integrations.common.multimodal_rag.backends.attention import use_varlen_vision_attention
 from haystack_integrations.common.multimodal_rag.backends.loading import (
     CachedModel,
@@ -251,6 +254,7 @@ class VisionLanguageModel(CachedModel):
         use_varlen_vision_attention(
             hf_model, device=spec.device, requested=(vlm_spec.model_kwargs or {}).get("attn_implementation")
         )
+        contiguous_vision_embeddings(hf_model)
         processor = _load_processor(vlm_spec)
         if not getattr(processor, "chat_template", None) and not getattr(
             getattr(processor, "tokenizer", None), "chat_template", None
