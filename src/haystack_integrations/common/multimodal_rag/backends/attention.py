@@ -46,6 +46,8 @@ from typing import Any, cast
 import torch
 from haystack import logging
 
+from haystack_integrations.common.multimodal_rag.backends import fused_ops
+
 logger = logging.getLogger(__name__)
 
 #: The name registered with transformers' `AttentionInterface` ("flash" makes the vision attention pass the
@@ -228,7 +230,8 @@ def _lean_forward(
     total = hidden_states.shape[0]
     qkv = self.qkv(hidden_states).view(total, 3, self.num_heads, -1)
     cos, sin = position_embeddings
-    q, k = rotate_query_and_key(qkv, cos, sin)
+    fused = fused_ops.compiled("rotary", qkv.device, qkv.dtype) if qkv.is_cuda else None
+    q, k = (fused or rotate_query_and_key)(qkv, cos, sin)
     out = _attend_segments(q, k, qkv[:, 2], cu_seqlens, max_seqlen, self.scaling)
     return cast(torch.Tensor, self.proj(out.reshape(total, -1)))
 
@@ -329,4 +332,5 @@ def switch_vision_attention(model: torch.nn.Module) -> bool:
     for config in configs.values():
         config._attn_implementation = VARLEN_ATTENTION
     use_lean_forward(modules)
+    fused_ops.fuse_activations(model)
     return True

@@ -159,6 +159,7 @@ def load_model_and_processor(
     :returns: `(model, processor)`.
     :raises ModelLoadError: When either cannot be loaded.
     """
+    from haystack_integrations.common.multimodal_rag.backends import fused_ops
     from haystack_integrations.common.multimodal_rag.backends.acceleration import (
         contiguous_vision_embeddings,
         with_device_defaults,
@@ -188,6 +189,7 @@ def load_model_and_processor(
     contiguous_vision_embeddings(hf_model)
     hf_model.to(spec.device)
     hf_model.eval()
+    fused_ops.prepare(hf_model)
     return hf_model, processor
 
 

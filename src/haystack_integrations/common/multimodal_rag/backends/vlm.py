@@ -22,6 +22,7 @@ from haystack import logging
 from haystack.dataclasses import ChatMessage, ChatRole, ImageContent
 from PIL import Image
 
+from haystack_integrations.common.multimodal_rag.backends import fused_ops
 from haystack_integrations.common.multimodal_rag.backends.acceleration import (
     contiguous_vision_embeddings,
     with_device_defaults,
@@ -263,6 +264,7 @@ class VisionLanguageModel(CachedModel):
             raise ModelLoadError(msg)
         hf_model.to(spec.device)
         hf_model.eval()
+        fused_ops.prepare(hf_model)
         return cls(hf_model, processor, device=spec.device, model_id=spec.model)
 
     def prompt_text(self, hf_messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> str:

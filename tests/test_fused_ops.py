@@ -1,0 +1,180 @@
+"""The vision towers' fused elementwise kernels (`backends/fused_ops.py`): the formulas, the compile check and its
+fallbacks on any machine (torch.compile replaced by stand-ins), the real compile on a CUDA device."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from haystack import Document
+from haystack.utils import ComponentDevice
+
+from haystack_integrations.common.multimodal_rag.backends import attention, fused_ops
+from haystack_integrations.components.rankers.vlm import VisionLanguageRanker
+from tests.helpers import make_image
+
+
+@pytest.fixture(autouse=True)
+def _fresh_kernels() -> Iterator[None]:
+    """Each test compiles (or fails to) from scratch, and leaves the process as it found it."""
+    known = fused_ops.reset_for_tests()
+    yield
+    fused_ops.reset_for_tests()
+    fused_ops._COMPILED.update(known)
+
+
+def _qkv(dtype: torch.dtype, total: int = 131, heads: int = 3, dim: int = 32) -> tuple[torch.Tensor, ...]:
+    generator = torch.Generator().manual_seed(5)
+    qkv = (3 * torch.randn(total, 3, heads, dim, generator=generator)).to(dtype)
+    angles = 25 * torch.randn(total, dim // 2, generator=generator).repeat(1, 2)
+    return qkv, angles.cos(), angles.sin()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_the_rotary_formula_is_transformers_rotary(dtype: torch.dtype) -> None:
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
+
+    qkv, cos, sin = _qkv(dtype)
+    q, k, _ = qkv.permute(1, 0, 2, 3).unbind(0)
+    want_q, want_k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+    got = fused_ops.rotary_math(qkv, cos, sin)
+    assert torch.equal(got[0], want_q)
+    assert torch.equal(got[1], want_k)
+    assert got[0].is_contiguous()
+    assert torch.equal(got, attention.rotate_query_and_key(qkv, cos, sin))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_quick_gelu_formula_is_transformers_quick_gelu(dtype: torch.dtype) -> None:
+    from transformers.activations import QuickGELUActivation
+
+    x = (4 * torch.randn(64, 50, generator=torch.Generator().manual_seed(2))).to(dtype)
+    assert torch.equal(fused_ops.quick_gelu_math(x), QuickGELUActivation()(x))
+    assert torch.equal(fused_ops.FusedQuickGELU()(x), QuickGELUActivation()(x))  # off CUDA: the same arithmetic
+
+
+def _compile_with(monkeypatch: pytest.MonkeyPatch, make: Callable[[Callable[..., Any]], Any]) -> list[str]:
+    calls: list[str] = []
+
+    def fake_compile(fn: Callable[..., Any], **kwargs: Any) -> Any:
+        calls.append(fn.__name__)
+        assert kwargs == {"dynamic": True, "fullgraph": True}
+        return make(fn)
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    return calls
+
+
+def test_a_kernel_that_compiles_and_agrees_is_used_and_compiled_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _compile_with(monkeypatch, lambda fn: fn)  # a "compiler" that returns the function itself
+    first = fused_ops.compiled("rotary", torch.device("cpu"), torch.bfloat16)
+    again = fused_ops.compiled("rotary", torch.device("cpu"), torch.bfloat16)
+    assert first is fused_ops.rotary_math
+    assert again is first
+    assert calls == ["rotary_math"]
+    assert fused_ops.compiled("rotary", torch.device("cpu"), torch.float32) is fused_ops.rotary_math  # per dtype
+    assert calls == ["rotary_math", "rotary_math"]
+
+
+def test_a_kernel_that_differs_by_more_than_a_rounding_is_not_used(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    calls = _compile_with(monkeypatch, lambda fn: lambda *args: fn(*args) * 1.02)
+    assert fused_ops.compiled("quick_gelu", torch.device("cpu"), torch.bfloat16) is None
+    assert fused_ops.compiled("quick_gelu", torch.device("cpu"), torch.bfloat16) is None
+    assert calls == ["quick_gelu_math"]  # not retried
+    assert "differs from the eager one" in caplog.text
+
+
+def test_a_kernel_one_rounding_off_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    # What a compiler's FMA contraction or float32 intermediates do: at most one unit in the last place.
+    def one_ulp_up(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        return lambda *args: torch.nextafter(fn(*args), torch.tensor(float("inf"), dtype=torch.bfloat16))
+
+    _compile_with(monkeypatch, one_ulp_up)
+    assert fused_ops.compiled("quick_gelu", torch.device("cpu"), torch.bfloat16) is not None
+
+
+def test_a_compiler_that_fails_leaves_the_eager_kernels(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def no_compiler(fn: Callable[..., Any], **kwargs: Any) -> Any:
+        raise RuntimeError("InductorError: Failed to find C compiler")
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    assert fused_ops.compiled("rotary", torch.device("cpu"), torch.bfloat16) is None
+    assert "could not fuse" in caplog.text
+    assert "Failed to find C compiler" in caplog.text
+
+
+def test_switched_qwen2_vl_towers_get_the_fused_activation_with_identical_scores(
+    tiny_instruct: str, tmp_path: Path
+) -> None:
+    docs = []
+    for i, size in enumerate([(112, 84), (56, 140)]):
+        make_image(tmp_path / f"c{i}.png", size=size, color=(70 * i, 90, 200 - 60 * i))
+        docs.append(Document(id=f"c{i}", meta={"file_path": str(tmp_path / f"c{i}.png")}, score=0.5))
+    ranker = VisionLanguageRanker(
+        tiny_instruct, recipe="zero_shot_yes_no", batch_size=2, device=ComponentDevice.from_str("cpu")
+    )
+    want = {d.id: d.score for d in ranker.run(query="a red chart", documents=docs)["documents"]}
+    model = ranker._vlm.model  # type: ignore[union-attr]
+    mlps = [m for m in model.modules() if type(m).__name__ == "VisionMlp"]
+    originals = [m.act for m in mlps]
+    modules = attention._vision_attention_modules(model)
+    try:
+        assert attention.switch_vision_attention(model)
+        assert mlps
+        assert all(isinstance(m.act, fused_ops.FusedQuickGELU) for m in mlps)
+        got = {d.id: d.score for d in ranker.run(query="a red chart", documents=docs)["documents"]}
+    finally:  # the loaded model is shared with other tests
+        for mlp, act in zip(mlps, originals, strict=True):
+            mlp.act = act
+        for module in modules:
+            module.config._attn_implementation = "sdpa"
+            module.__dict__.pop("forward", None)
+    assert got.keys() == want.keys()
+    for key in want:
+        assert got[key] == pytest.approx(want[key], abs=1e-4)
+
+
+def test_other_activations_are_left_alone() -> None:
+    from transformers.activations import QuickGELUActivation
+
+    class VisionMlp(torch.nn.Module):  # Qwen2-VL's class name, another activation
+        def __init__(self) -> None:
+            super().__init__()
+            self.act = torch.nn.SiLU()
+
+    class Other(torch.nn.Module):  # QuickGELU outside a Qwen-VL vision MLP
+        def __init__(self) -> None:
+            super().__init__()
+            self.act = QuickGELUActivation()
+
+    model = torch.nn.Sequential(VisionMlp(), Other())
+    assert fused_ops.fuse_activations(model) == 0
+
+
+# --- the real compile, on a CUDA device -----------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernels are compiled for CUDA only")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_on_cuda_the_compiled_kernels_are_used_and_within_one_rounding(dtype: torch.dtype) -> None:
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
+
+    rotary = fused_ops.compiled("rotary", torch.device("cuda:0"), dtype)
+    gelu = fused_ops.compiled("quick_gelu", torch.device("cuda:0"), dtype)
+    assert rotary is not None, "torch.compile did not fuse the rotary kernel on this GPU (see the warning)"
+    assert gelu is not None
+    qkv, cos, sin = (t.cuda() for t in _qkv(dtype, total=3000, heads=16, dim=80))
+    q, k, _ = qkv.permute(1, 0, 2, 3).unbind(0)
+    want = torch.stack(apply_rotary_pos_emb_vision(q, k, cos, sin))
+    got = rotary(qkv, cos, sin)
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(got.float(), want.float(), rtol=eps, atol=eps)
+    x = torch.randn(3000, 640, device="cuda:0").to(dtype)
+    torch.testing.assert_close(gelu(x).float(), fused_ops.quick_gelu_math(x).float(), rtol=eps, atol=eps)
