@@ -230,8 +230,8 @@ def _lean_forward(
     total = hidden_states.shape[0]
     qkv = self.qkv(hidden_states).view(total, 3, self.num_heads, -1)
     cos, sin = position_embeddings
-    fused = fused_ops.compiled("rotary", qkv.device, qkv.dtype) if qkv.is_cuda else None
-    q, k = (fused or rotate_query_and_key)(qkv, cos, sin)
+    kernel = fused_ops.fused("rotary", qkv.device, qkv.dtype) if qkv.is_cuda else None
+    q, k = (kernel or rotate_query_and_key)(qkv, cos, sin)
     out = _attend_segments(q, k, qkv[:, 2], cu_seqlens, max_seqlen, self.scaling)
     return cast(torch.Tensor, self.proj(out.reshape(total, -1)))
 
