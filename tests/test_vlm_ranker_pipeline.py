@@ -300,3 +300,29 @@ def test_preprocess_stays_on_the_host_and_is_safe_from_several_threads(tiny_inst
     for t in workers:
         t.join()
     assert errors == []
+
+
+def test_a_querys_first_batch_is_small_so_the_model_starts_early(
+    tiny_monoqwen: str, many: list[Document], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ranker = VisionLanguageRanker(tiny_monoqwen, max_candidates=len(many), batch_size=8)
+    ranker.warm_up()
+    vlm = ranker._vlm
+    assert vlm is not None
+    sizes: list[int] = []
+    real_forward = vlm.model.forward
+
+    def spy_forward(*args: Any, **kwargs: Any) -> Any:
+        sizes.append(int(kwargs["input_ids"].shape[0]))
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(vlm.model, "forward", spy_forward)
+    ranked = ranker.run(query="revenue", documents=many)["documents"]
+    monkeypatch.undo()
+    assert ranker_module.FIRST_BATCH_SIZE == 4
+    assert sizes == [4, 8, 6]  # 18 readable candidates: a first batch of 4, then batch_size
+    # The same scores as equal batches of 6 (the batch a candidate lands in changes nothing beyond rounding).
+    even = VisionLanguageRanker(tiny_monoqwen, max_candidates=len(many), batch_size=6, top_k=None)
+    reference = {d.id: d.score for d in even.run(query="revenue", documents=many)["documents"]}
+    for doc in ranked:
+        assert doc.score == pytest.approx(reference[doc.id], abs=5e-4)
