@@ -99,7 +99,7 @@ def _profile(folder: str | None, name: str, fn: Callable[[], object], device: st
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
     _sync(device)
     started = time.perf_counter()
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=True) as prof:
         fn()
         _sync(device)
     wall = time.perf_counter() - started
@@ -109,6 +109,10 @@ def _profile(folder: str | None, name: str, fn: Callable[[], object], device: st
         if key:
             table = averages.table(sort_by=key, row_limit=35, max_name_column_width=70)
             lines.append(f"\n## sorted by {key}\n{table}")
+    if device.startswith("cuda"):
+        by_shape = prof.key_averages(group_by_input_shape=True)
+        table = by_shape.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=50)
+        lines.append(f"\n## by operator and input shapes, sorted by self_device_time_total\n{table}")
     Path(folder).mkdir(parents=True, exist_ok=True)
     (Path(folder) / f"{name}.txt").write_text("\n".join(lines))
 
