@@ -1,13 +1,13 @@
 """The elementwise work of the Qwen-VL vision towers in one Triton kernel each, on CUDA.
 
 On the H100 profile of issue 15 (Qwen2-VL-2B-shaped `VisionLanguageRanker`, 80 candidates), the vision tower's
-elementwise work took a third of the GPU time: the float32 rotary embedding of q and k (1.98 ms per layer per 16
-images in transformers' code, 1.44 ms in `attention.rotate_query_and_key`'s 6 kernels, which run on PyTorch's
-strided path) and QuickGELU (`x * sigmoid(1.702 * x)`: 3 kernels, 0.75 ms over the 5120-wide MLP activations).
+elementwise work took a third of the GPU time: the float32 rotary embedding of q and k (1.95 ms per layer per 16
+images in transformers' code, 1.41 ms in `attention.rotate_query_and_key`'s 6 kernels, which run on PyTorch's
+strided path) and QuickGELU (`x * sigmoid(1.702 * x)`: 3 kernels, 0.76 ms over the 5120-wide MLP activations).
 Each is a few operations per element, so one kernel that reads its inputs once and writes its output once is
-several times faster: 0.18 ms and 0.25 ms (`_triton_kernels.py`; H100, 31,104 tokens). `torch.compile` was
-measured too: 0.85 ms and 0.29-0.40 ms, and its QuickGELU keeps float32 intermediates, so 40% of its outputs
-differ from transformers' by a rounding.
+several times faster: 0.18 ms and 0.26 ms (`_triton_kernels.py`; H100, 31,104 tokens, same run), with no value
+different from transformers' in 79.6 and 159 million. `torch.compile` was measured too: 0.85 ms and 0.29-0.40 ms,
+and its QuickGELU keeps float32 intermediates, so 40% of its outputs differ from transformers' by a rounding.
 
 - The kernels round where PyTorch's eager kernels round (libdevice's round-to-nearest operations, no FMA
   contraction): their results are transformers' results.
