@@ -126,13 +126,18 @@ def test_images_are_decoded_concurrently_and_unreadable_ones_are_still_reported_
     assert "2 candidate(s)" in concurrent_warning
 
 
+def _warm(model: str, many: list[Document], *, batch_size: int) -> tuple[VisionLanguageRanker, Any]:
+    """A warmed-up ranker judging all of `many`, and its loaded model backend."""
+    ranker = VisionLanguageRanker(model, max_candidates=len(many), batch_size=batch_size)
+    ranker.warm_up()
+    assert ranker._vlm is not None
+    return ranker, ranker._vlm
+
+
 def test_the_processor_prepares_the_next_batch_while_the_model_runs(
     tiny_monoqwen: str, many: list[Document], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    ranker = VisionLanguageRanker(tiny_monoqwen, max_candidates=len(many), batch_size=4)
-    ranker.warm_up()
-    vlm = ranker._vlm
-    assert vlm is not None
+    ranker, vlm = _warm(tiny_monoqwen, many, batch_size=4)
     preprocessed = [threading.Event() for _ in range(8)]
     preprocess_threads: list[str] = []
     forward_threads: list[str] = []
@@ -305,13 +310,8 @@ def test_preprocess_stays_on_the_host_and_is_safe_from_several_threads(tiny_inst
     assert errors == []
 
 
-def test_a_querys_first_batch_is_small_so_the_model_starts_early(
-    tiny_monoqwen: str, many: list[Document], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    ranker = VisionLanguageRanker(tiny_monoqwen, max_candidates=len(many), batch_size=8)
-    ranker.warm_up()
-    vlm = ranker._vlm
-    assert vlm is not None
+def test_a_querys_first_batch_is_small_so_the_model_starts_early(tiny_monoqwen: str, many: list[Document]) -> None:
+    ranker, vlm = _warm(tiny_monoqwen, many, batch_size=8)
     sizes: list[int] = []
     real_forward = vlm.model.forward
 
