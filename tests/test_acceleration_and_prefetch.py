@@ -212,8 +212,7 @@ def test_towers_without_siglip_embeddings_are_left_alone() -> None:
     pixels = torch.randn(2, 3, 224, 224)
     with torch.inference_mode():
         want = clip(pixel_values=pixels).pooler_output
-        # CLIP's embeddings are already contiguous (a cat): hooked, but the hook returns them as they are.
-        assert acceleration.contiguous_vision_embeddings(clip) == 1
+        assert acceleration.contiguous_vision_embeddings(clip) == 0  # CLIP's embeddings are contiguous (a cat)
         assert torch.equal(clip(pixel_values=pixels).pooler_output, want)
     assert acceleration.contiguous_vision_embeddings(torch.nn.Linear(2, 2)) == 0
 

@@ -5,12 +5,21 @@ Every floating-point step is spelled out with libdevice's round-to-nearest funct
 where PyTorch's eager kernels round, so its results are those of transformers' eager code.
 """
 
+import contextlib
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
 _GELU_BLOCK = 4096
+
+
+def _on(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """Triton launches on the current CUDA device's current stream: make it the tensors' device (a model on
+    cuda:1 must not run its kernels on cuda:0). Off CUDA (Triton's interpreter, in tests) nothing changes."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 @triton.jit
@@ -68,7 +77,8 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     x = x.contiguous()
     out = torch.empty_like(x)
     n = x.numel()
-    _quick_gelu_kernel[(triton.cdiv(n, _GELU_BLOCK),)](x, out, n, BLOCK=_GELU_BLOCK, num_warps=8)
+    with _on(x.device):
+        _quick_gelu_kernel[(triton.cdiv(n, _GELU_BLOCK),)](x, out, n, BLOCK=_GELU_BLOCK, num_warps=8)
     return out
 
 
@@ -91,22 +101,23 @@ def rotary(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Ten
     sin = sin if sin.stride(-1) == 1 else sin.contiguous()
     out = torch.empty((2, total, heads, dim), dtype=qkv.dtype, device=qkv.device)
     if total:
-        _rotary_kernel[(total, 2)](
-            qkv,
-            cos,
-            sin,
-            out,
-            total,
-            heads,
-            qkv.stride(0),
-            qkv.stride(1),
-            qkv.stride(2),
-            cos.stride(0),
-            sin.stride(0),
-            DIM=dim,
-            HALF=dim // 2,
-            BLOCK_H=triton.next_power_of_2(heads),
-            BLOCK_D=triton.next_power_of_2(dim),
-            num_warps=4,
-        )
+        with _on(qkv.device):
+            _rotary_kernel[(total, 2)](
+                qkv,
+                cos,
+                sin,
+                out,
+                total,
+                heads,
+                qkv.stride(0),
+                qkv.stride(1),
+                qkv.stride(2),
+                cos.stride(0),
+                sin.stride(0),
+                DIM=dim,
+                HALF=dim // 2,
+                BLOCK_H=triton.next_power_of_2(heads),
+                BLOCK_D=triton.next_power_of_2(dim),
+                num_warps=4,
+            )
     return out

@@ -143,16 +143,17 @@ def _contiguous_output(_module: torch.nn.Module, _args: Any, output: Any) -> Any
 
 def contiguous_vision_embeddings(model: torch.nn.Module) -> int:
     """
-    Make the output of every `*VisionEmbeddings` module of `model` contiguous (SigLIP's, also inside PaliGemma).
+    Make the output of every `SiglipVisionEmbeddings` module of `model` contiguous (also inside PaliGemma).
 
-    A forward hook, once per module; a contiguous output (CLIP's, SigLIP2's) is returned as it is.
+    A forward hook, once per module. Only SigLIP's: its first consumers (a layer norm, which copied it anyway,
+    and the residual sums) give the same values whatever the layout; other towers were not checked.
 
     :param model: A loaded transformers model.
     :returns: How many modules were hooked now.
     """
     hooked = 0
     for module in model.modules():
-        if type(module).__name__.endswith("VisionEmbeddings") and not getattr(module, "_mmrag_contiguous", False):
+        if type(module).__name__ == "SiglipVisionEmbeddings" and not getattr(module, "_mmrag_contiguous", False):
             module.register_forward_hook(_contiguous_output)
             setattr(module, "_mmrag_contiguous", True)  # noqa: B010 - an nn.Module attribute, not a tensor
             hooked += 1

@@ -31,8 +31,10 @@ with the other elementwise work, issue 15's profile). The lean forward rotates q
 the fused projection into one output: on CUDA in one Triton kernel (`fused_ops`, 1.95 -> 0.18 ms per layer of 16
 Qwen2-VL candidates on an H100), elsewhere with the same float32 products and sums half by half
 (`rotate_query_and_key`, 6 kernels); and it hands the segments to the varlen kernel without transposing. It is
-kept only when a probe through the module's own forward gives bit-identical output (checked per tower when
-switched); otherwise transformers' forward stays.
+kept only when a probe through the module's own forward gives bit-identical output (once per attention class and
+config when switched; the probe runs where the model is at that point, the CPU in this package's loaders, and the
+CUDA kernel has its own bit-for-bit check in `fused_ops`); otherwise transformers' forward stays. It steps aside
+for training, autograd recording, or a tower switched to another attention implementation later.
 """
 
 from __future__ import annotations
@@ -214,15 +216,17 @@ def _lean_forward(
     if (
         position_embeddings is None  # older transformers pass rotary_pos_emb: not what the probe checked
         or self.training
+        or torch.is_grad_enabled()  # the half-by-half rotary writes into a preallocated output: no autograd
         or getattr(self.config, "_attn_implementation", None) != VARLEN_ATTENTION  # switched away since
     ):
+        if rotary_pos_emb is not None:
+            kwargs["rotary_pos_emb"] = rotary_pos_emb
         return cast(
             torch.Tensor,
             type(self).forward(
                 self,
                 hidden_states,
                 cu_seqlens,
-                rotary_pos_emb=rotary_pos_emb,
                 position_embeddings=position_embeddings,
                 max_seqlen=max_seqlen,
                 **kwargs,
@@ -231,7 +235,7 @@ def _lean_forward(
     total = hidden_states.shape[0]
     qkv = self.qkv(hidden_states).view(total, 3, self.num_heads, -1)
     cos, sin = position_embeddings
-    kernel = fused_ops.fused("rotary", qkv.device, qkv.dtype) if qkv.is_cuda else None
+    kernel = fused_ops.fused("rotary", qkv.device, qkv.dtype) if fused_ops.usable(qkv) else None
     q, k = (kernel or rotate_query_and_key)(qkv, cos, sin)
     out = _attend_segments(q, k, qkv[:, 2], cu_seqlens, max_seqlen, self.scaling)
     return cast(torch.Tensor, self.proj(out.reshape(total, -1)))
@@ -263,10 +267,22 @@ def _lean_forward_matches(module: torch.nn.Module) -> bool:
 
 
 def use_lean_forward(modules: list[torch.nn.Module]) -> bool:
-    """Give the switched vision attention modules `_lean_forward` when a probe proves it identical; else nothing."""
-    if not modules or not all(isinstance(getattr(m, "qkv", None), torch.nn.Linear) for m in modules):
+    """
+    Give the switched vision attention modules `_lean_forward` when a probe proves it identical; else nothing.
+
+    One probe per class and config (the towers of one model share both). Modules that already carry an instance
+    `forward` (e.g. accelerate's device-map hooks) keep it, and then none is changed.
+    """
+    if not modules or any("forward" in vars(m) for m in modules):
         return False
-    if not _lean_forward_matches(modules[0]):
+    if not all(isinstance(getattr(m, "qkv", None), torch.nn.Linear) for m in modules):
+        return False
+    probed: dict[tuple[type, int], bool] = {}
+    for module in modules:
+        group = (type(module), id(getattr(module, "config", None)))
+        if group not in probed:
+            probed[group] = _lean_forward_matches(module)
+    if not all(probed.values()):
         return False
     for module in modules:
         module.forward = types.MethodType(_lean_forward, module)

@@ -11,12 +11,14 @@ and its QuickGELU keeps float32 intermediates, so 40% of its outputs differ from
 
 - The kernels round where PyTorch's eager kernels round (libdevice's round-to-nearest operations, no FMA
   contraction): their results are transformers' results.
-- Only on CUDA, and only for the switched (varlen) Qwen-VL towers (`attention.switch_vision_attention`): the
-  same conditions as the lean attention forward. Built once per process and dtype when the model is loaded
-  (`prepare`), so no query waits for the Triton compiler.
-- Checked when built: on a probe, the kernel must agree with the eager code within one rounding of the output
-  dtype. Otherwise, or when Triton is missing or cannot build (it needs a C compiler the first time), the eager
-  code runs, after one warning.
+- Only on CUDA, for inference (with autograd recording, the eager code runs), and only in switched (varlen)
+  Qwen-VL towers (`attention.switch_vision_attention`): the rotary kernel where the lean attention forward was
+  kept, QuickGELU in every Qwen2-VL vision MLP of such a tower. Built once per process, device and dtype when the
+  model is loaded (`prepare`), so no query waits for the Triton compiler.
+- Checked when built: on probes of random values at the model's own widths (both cases of the Triton compiler's
+  multiple-of-16 specialisation), the kernel's output must equal the eager code's bit for bit. Otherwise, or
+  when Triton is missing or cannot build (it needs a C compiler the first time), the eager code runs, after one
+  warning.
 - `model_kwargs={"attn_implementation": "sdpa"}` keeps transformers' whole vision attention path.
 """
 
@@ -61,20 +63,25 @@ def quick_gelu_math(x: torch.Tensor) -> torch.Tensor:
 _FUNCTIONS: dict[str, Callable[..., torch.Tensor]] = {"rotary": rotary_math, "quick_gelu": quick_gelu_math}
 
 
-def _probe(name: str, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+#: Probe widths when the model's are not known (a kernel first needed at call time, not at load).
+_DEFAULT_WIDTHS: dict[str, tuple[Any, ...]] = {"rotary": ((2, 16),), "quick_gelu": (40,)}
+
+
+def _probes(name: str, device: torch.device, dtype: torch.dtype, widths: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+    """Random inputs for `name` at each width: `(heads, dim)` for "rotary", the last dimension for "quick_gelu";
+    96 and 97 rows each (a multiple of 16 and not: the Triton compiler specialises on it)."""
     generator = torch.Generator().manual_seed(0)
-    if name == "rotary":
-        angles = 30 * torch.randn(97, 8, generator=generator).repeat(1, 2)
-        qkv = 3 * torch.randn(97, 3, 2, 16, generator=generator)
-        return qkv.to(device, dtype), angles.cos().to(device), angles.sin().to(device)
-    return ((4 * torch.randn(97, 40, generator=generator)).to(device, dtype),)
-
-
-def _within_one_rounding(fused: torch.Tensor, eager: torch.Tensor) -> bool:
-    if fused.shape != eager.shape or fused.dtype != eager.dtype:
-        return False
-    eps = torch.finfo(eager.dtype).eps
-    return bool(torch.allclose(fused.float(), eager.float(), rtol=eps, atol=eps))
+    probes: list[tuple[Any, ...]] = []
+    for width in widths:
+        for rows in (96, 97):
+            if name == "rotary":
+                heads, dim = width
+                angles = 30 * torch.randn(rows, dim // 2, generator=generator).repeat(1, 2)
+                qkv = 3 * torch.randn(rows, 3, heads, dim, generator=generator)
+                probes.append((qkv.to(device, dtype), angles.cos().to(device), angles.sin().to(device)))
+            else:
+                probes.append(((4 * torch.randn(rows, width, generator=generator)).to(device, dtype),))
+    return probes
 
 
 def _build(name: str) -> Callable[..., torch.Tensor]:
@@ -84,12 +91,14 @@ def _build(name: str) -> Callable[..., torch.Tensor]:
     return cast(Callable[..., torch.Tensor], getattr(_triton_kernels, name))
 
 
-def fused(name: str, device: torch.device, dtype: torch.dtype) -> Callable[..., torch.Tensor] | None:
+def fused(
+    name: str, device: torch.device, dtype: torch.dtype, widths: tuple[Any, ...] = ()
+) -> Callable[..., torch.Tensor] | None:
     """
     The one-kernel `name` function ("rotary" or "quick_gelu") for `dtype` on a CUDA `device`, built and checked
-    on first use; `None` when it cannot be used (then the caller runs its eager code).
+    (at `widths`, see `_probes`) on first use; `None` when it cannot be used (then the caller runs its eager code).
     """
-    key = f"{name}:{dtype}"
+    key = f"{name}:{device}:{dtype}"
     if key in _FUSED:  # the per-call path: no lock
         return _FUSED[key]
     with _LOCK:
@@ -99,17 +108,20 @@ def fused(name: str, device: torch.device, dtype: torch.dtype) -> Callable[..., 
         kernel: Callable[..., torch.Tensor] | None = None
         try:
             candidate = _build(name)
-            args = _probe(name, device, dtype)
             with torch.inference_mode():
-                ok = _within_one_rounding(candidate(*args), eager(*args))
-            if ok:
+                same = all(
+                    torch.equal(candidate(*args), eager(*args))
+                    for args in _probes(name, device, dtype, widths or _DEFAULT_WIDTHS[name])
+                )
+            if same:
                 kernel = candidate
             else:
                 logger.warning(
-                    "The fused vision-tower kernel '{kernel}' ({dtype}) differs from the eager code by more than "
-                    "one rounding; the eager code is used",
+                    "The fused vision-tower kernel '{kernel}' ({dtype} on {device}) does not give the eager code's "
+                    "results bit for bit; the eager code is used",
                     kernel=name,
                     dtype=str(dtype),
+                    device=str(device),
                 )
         except Exception as e:  # no Triton, no C compiler, an unsupported GPU: eager it is
             logger.warning(
@@ -122,11 +134,17 @@ def fused(name: str, device: torch.device, dtype: torch.dtype) -> Callable[..., 
         return kernel
 
 
+def usable(x: torch.Tensor) -> bool:
+    """Whether the fused kernels may be used for `x`: a CUDA tensor, under `no_grad`/`inference_mode` (the kernels
+    record no autograd graph; the package's components always run so)."""
+    return x.is_cuda and not torch.is_grad_enabled()
+
+
 class FusedQuickGELU(torch.nn.Module):
     """QuickGELU in one kernel on CUDA (`fused("quick_gelu")`), transformers' arithmetic elsewhere."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = fused("quick_gelu", x.device, x.dtype) if x.is_cuda else None
+        kernel = fused("quick_gelu", x.device, x.dtype) if usable(x) else None
         return kernel(x) if kernel is not None else quick_gelu_math(x)
 
 
@@ -146,36 +164,41 @@ def fuse_activations(model: torch.nn.Module) -> int:
     return replaced
 
 
+def _lean(module: torch.nn.Module) -> bool:
+    """Whether `module` runs `attention._lean_forward` (an instance forward bound to it)."""
+    return getattr(vars(module).get("forward"), "__name__", None) == "_lean_forward"
+
+
+_Widths = dict[tuple[str, torch.device, torch.dtype], set[Any]]
+
+
+def kernel_widths(model: torch.nn.Module, *, cuda_only: bool = True) -> _Widths:
+    """
+    The fused kernels `model` will call, as `{(name, device, dtype): widths}`: the MLP widths of its
+    `FusedQuickGELU`s, the `(heads, dim)` of its lean vision attentions (on CUDA only, unless `cuda_only=False`).
+    """
+    found: _Widths = {}
+    for module in model.modules():
+        any_module: Any = module
+        if isinstance(getattr(any_module, "act", None), FusedQuickGELU) and isinstance(
+            getattr(any_module, "fc1", None), torch.nn.Linear
+        ):
+            weight = any_module.fc1.weight
+            if weight.is_cuda or not cuda_only:
+                found.setdefault(("quick_gelu", weight.device, weight.dtype), set()).add(any_module.fc1.out_features)
+        if _lean(module):
+            weight = any_module.qkv.weight
+            heads = int(any_module.num_heads)
+            if weight.is_cuda or not cuda_only:
+                key = ("rotary", weight.device, weight.dtype)
+                found.setdefault(key, set()).add((heads, any_module.qkv.in_features // heads))
+    return found
+
+
 def prepare(model: torch.nn.Module) -> None:
     """
-    Build (and check) the fused kernels a loaded CUDA model will use, and run each once at the model's own widths,
-    so that its first query does not wait for the Triton compiler (which specialises on widths and on whether a
-    size is a multiple of 16: both cases are run).
+    Build and check the fused kernels a loaded CUDA model will use, at its own widths, devices and dtypes, so that
+    its first query does not wait for the Triton compiler.
     """
-    parameter = next(model.parameters(), None)
-    if parameter is None or not parameter.is_cuda:
-        return
-    device, dtype = parameter.device, parameter.dtype
-    modules: list[Any] = list(model.modules())
-    widths = {int(m.fc1.out_features) for m in modules if isinstance(getattr(m, "act", None), FusedQuickGELU)}
-    lean = [m for m in modules if "forward" in vars(m) and type(m).__name__.endswith("VisionAttention")]
-    shapes = {(int(m.num_heads), int(m.qkv.in_features) // int(m.num_heads)) for m in lean}
-    gelu = fused("quick_gelu", device, dtype) if widths else None
-    rotary = fused("rotary", device, dtype) if shapes else None
-    with torch.inference_mode():
-        for width in widths:
-            if gelu is not None:
-                gelu(torch.zeros(3, width, device=device, dtype=dtype))
-        for heads, dim in shapes:
-            for total in (96, 97):
-                angles = torch.zeros(total, dim, device=device)
-                if rotary is not None:
-                    rotary(torch.zeros(total, 3, heads, dim, device=device, dtype=dtype), angles, angles)
-
-
-def reset_for_tests() -> dict[str, Any]:
-    """Forget every built kernel (tests); returns what was known."""
-    with _LOCK:
-        known = dict(_FUSED)
-        _FUSED.clear()
-    return known
+    for (name, device, dtype), widths in kernel_widths(model).items():
+        fused(name, device, dtype, tuple(sorted(widths)))
