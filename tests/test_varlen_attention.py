@@ -326,3 +326,33 @@ def test_lean_forward_steps_aside_when_the_tower_is_switched_away(windowed_colqw
             calls = _rotary_calls(patch)
             embedder.run(_pages(tmp_path)[:1])
     assert calls == []
+
+
+def test_with_autograd_recording_the_lean_forward_steps_aside(windowed_colqwen25: str) -> None:
+    from colpali_engine.models import ColQwen2_5
+
+    model = ColQwen2_5.from_pretrained(windowed_colqwen25, attn_implementation="sdpa")
+    assert switch_vision_attention(model)
+    module = attention._vision_attention_modules(model)[0]
+    assert "forward" in module.__dict__
+    width = module.qkv.in_features  # type: ignore[union-attr]
+    hidden = torch.randn(40, width, requires_grad=True)
+    angles = torch.randn(40, width // module.num_heads // 2).repeat(1, 2)  # type: ignore[operator]
+    cu = torch.tensor([0, 16, 40], dtype=torch.int32)
+    out = module(hidden, cu_seqlens=cu, position_embeddings=(angles.cos(), angles.sin()))  # grad enabled
+    out.sum().backward()
+    assert hidden.grad is not None
+    assert hidden.grad.abs().sum() > 0
+
+
+def test_modules_that_already_have_an_instance_forward_keep_it(windowed_colqwen25: str) -> None:
+    # e.g. accelerate's device-map hooks wrap `forward` on the instance: replacing it would drop them.
+    from colpali_engine.models import ColQwen2_5
+
+    model = ColQwen2_5.from_pretrained(windowed_colqwen25, attn_implementation="sdpa")
+    modules = attention._vision_attention_modules(model)
+    hooked = modules[0].forward
+    modules[0].forward = hooked  # an instance attribute now
+    assert switch_vision_attention(model)  # the varlen switch itself still happens
+    assert modules[0].__dict__["forward"] is hooked
+    assert not any("forward" in m.__dict__ for m in modules[1:])
