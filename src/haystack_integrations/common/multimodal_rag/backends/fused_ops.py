@@ -34,7 +34,7 @@ from haystack import logging
 logger = logging.getLogger(__name__)
 
 _LOCK = threading.Lock()
-#: name:dtype -> kernel launcher, or None once building or the check failed (eager from then on).
+#: "name:device:dtype" -> kernel launcher, or None once building or the check failed (eager from then on).
 _FUSED: dict[str, Callable[..., torch.Tensor] | None] = {}
 
 
