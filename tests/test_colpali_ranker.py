@@ -22,7 +22,11 @@ from haystack_integrations.common.multimodal_rag.errors import (
 from haystack_integrations.components.embedders.colpali import ColPaliDocumentEmbedder, ColPaliTextEmbedder
 from haystack_integrations.components.embedders.multimodal import MultimodalDocumentEmbedder, MultimodalTextEmbedder
 from haystack_integrations.components.rankers.colpali import ColPaliRanker
-from haystack_integrations.document_stores.multivector import InMemoryMultiVectorStore, QdrantMultiVectorStore
+from haystack_integrations.document_stores.multivector import (
+    InMemoryMultiVectorStore,
+    QdrantMultiVectorStore,
+    SQLiteMultiVectorStore,
+)
 from tests.colpali_fixtures import check_kept_until_the_store_changes as _check_kept_until_the_store_changes
 from tests.colpali_fixtures import embed_pages as _embed_pages
 from tests.colpali_fixtures import page_docs as _page_docs
@@ -49,6 +53,15 @@ def _reference_scores(model: str, query: str, store: InMemoryMultiVectorStore, i
             for i in ids
         ]
     )
+
+
+def _sqlite_pages(
+    model: str, pages_dir: Path, tmp_path: Path, *, pages: int | None = None
+) -> tuple[str, SQLiteMultiVectorStore, list[Document]]:
+    """A SQLite store at `tmp_path/mv.sqlite` holding the embedded test pages (the first `pages` of them)."""
+    path = str(tmp_path / "mv.sqlite")
+    store = SQLiteMultiVectorStore(path)
+    return path, store, _embed_pages(model, _page_docs(pages_dir)[:pages], store)["documents"]
 
 
 def test_ranking_equals_reference_maxsim_from_colpali_engine(tiny_colqwen2: str, pages_dir: Path) -> None:
@@ -403,11 +416,7 @@ def test_a_corrupt_stored_page_with_nan_never_ranks_first(
 ) -> None:
     import sqlite3
 
-    from haystack_integrations.document_stores.multivector import SQLiteMultiVectorStore
-
-    path = str(tmp_path / "mv.sqlite")
-    store = SQLiteMultiVectorStore(path)
-    docs = _embed_pages(tiny_colqwen2, _page_docs(pages_dir), store)["documents"]
+    path, store, docs = _sqlite_pages(tiny_colqwen2, pages_dir, tmp_path)
     victim = docs[3]
     # Write around the store's validation, as disk corruption or another writer would: every value NaN.
     n = store.get([victim.id])[victim.id].shape[0]
@@ -515,8 +524,6 @@ def test_the_gpu_path_fetches_in_the_background_and_scores_like_the_store(
 ) -> None:
     import threading
 
-    from haystack_integrations.document_stores.multivector import SQLiteMultiVectorStore
-
     for store in (InMemoryMultiVectorStore(), SQLiteMultiVectorStore(str(tmp_path / "mv.sqlite"))):
         docs = _embed_pages(tiny_colqwen2, _page_docs(pages_dir), store)["documents"]
         docs = [*docs, Document(id="no-vectors", content="text")]
@@ -568,11 +575,7 @@ def test_the_gpu_path_raises_the_store_s_errors_unchanged(
 ) -> None:
     import sqlite3
 
-    from haystack_integrations.document_stores.multivector import SQLiteMultiVectorStore
-
-    path = str(tmp_path / "mv.sqlite")
-    store = SQLiteMultiVectorStore(path)
-    docs = _embed_pages(tiny_colqwen2, _page_docs(pages_dir)[:3], store)["documents"]
+    path, store, docs = _sqlite_pages(tiny_colqwen2, pages_dir, tmp_path, pages=3)
     with sqlite3.connect(path) as conn:  # a truncated blob: corruption the store reports by document id
         conn.execute("UPDATE mv_vectors SET data = ? WHERE id = ?", (b"\0" * 6, docs[1].id))
     store.close()
@@ -619,11 +622,7 @@ def test_a_query_encoded_on_the_device_equals_the_host_copy(tiny_colqwen2: str) 
 def test_the_gpu_path_keeps_ranked_pages_on_the_device_until_the_store_changes(
     tiny_colqwen2: str, pages_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from haystack_integrations.document_stores.multivector import SQLiteMultiVectorStore
-
-    path = str(tmp_path / "mv.sqlite")
-    store = SQLiteMultiVectorStore(path)
-    docs = _embed_pages(tiny_colqwen2, _page_docs(pages_dir), store)["documents"]
+    path, store, docs = _sqlite_pages(tiny_colqwen2, pages_dir, tmp_path)
     ranker = ColPaliRanker(tiny_colqwen2, multivector_store=store)
     expected = ranker.run(query="chart", documents=docs)["documents"]
     _staging_on_cpu(ranker, monkeypatch)
@@ -641,11 +640,7 @@ def test_the_gpu_path_keeps_ranked_pages_on_the_device_until_the_store_changes(
 def test_on_a_cpu_ranked_sqlite_pages_are_kept_in_memory_until_the_store_changes(
     tiny_colqwen2: str, pages_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from haystack_integrations.document_stores.multivector import SQLiteMultiVectorStore
-
-    path = str(tmp_path / "mv.sqlite")
-    store = SQLiteMultiVectorStore(path)
-    docs = _embed_pages(tiny_colqwen2, _page_docs(pages_dir), store)["documents"]
+    path, store, docs = _sqlite_pages(tiny_colqwen2, pages_dir, tmp_path)
     expected = ColPaliRanker(tiny_colqwen2, multivector_store=store).run(query="chart", documents=docs)["documents"]
     ranker = ColPaliRanker(tiny_colqwen2, multivector_store=store, host_cache_mb=64)
     asked: list[str] = []

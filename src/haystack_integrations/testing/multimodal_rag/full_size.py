@@ -26,6 +26,7 @@ import torch
 from haystack_integrations.testing.multimodal_rag.tiny_models import (
     _finish_generation_config,
     _qwen_tokenizer,
+    _qwen_vision_token_ids,
     _qwen_vl_processor,
     _train_sentencepiece,
 )
@@ -54,15 +55,6 @@ def _build(model_cls: Any, config: Any, out: Path, device: str) -> None:
     finally:
         torch.set_default_dtype(previous)
     model.save_pretrained(out)
-
-
-def _qwen_token_ids(tokenizer: Any) -> dict[str, Any]:
-    return {
-        "image_token_id": tokenizer.convert_tokens_to_ids("<|image_pad|>"),
-        "video_token_id": tokenizer.convert_tokens_to_ids("<|video_pad|>"),
-        "vision_start_token_id": tokenizer.convert_tokens_to_ids("<|vision_start|>"),
-        "vision_end_token_id": tokenizer.convert_tokens_to_ids("<|vision_end|>"),
-    }
 
 
 def build_colqwen25_3b_shaped(
@@ -110,7 +102,7 @@ def build_colqwen25_3b_shaped(
         "window_size": 112,
         "fullatt_block_indexes": [7, 15, 23, 31] if scale == "full" else [0],
     }
-    config = Qwen2_5_VLConfig(text_config=text_config, vision_config=vision_config, **_qwen_token_ids(tokenizer))
+    config = Qwen2_5_VLConfig(text_config=text_config, vision_config=vision_config, **_qwen_vision_token_ids(tokenizer))
     _build(col_models.ColQwen2_5, config, out, device)
     _qwen_vl_processor(
         tokenizer, version="2.5", min_pixels=4 * QWEN_PIXELS_PER_TOKEN, max_pixels=visual_tokens * QWEN_PIXELS_PER_TOKEN
@@ -161,7 +153,7 @@ def build_qwen2_vl_2b_shaped(
         "spatial_merge_size": 2,
         "temporal_patch_size": 2,
     }
-    config = Qwen2VLConfig(text_config=text_config, vision_config=vision_config, **_qwen_token_ids(tokenizer))
+    config = Qwen2VLConfig(text_config=text_config, vision_config=vision_config, **_qwen_vision_token_ids(tokenizer))
     _build(Qwen2VLForConditionalGeneration, config, out, device)
     _qwen_vl_processor(
         tokenizer, version="2", min_pixels=4 * QWEN_PIXELS_PER_TOKEN, max_pixels=max_pixels

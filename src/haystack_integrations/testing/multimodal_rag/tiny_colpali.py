@@ -33,6 +33,7 @@ import torch
 from haystack_integrations.testing.multimodal_rag.tiny_models import (
     TINY_TOWER,
     _corpus,
+    _qwen_vision_token_ids,
     _train_bpe,
     build_tiny_qwen2_vl,
 )
@@ -296,22 +297,8 @@ def build_tiny_colqwen3(path: str | Path, *, seed: int = 0) -> Path:
             },
             "pad_token_id": tokenizer.pad_token_id,
         },
-        vision_config={
-            "depth": 2,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 2,
-            "out_hidden_size": hidden,
-            "patch_size": 16,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "num_position_embeddings": 64,
-            "deepstack_visual_indexes": [1],
-        },
-        image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
-        video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
-        vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
-        vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
+        vision_config=_qwen3_vision_config(out_hidden_size=hidden, depth=2, deepstack_visual_indexes=[1]),
+        **_qwen_vision_token_ids(tokenizer),
     )
     torch.manual_seed(seed)
     ColQwen3(config).save_pretrained(out)
@@ -319,6 +306,22 @@ def build_tiny_colqwen3(path: str | Path, *, seed: int = 0) -> Path:
     # Qwen2-VL image processor).
     _save_qwen3_vl_processor(ColQwen3Processor, tokenizer, out)
     return out
+
+
+def _qwen3_vision_config(*, out_hidden_size: int, depth: int, **extra: Any) -> dict[str, Any]:
+    """A tiny Qwen3-VL style vision tower (patch 16, merge 2, temporal patch 2), as Qwen3-VL and Qwen3.5 use."""
+    return {
+        "depth": depth,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 2,
+        "out_hidden_size": out_hidden_size,
+        "patch_size": 16,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "num_position_embeddings": 64,
+        **extra,
+    }
 
 
 def _save_qwen3_vl_processor(processor_cls: Any, tokenizer: Any, out: Path) -> None:
@@ -400,21 +403,8 @@ def build_tiny_colqwen3_5(path: str | Path, *, seed: int = 0) -> Path:
             },
             "pad_token_id": tokenizer.pad_token_id,
         },
-        vision_config={
-            "depth": 1,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 2,
-            "out_hidden_size": hidden,
-            "patch_size": 16,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "num_position_embeddings": 64,
-        },
-        image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
-        video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
-        vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
-        vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
+        vision_config=_qwen3_vision_config(out_hidden_size=hidden, depth=1),
+        **_qwen_vision_token_ids(tokenizer),
         dim=320,  # type: ignore[call-arg]  # no Qwen3_5Config field: an extra key, as in the real config.json
     )
     torch.manual_seed(seed)

@@ -371,13 +371,18 @@ def _qwen_vl_processor(tokenizer: Any, *, version: str, min_pixels: int, max_pix
     )
 
 
-def _qwen_vl_config(tokenizer: Any, *, version: str, hidden_size: int = 32, layers: int = 2) -> Any:
-    token_ids = {
+def _qwen_vision_token_ids(tokenizer: Any) -> dict[str, Any]:
+    """The Qwen-VL configs' image / video placeholder and vision start / end token ids in `tokenizer`."""
+    return {
         "image_token_id": tokenizer.convert_tokens_to_ids("<|image_pad|>"),
         "video_token_id": tokenizer.convert_tokens_to_ids("<|video_pad|>"),
         "vision_start_token_id": tokenizer.convert_tokens_to_ids("<|vision_start|>"),
         "vision_end_token_id": tokenizer.convert_tokens_to_ids("<|vision_end|>"),
     }
+
+
+def _qwen_vl_config(tokenizer: Any, *, version: str, hidden_size: int = 32, layers: int = 2) -> Any:
+    token_ids = _qwen_vision_token_ids(tokenizer)
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     text_config = {
         "vocab_size": len(tokenizer),

@@ -563,6 +563,15 @@ def _decode_frame(
         raise MediaError(msg) from e
 
 
+def _complete(results: list[Image.Image | MediaError | None]) -> list[Image.Image | MediaError]:
+    """The results of a batch whose every position was decoded (or the call raised before returning)."""
+    done: list[Image.Image | MediaError] = []
+    for result in results:
+        assert result is not None
+        done.append(result)
+    return done
+
+
 def _decode_pages(sources: Sequence[MediaLocation]) -> list[Image.Image | MediaError]:
     """
     Decode several pages of ONE image file (a multi-page TIFF scan) opening it once, in page order.
@@ -593,11 +602,7 @@ def _decode_pages(sources: Sequence[MediaLocation]) -> list[Image.Image | MediaE
     finally:
         if img is not None:
             img.close()
-    done: list[Image.Image | MediaError] = []
-    for result in results:
-        assert result is not None
-        done.append(result)
-    return done
+    return _complete(results)
 
 
 def decode_image_bytes(data: bytes, *, label: str) -> Image.Image:
@@ -982,11 +987,7 @@ def load_images(sources: Sequence[MediaLocation], *, max_side: int | None = None
                 # The runs already under way finish (and close their files) before the exception leaves the call.
                 wait(pending.values())
                 raise
-    done: list[Image.Image | MediaError] = []
-    for decoded in results:
-        assert decoded is not None  # every position is decoded above, or the call raised
-        done.append(decoded)
-    return done
+    return _complete(results)
 
 
 def load_image(source: MediaLocation, *, max_side: int | None = None) -> Image.Image:

@@ -3,7 +3,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, wait
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal, get_args
 
@@ -31,6 +31,7 @@ from haystack_integrations.common.multimodal_rag.numerics.ranking import (
     DENSE_SCORE_META_KEY,
     call_top_k_and_threshold,
     check_top_k_and_threshold,
+    rescored,
     score_sort_key,
 )
 from haystack_integrations.common.multimodal_rag.validation import (
@@ -678,7 +679,7 @@ class VisionLanguageRanker:
         for doc, probability in zip(scored_docs, values, strict=True):
             meta = {**doc.meta, CROSS_ENCODER_SCORE_META_KEY: probability}
             meta.setdefault(DENSE_SCORE_META_KEY, doc.score)
-            judged.append(replace(doc, score=probability, meta=meta))
+            judged.append(rescored(doc, probability, meta))
         judged.sort(key=score_sort_key)
         if score_threshold is not None:
             ranked = [d for d in judged if d.score is not None and d.score >= score_threshold]
@@ -686,5 +687,5 @@ class VisionLanguageRanker:
             unjudged = sorted([d for d, _ in unreadable] + rest, key=score_sort_key)
             if top_k is not None:  # copied only when returned (a Document costs ~10 us to construct)
                 unjudged = unjudged[: max(top_k - len(judged), 0)]
-            ranked = judged + [replace(d, meta={DENSE_SCORE_META_KEY: d.score, **d.meta}) for d in unjudged]
+            ranked = judged + [rescored(d, d.score, {DENSE_SCORE_META_KEY: d.score, **d.meta}) for d in unjudged]
         return {"documents": ranked if top_k is None else ranked[:top_k]}
