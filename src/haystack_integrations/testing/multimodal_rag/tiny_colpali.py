@@ -253,15 +253,20 @@ def build_tiny_colgemma3(path: str | Path, *, image_size: int = 56, seed: int = 
     return out
 
 
-def _qwen3_tokenizer() -> Any:
-    from transformers import Qwen2Tokenizer
-
+def _qwen_bpe_tokenizer(tokenizer_cls: Any) -> Any:
+    """A tiny byte-level BPE tokenizer of `tokenizer_cls` with Qwen's special tokens."""
     from haystack_integrations.testing.multimodal_rag.tiny_models import QWEN_SPECIAL_TOKENS
 
     vocab, merges = _train_bpe(list(QWEN_SPECIAL_TOKENS), vocab_size=400)
-    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=1024)
+    tokenizer = tokenizer_cls(vocab=vocab, merges=merges, model_max_length=1024)
     tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIAL_TOKENS[1:])})
     return tokenizer
+
+
+def _qwen3_tokenizer() -> Any:
+    from transformers import Qwen2Tokenizer
+
+    return _qwen_bpe_tokenizer(Qwen2Tokenizer)
 
 
 def build_tiny_colqwen3(path: str | Path, *, seed: int = 0) -> Path:
@@ -348,12 +353,7 @@ def _qwen3_5_tokenizer() -> Any:
     # so the tiny checkpoint uses that class too: byte-level BPE, "<|endoftext|>" as pad / eos / unk.
     from transformers.models.qwen3_5 import Qwen3_5Tokenizer
 
-    from haystack_integrations.testing.multimodal_rag.tiny_models import QWEN_SPECIAL_TOKENS
-
-    vocab, merges = _train_bpe(list(QWEN_SPECIAL_TOKENS), vocab_size=400)
-    tokenizer = Qwen3_5Tokenizer(vocab=vocab, merges=merges, model_max_length=1024)
-    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIAL_TOKENS[1:])})
-    return tokenizer
+    return _qwen_bpe_tokenizer(Qwen3_5Tokenizer)
 
 
 def build_tiny_colqwen3_5(path: str | Path, *, seed: int = 0) -> Path:
