@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from haystack_integrations.common.multimodal_rag.backends import acceleration
+from haystack_integrations.common.multimodal_rag.backends import acceleration, dense
 from haystack_integrations.common.multimodal_rag.backends.acceleration import choose_default_dtype
 from haystack_integrations.common.multimodal_rag.backends.dense import DenseEncoder
 from haystack_integrations.common.multimodal_rag.backends.loading import LoadSpec
@@ -230,6 +230,43 @@ def test_image_inputs_are_the_processors_own_on_the_host(family: str, request: p
     )
 
 
+@pytest.mark.parametrize("family", ["siglip", "siglip2", "clip"])
+def test_batched_uint8_pixels_give_the_processors_own_pixel_values(family: str, request: pytest.FixtureRequest) -> None:
+    # What the GPU path hands the torchvision processor instead of PIL images: the processor's outputs must be
+    # equal, bit for bit, to those it computes from the PIL images (same device, so no rounding may differ).
+    from PIL import Image
+
+    encoder = _encoder(request.getfixturevalue(f"tiny_{family}"))
+    assert encoder.image_processor.backend == "torchvision"
+    rng = np.random.default_rng(3)
+    sizes = [(64, 48), (48, 64), (64, 48), (1, 40), (40, 1), (3, 3), (4, 1), (3, 200), (64, 48)]
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+    pixels = dense.uint8_pixels(images, "cpu")
+    assert pixels is not None
+    for image, tensor in zip(images, pixels, strict=True):
+        assert tensor.dtype == torch.uint8
+        assert tensor.shape == (3, image.height, image.width)
+        assert torch.equal(tensor, torch.from_numpy(np.array(image)).permute(2, 0, 1))
+    ours = encoder.image_processor(images=pixels, return_tensors="pt", input_data_format="channels_first")
+    reference = encoder.image_processor(images=images, return_tensors="pt")
+    assert set(ours) == set(reference)
+    for key, value in reference.items():
+        assert torch.equal(ours[key], value), key
+
+
+def test_uint8_pixels_leave_images_that_are_not_plain_rgb_to_the_processor() -> None:
+    from PIL import Image
+
+    rgb = Image.new("RGB", (8, 6), (10, 20, 30))
+    keyed = Image.new("RGB", (8, 6), (10, 20, 30))
+    keyed.info["transparency"] = (10, 20, 30)  # the processor composites this onto white itself
+    assert dense.uint8_pixels([rgb, Image.new("RGBA", (8, 6))], "cpu") is None
+    assert dense.uint8_pixels([rgb, Image.new("L", (8, 6))], "cpu") is None
+    assert dense.uint8_pixels([keyed], "cpu") is None
+    assert dense.uint8_pixels([], "cpu") is None
+    assert dense.uint8_pixels([rgb], "cpu") is not None
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU preprocessing runs on CUDA only")
 @pytest.mark.parametrize("family", ["siglip", "siglip2"])
 def test_on_cuda_the_torchvision_processor_runs_on_the_gpu_with_the_hosts_result(
@@ -255,6 +292,27 @@ def test_on_cuda_the_torchvision_processor_runs_on_the_gpu_with_the_hosts_result
         difference = (on_gpu[key].cpu().float() - value.float()).abs()
         assert float(difference.max()) <= 4 * level
         assert float(difference.mean()) <= level
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU preprocessing runs on CUDA only")
+def test_on_cuda_staged_pixels_give_what_the_processor_computes_on_the_gpu_from_pil_images(tiny_siglip: str) -> None:
+    # Same device, same operations: the one batched, page-locked copy changes where the pixels come from, not a value.
+    from PIL import Image
+
+    encoder = DenseEncoder.get(
+        LoadSpec(
+            model=tiny_siglip, component="test", device="cuda:0", token=None, local_files_only=True, model_kwargs=None
+        )
+    )
+    rng = np.random.default_rng(2)
+    sizes = [(64, 48), (48, 64), (64, 48), (1, 40), (3, 3)]
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+    ours = encoder.image_inputs(images)
+    torch.cuda.synchronize()  # prepared on a side stream
+    reference = encoder.image_processor(images=images, return_tensors="pt", device="cuda:0")
+    for key, value in reference.items():
+        assert ours[key].is_cuda
+        assert torch.equal(ours[key], value), key
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU preprocessing runs on CUDA only")

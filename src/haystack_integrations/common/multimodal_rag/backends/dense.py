@@ -241,7 +241,14 @@ class DenseEncoder(CachedModel):
             stream = self._preprocess_stream()
             try:
                 with torch.cuda.stream(stream):
-                    gpu_inputs = dict(self.image_processor(images=images, return_tensors="pt", device=self.device))
+                    pixels = uint8_pixels(images, self.device)
+                    if pixels is None:
+                        processed = self.image_processor(images=images, return_tensors="pt", device=self.device)
+                    else:
+                        processed = self.image_processor(
+                            images=pixels, return_tensors="pt", device=self.device, input_data_format="channels_first"
+                        )
+                    gpu_inputs = dict(processed)
                     ready = torch.cuda.Event()
                     ready.record(stream)
                 gpu_inputs[_READY] = ready
@@ -337,6 +344,40 @@ class DenseEncoder(CachedModel):
         if normalize:
             features = torch.nn.functional.normalize(features, p=2, dim=-1)
         return features.cpu().numpy()
+
+
+def uint8_pixels(images: list[Image.Image], device: str) -> list[torch.Tensor] | None:
+    """
+    RGB images as the `(3, H, W)` uint8 tensors transformers' torchvision image processors make of them, on `device`.
+
+    The processor converts each PIL image on the host by itself (a copy into RGB, one into NumPy, a transposing
+    copy) and copies each one to the GPU from pageable memory, which makes the host wait for every copy: ~1.1 ms
+    of host work per 640x480 image on a 2-vCPU Xeon, in the thread that feeds the GPU (issue 15). Here the images
+    of one size are copied once each into one page-locked batch, moved in one asynchronous copy, and transposed
+    on the device. The processor then does what it does with its own tensors: its `pixel_values` are equal
+    (`tests/test_dense_backend.py`). Pass the result with `input_data_format="channels_first"`.
+
+    :param images: The images of one batch.
+    :param device: Where the tensors go (page-locked staging and asynchronous copies on CUDA).
+    :returns: One tensor per image, in order; `None` when an image is not plain RGB (another mode, or a
+        transparency key, which the processor composites itself): then the processor should get the images.
+    """
+    if not images or not all(image.mode == "RGB" and "transparency" not in image.info for image in images):
+        return None
+    cuda = torch.device(device).type == "cuda"
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for i, image in enumerate(images):
+        by_size.setdefault(image.size, []).append(i)
+    pixels: list[torch.Tensor] = [torch.empty(0)] * len(images)
+    for (width, height), positions in by_size.items():
+        staged = torch.empty((len(positions), height, width, 3), dtype=torch.uint8, pin_memory=cuda)
+        rows = staged.numpy()
+        for row, i in enumerate(positions):
+            rows[row] = np.asarray(images[i])
+        batch = staged.to(device, non_blocking=cuda).permute(0, 3, 1, 2).contiguous()
+        for i, tensor in zip(positions, batch.unbind(0), strict=True):
+            pixels[i] = tensor
+    return pixels
 
 
 class PendingEmbeddings:
