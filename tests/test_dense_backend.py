@@ -230,12 +230,16 @@ def test_image_inputs_are_the_processors_own_on_the_host(family: str, request: p
     )
 
 
+@pytest.mark.parametrize("staging_bytes", [dense.STAGING_BYTES, 64 * 48 * 3 * 2])  # 2nd: blocks of 2 (64x48) images
 @pytest.mark.parametrize("family", ["siglip", "siglip2", "clip"])
-def test_batched_uint8_pixels_give_the_processors_own_pixel_values(family: str, request: pytest.FixtureRequest) -> None:
+def test_batched_uint8_pixels_give_the_processors_own_pixel_values(
+    family: str, staging_bytes: int, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # What the GPU path hands the torchvision processor instead of PIL images: the processor's outputs must be
     # equal, bit for bit, to those it computes from the PIL images (same device, so no rounding may differ).
     from PIL import Image
 
+    monkeypatch.setattr(dense, "STAGING_BYTES", staging_bytes)
     encoder = _encoder(request.getfixturevalue(f"tiny_{family}"))
     assert encoder.image_processor.backend == "torchvision"
     rng = np.random.default_rng(3)
