@@ -72,6 +72,12 @@ def _pooled(output: Any) -> torch.Tensor:
     return pooled
 
 
+def _features(output: Any, normalize: bool) -> torch.Tensor:
+    """The pooled embeddings of a tower's output as float32, L2-normalised when asked, on the model's device."""
+    features = _pooled(output).float()
+    return torch.nn.functional.normalize(features, p=2, dim=-1) if normalize else features
+
+
 class DenseEncoder(CachedModel):
     """
     A loaded dual encoder: text tower and vision tower into one vector space.
@@ -196,8 +202,7 @@ class DenseEncoder(CachedModel):
         if not texts:
             return np.zeros((0, 0), dtype=np.float32)
         kwargs = {k: v.to(self.device) for k, v in self.text_inputs(texts).items()}
-        features = _pooled(self.model.get_text_features(**kwargs))
-        return self._finish(features, normalize)
+        return _features(self.model.get_text_features(**kwargs), normalize).cpu().numpy()
 
     def identity(self) -> dict[str, Any]:
         """
@@ -315,9 +320,7 @@ class DenseEncoder(CachedModel):
                 if value.is_floating_point():
                     value = value.to(self.dtype)
             kwargs[key] = value
-        features = _pooled(self.model.get_image_features(**kwargs)).float()
-        if normalize:
-            features = torch.nn.functional.normalize(features, p=2, dim=-1)
+        features = _features(self.model.get_image_features(**kwargs), normalize)
         if not features.is_cuda:
             return PendingEmbeddings(features.numpy(), None)
         host = torch.empty(features.shape, dtype=torch.float32, pin_memory=True)
@@ -337,13 +340,6 @@ class DenseEncoder(CachedModel):
         if not images:
             return np.zeros((0, 0), dtype=np.float32)
         return self.embed_image_inputs(self.image_inputs(images), normalize=normalize)
-
-    @staticmethod
-    def _finish(features: torch.Tensor, normalize: bool) -> np.ndarray:
-        features = features.float()
-        if normalize:
-            features = torch.nn.functional.normalize(features, p=2, dim=-1)
-        return features.cpu().numpy()
 
 
 #: Largest page-locked staging block of `uint8_pixels` (one image when an image is larger). torch keeps freed

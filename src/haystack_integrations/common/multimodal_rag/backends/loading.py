@@ -159,12 +159,7 @@ def load_model_and_processor(
     :returns: `(model, processor)`.
     :raises ModelLoadError: When either cannot be loaded.
     """
-    from haystack_integrations.common.multimodal_rag.backends import fused_ops
-    from haystack_integrations.common.multimodal_rag.backends.acceleration import (
-        contiguous_vision_embeddings,
-        with_device_defaults,
-    )
-    from haystack_integrations.common.multimodal_rag.backends.attention import use_varlen_vision_attention
+    from haystack_integrations.common.multimodal_rag.backends.acceleration import with_device_defaults
 
     requested_attention = (spec.model_kwargs or {}).get("attn_implementation")
     spec = with_device_defaults(spec)
@@ -185,12 +180,31 @@ def load_model_and_processor(
         **pretrained_kwargs(token=spec.token, model_kwargs=spec.model_kwargs, for_model=False),
         **(spec.processor_kwargs or {}),
     )
-    use_varlen_vision_attention(hf_model, device=spec.device, requested=requested_attention)
+    place_model(hf_model, spec.device, requested_attention=requested_attention)
+    return hf_model, processor
+
+
+def place_model(hf_model: Any, device: str, *, requested_attention: str | None) -> None:
+    """
+    Put a loaded model on `device` in eval mode with the package's vision-tower speed-ups (every loader's last step).
+
+    Varlen vision attention where it applies (`attention.py`; not when the user set `attn_implementation`),
+    contiguous SigLIP patch embeddings (`acceleration.py`), then the move, then the fused kernels built and checked
+    for the model's widths on its device (`fused_ops.py`).
+
+    :param hf_model: The loaded transformers model.
+    :param device: Its device, e.g. `"cuda:0"`.
+    :param requested_attention: The `attn_implementation` the user asked for in `model_kwargs`, if any.
+    """
+    from haystack_integrations.common.multimodal_rag.backends import fused_ops
+    from haystack_integrations.common.multimodal_rag.backends.acceleration import contiguous_vision_embeddings
+    from haystack_integrations.common.multimodal_rag.backends.attention import use_varlen_vision_attention
+
+    use_varlen_vision_attention(hf_model, device=device, requested=requested_attention)
     contiguous_vision_embeddings(hf_model)
-    hf_model.to(spec.device)
+    hf_model.to(device)
     hf_model.eval()
     fused_ops.prepare(hf_model)
-    return hf_model, processor
 
 
 def read_checkpoint_json(model: str, filename: str, *, token: Secret | None, local_files_only: bool) -> dict | None:

@@ -22,18 +22,14 @@ from haystack import logging
 from haystack.dataclasses import ChatMessage, ChatRole, ImageContent
 from PIL import Image
 
-from haystack_integrations.common.multimodal_rag.backends import fused_ops
-from haystack_integrations.common.multimodal_rag.backends.acceleration import (
-    contiguous_vision_embeddings,
-    with_device_defaults,
-)
-from haystack_integrations.common.multimodal_rag.backends.attention import use_varlen_vision_attention
+from haystack_integrations.common.multimodal_rag.backends.acceleration import with_device_defaults
 from haystack_integrations.common.multimodal_rag.backends.loading import (
     CachedModel,
     LoadSpec,
     describe_fix,
     load_pretrained,
     model_dtype,
+    place_model,
     pretrained_kwargs,
     read_checkpoint_json,
 )
@@ -252,19 +248,13 @@ class VisionLanguageModel(CachedModel):
     def _load(cls, spec: LoadSpec) -> VisionLanguageModel:
         vlm_spec = spec if isinstance(spec, VLMLoadSpec) else VLMLoadSpec(**vars(spec))
         hf_model = _load_model(cast(VLMLoadSpec, with_device_defaults(vlm_spec)))
-        use_varlen_vision_attention(
-            hf_model, device=spec.device, requested=(vlm_spec.model_kwargs or {}).get("attn_implementation")
-        )
-        contiguous_vision_embeddings(hf_model)
         processor = _load_processor(vlm_spec)
         if not getattr(processor, "chat_template", None) and not getattr(
             getattr(processor, "tokenizer", None), "chat_template", None
         ):
             msg = f"{spec.component}: '{spec.model}' has no chat template; use an instruction-tuned (chat) checkpoint"
             raise ModelLoadError(msg)
-        hf_model.to(spec.device)
-        hf_model.eval()
-        fused_ops.prepare(hf_model)
+        place_model(hf_model, spec.device, requested_attention=(vlm_spec.model_kwargs or {}).get("attn_implementation"))
         return cls(hf_model, processor, device=spec.device, model_id=spec.model)
 
     def prompt_text(self, hf_messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> str:
