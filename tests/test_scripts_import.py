@@ -4,6 +4,8 @@ them silently otherwise)."""
 from __future__ import annotations
 
 import importlib.util
+import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -30,3 +32,13 @@ def test_script_imports_without_running(script: Path) -> None:
             pytest.skip(f"{script.name} needs {e.name} (pip install -e '.[bench]')")
         raise
     assert callable(getattr(module, "main", None))
+
+
+def test_the_gpu_check_script_parses_and_names_files_that_exist() -> None:
+    script = ROOT / "benchmarks" / "gpu_checks.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    named = set(re.findall(r"(?:tests|benchmarks)/[\w/]+\.py", script.read_text()))
+    assert "tests/test_cuda_paths.py" in named
+    assert "benchmarks/gpu_throughput.py" in named
+    missing = sorted(path for path in named if not (ROOT / path).is_file())
+    assert not missing, f"benchmarks/gpu_checks.sh names files that do not exist: {missing}"
