@@ -17,6 +17,7 @@ from haystack.utils import ComponentDevice, Secret
 from haystack_integrations.common.multimodal_rag.backends.colpali import LateInteractionEncoder, check_processor_kwargs
 from haystack_integrations.common.multimodal_rag.backends.loading import LoadSpec, serialize_loading_params
 from haystack_integrations.common.multimodal_rag.errors import MediaError, MultiVectorStoreError
+from haystack_integrations.common.multimodal_rag.inputs.failures import check_documents_input
 from haystack_integrations.common.multimodal_rag.inputs.media import resolve_path
 from haystack_integrations.common.multimodal_rag.inputs.planning import iter_image_batches, plan_documents
 from haystack_integrations.common.multimodal_rag.numerics.maxsim import (
@@ -585,8 +586,10 @@ class ColPaliRanker:
         :raises ValueError: Without a query or its embedding, on an empty query, a malformed embedding or an
             invalid `top_k`.
         :raises MultiVectorStoreError: When stored vectors do not fit the model (width, model id).
+        :raises TypeError: When `documents` is not a list of Documents.
         """
         component_name = type(self).__name__
+        check_documents_input(component_name, documents)
         if query_multivector_embedding is None:
             if query is None:
                 msg = f"{component_name} needs `query` or `query_multivector_embedding`; got neither"
