@@ -306,6 +306,17 @@ def test_a_malformed_query_embedding_is_a_clear_error(tiny_colqwen2: str, embedd
         ranker.run(documents=[Document(content="x")], query_multivector_embedding=embedding)
 
 
+def test_a_query_embedding_of_another_width_is_named_also_when_pages_are_encoded_on_the_fly(
+    tiny_colqwen2: str, pages_dir: Path
+) -> None:
+    # An empty store records no width and the ranker is not warmed up: the mismatch was found only inside MaxSim,
+    # as "page 0 has vectors of dim 128 but the query has dim 32", naming neither the component nor the input.
+    ranker = ColPaliRanker(tiny_colqwen2, multivector_store=InMemoryMultiVectorStore())
+    dense_like = [[0.1] * 32]  # what a dense embedder's `embedding` becomes on this socket (Haystack wraps it)
+    with pytest.raises(ValueError, match=r"query_multivector_embedding has vectors of dim 32.*ColPaliTextEmbedder"):
+        ranker.run(documents=_page_docs(pages_dir), query_multivector_embedding=dense_like)
+
+
 def test_without_query_or_embedding_the_ranker_says_so(tiny_colqwen2: str) -> None:
     with pytest.raises(ValueError, match="query"):
         ColPaliRanker(tiny_colqwen2).run(documents=[Document(content="x")])

@@ -478,7 +478,9 @@ class ColPaliRanker:
         if expected is not None and array.shape[1] != expected:
             msg = (
                 f"{name}: query_multivector_embedding has vectors of dim {array.shape[1]}, but model "
-                f"'{self.model}' and its store use dim {expected}"
+                f"'{self.model}' and its store use dim {expected}: connect the `multivector_embedding` of a "
+                "ColPaliTextEmbedder with the same model (a dense text embedder's `embedding` does not fit), or pass "
+                "the query text as `query`"
             )
             raise ValueError(msg)
         return array
@@ -614,6 +616,9 @@ class ColPaliRanker:
         missing = [d for d in documents if d.id not in late]
         if missing:
             self.warm_up()
+            if query_multivector_embedding is not None:
+                # The model's width is known only once it is loaded (an empty store records none).
+                self._check_query_embedding(query_vectors)
             vectors, problems = self._read_through(missing)
             late.update(maxsim_by_id(query_vectors, vectors, device=self._score_device()))
             if problems:
