@@ -132,6 +132,11 @@ def _rescore_and_select(
     return ranked
 
 
+def _describe_store(store: Any) -> str:
+    path = getattr(store, "path", None)
+    return f"{type(store).__name__} at {path}" if path else type(store).__name__
+
+
 class _LRUCache:
     """Thread-safe LRU cache of page multi-vectors computed on the fly."""
 
@@ -307,6 +312,7 @@ class ColPaliRanker:
         self._host_cache = HostPageCache(host_cache_mb * 2**20) if host_cache_mb > 0 else None
         # The on-the-fly path stores vectors like the store does, so both paths score identical values.
         self._cache_dtype = np.dtype(multivector_store.dtype if multivector_store is not None else "float16")
+        self._warned_unstored = False  # the "pages encoded at query time although a store is set" warning, once
 
     def warm_up(self) -> None:
         """
@@ -621,6 +627,18 @@ class ColPaliRanker:
                 self._check_query_embedding(query_vectors)
             vectors, problems = self._read_through(missing)
             late.update(maxsim_by_id(query_vectors, vectors, device=self._score_device()))
+            if vectors and self.multivector_store is not None and not self._warned_unstored:
+                self._warned_unstored = True
+                logger.warning(
+                    "{component}: {count} image/page candidate(s) have no vectors in the multi-vector store "
+                    "({store}), so their pages were encoded now, at query time (slow; logged once per ranker). "
+                    "Index them with ColPaliDocumentEmbedder into the same store, or check that the ranker's store "
+                    "is the one the indexing pipeline wrote. First ids: {ids}",
+                    component=component_name,
+                    count=len(vectors),
+                    store=_describe_store(self.multivector_store),
+                    ids=", ".join(f"'{doc_id}'" for doc_id in list(vectors)[:3]),
+                )
             if problems:
                 logger.warning(
                     "{component}: {count} candidate(s) have no stored multi-vector and no readable image; they keep "
