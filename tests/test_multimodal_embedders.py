@@ -252,8 +252,9 @@ def test_image_embedder_given_a_text_query_points_to_the_text_embedder(tmp_path:
     # by default (store_full_path=False): set root_path ...", which sends the user after the wrong fix.
     embedder = MultimodalImageEmbedder("/no/such/model", root_path=str(tmp_path))
     for text in ("a chart of revenue", "revenue"):
-        with pytest.raises(MediaError, match="to embed a text query, use MultimodalTextEmbedder"):
+        with pytest.raises(MediaError, match="to embed a text query, use MultimodalTextEmbedder") as info:
             embedder.run(image=text)
+        assert "root_path" not in str(info.value)  # the bare-file-name advice does not apply to a query text
     # A missing file named like one keeps the plain message.
     with pytest.raises(MediaError, match="does not exist") as info:
         embedder.run(image="chart.png")

@@ -138,8 +138,7 @@ class MultimodalImageEmbedder(DenseEmbedderBase):
             if self._looks_like_query_text(image):
                 msg = (
                     f"{type(self).__name__} embeds an image, and {image!r} is not an image file (no such file): "
-                    "to embed a text query, use MultimodalTextEmbedder. "
-                    f"({e})"
+                    "to embed a text query, use MultimodalTextEmbedder"
                 )
             raise MediaError(msg) from e
         self.warm_up()
