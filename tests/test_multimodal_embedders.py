@@ -255,10 +255,11 @@ def test_image_embedder_given_a_text_query_points_to_the_text_embedder(tmp_path:
         with pytest.raises(MediaError, match="to embed a text query, use MultimodalTextEmbedder") as info:
             embedder.run(image=text)
         assert "root_path" not in str(info.value)  # the bare-file-name advice does not apply to a query text
-    # A missing file named like one keeps the plain message.
-    with pytest.raises(MediaError, match="does not exist") as info:
-        embedder.run(image="chart.png")
-    assert "MultimodalTextEmbedder" not in str(info.value)
+    # A missing file named like one, or a path, keeps the plain message.
+    for path in ("chart.png", "photos/query", "../../outside"):
+        with pytest.raises(MediaError, match=r"does not exist|outside root_path") as info:
+            embedder.run(image=path)
+        assert "MultimodalTextEmbedder" not in str(info.value)
 
 
 def test_text_embedder_rejects_empty_and_non_string_input(tiny_siglip: str) -> None:

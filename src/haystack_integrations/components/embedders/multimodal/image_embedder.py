@@ -103,9 +103,9 @@ class MultimodalImageEmbedder(DenseEmbedderBase):
         raise TypeError(msg)
 
     def _looks_like_query_text(self, image: Any) -> bool:
-        # A string that names no file and reads like words (spaces, no file extension) is most likely a text query
-        # sent to the image embedder by mistake.
-        if not isinstance(image, str) or not image.strip():
+        # A string that names no file and reads like words (spaces, no file extension, no folder) is most likely a
+        # text query sent to the image embedder by mistake.
+        if not isinstance(image, str) or not image.strip() or "/" in image or "\\" in image:
             return False
         path = Path(image)
         if self.root_path is not None and not path.is_absolute():
@@ -135,7 +135,7 @@ class MultimodalImageEmbedder(DenseEmbedderBase):
             picture = load_image(source)
         except MediaError as e:
             msg = f"{type(self).__name__}: cannot embed the query image: {e}"
-            if self._looks_like_query_text(image):
+            if "does not exist" in str(e) and self._looks_like_query_text(image):
                 msg = (
                     f"{type(self).__name__} embeds an image, and {image!r} is not an image file (no such file): "
                     "to embed a text query, use MultimodalTextEmbedder"
