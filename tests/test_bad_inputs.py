@@ -30,7 +30,10 @@ from haystack_integrations.components.builders.multimodal import MultimodalChatP
 from haystack_integrations.components.converters.multimodal import MultimodalFileToDocument
 from haystack_integrations.components.embedders.colpali import ColPaliDocumentEmbedder
 from haystack_integrations.components.embedders.multimodal import MultimodalDocumentEmbedder
+from haystack_integrations.components.monitors.alignment_drift import AlignmentDriftMonitor
 from haystack_integrations.components.rankers.colpali import ColPaliRanker
+from haystack_integrations.components.rankers.modality_calibration import ModalityScoreCalibrator
+from haystack_integrations.components.rankers.vlm import VisionLanguageRanker
 from haystack_integrations.document_stores.multivector import InMemoryMultiVectorStore
 from tests.helpers import make_corrupt_image, make_image, make_pdf, make_truncated_image
 
@@ -352,3 +355,43 @@ def test_colpali_ranker_ranks_a_banner_it_encodes_itself(tmp_path: Path, tiny_co
         query="a red banner", documents=docs
     )["documents"]
     assert sorted(d.id for d in ranked) == ["attack", "good"]
+
+
+_DOCUMENT_CONSUMERS: dict[str, Callable[[Any], Any]] = {
+    "MultimodalDocumentEmbedder": lambda docs: MultimodalDocumentEmbedder("/no/such/model").run(docs),
+    "ColPaliDocumentEmbedder": lambda docs: ColPaliDocumentEmbedder(
+        "/no/such/model", multivector_store=InMemoryMultiVectorStore()
+    ).run(docs),
+    "ColPaliRanker": lambda docs: ColPaliRanker("/no/such/model", multivector_store=InMemoryMultiVectorStore()).run(
+        "q", documents=docs
+    ),
+    "VisionLanguageRanker": lambda docs: VisionLanguageRanker("/no/such/model").run("q", docs),
+    "ModalityScoreCalibrator": lambda docs: ModalityScoreCalibrator().run(docs, query="q"),
+    "AlignmentDriftMonitor": lambda docs: AlignmentDriftMonitor().run(docs),
+    "MultimodalChatPromptBuilder": lambda docs: MultimodalChatPromptBuilder().run("q", docs),
+}
+
+
+@pytest.mark.parametrize(
+    ("given", "got", "hint"),
+    [
+        (["data/chart.png"], "a list holding a str ('data/chart.png')", "Document(meta={'file_path': path})"),
+        ([Path("chart.png")], "a list holding a PosixPath", "MultimodalFileToDocument"),
+        ("chart.png", "a str ('chart.png')", "Document(meta={'file_path': path})"),
+        (Document(content="x", score=1.0), "a Document", "Wrap a single Document in a list"),
+        (None, "a NoneType (None)", ""),
+    ],
+    ids=["list-of-str", "list-of-path", "str", "one-document", "none"],
+)
+@pytest.mark.parametrize("component", list(_DOCUMENT_CONSUMERS))
+def test_a_component_given_something_else_than_documents_says_what_it_got_and_what_to_pass(
+    component: str, given: Any, got: str, hint: str
+) -> None:
+    # Before: the rankers, calibrator, monitor and prompt builder failed deep inside with
+    # "AttributeError: 'str' object has no attribute 'meta'".
+    with pytest.raises(TypeError) as info:
+        _DOCUMENT_CONSUMERS[component](given)
+    message = str(info.value)
+    assert message.startswith(f"{component} expects a list of Documents as input, got {got}")
+    assert hint in message
+    assert ("To embed a query text" in message) == (isinstance(given, (str, list)) and "Embedder" in component)

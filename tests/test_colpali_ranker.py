@@ -135,6 +135,33 @@ def test_text_and_unreadable_candidates_keep_their_score_and_are_named(
     assert text.id not in caplog.text
 
 
+def test_pages_missing_from_the_given_store_are_warned_about_once(
+    tiny_colqwen2: str, pages_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A ranker pointed at an empty store (a mistyped path, indexing that skipped ColPali) encoded every page at
+    # query time without a word: correct results, silently slow.
+    empty = SQLiteMultiVectorStore(tmp_path / "typo.sqlite")
+    ranker = ColPaliRanker(tiny_colqwen2, multivector_store=empty)
+    docs = _page_docs(pages_dir)[:3]
+    with caplog.at_level(logging.WARNING):
+        ranker.run(query="q", documents=docs)
+        ranker.run(query="again", documents=docs)
+    warnings = [r.getMessage() for r in caplog.records if "no vectors in the multi-vector store" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "3 image/page candidate(s)" in warnings[0]
+    assert str(tmp_path / "typo.sqlite") in warnings[0]
+    assert "ColPaliDocumentEmbedder" in warnings[0]
+
+    # Stored pages, and a ranker without a store (read-through is its documented mode), say nothing.
+    caplog.clear()
+    store = InMemoryMultiVectorStore()
+    stored = _embed_pages(tiny_colqwen2, docs, store)["documents"]
+    with caplog.at_level(logging.WARNING):
+        ColPaliRanker(tiny_colqwen2, multivector_store=store).run(query="q", documents=stored)
+        ColPaliRanker(tiny_colqwen2).run(query="q", documents=docs)
+    assert "no vectors in the multi-vector store" not in caplog.text
+
+
 def test_top_k_and_threshold_overrides_use_explicit_none_checks(tiny_colqwen2: str, pages_dir: Path) -> None:
     store = InMemoryMultiVectorStore()
     docs = _embed_pages(tiny_colqwen2, _page_docs(pages_dir), store)["documents"]
@@ -304,6 +331,17 @@ def test_a_malformed_query_embedding_is_a_clear_error(tiny_colqwen2: str, embedd
     ranker.warm_up()
     with pytest.raises(ValueError, match=message):
         ranker.run(documents=[Document(content="x")], query_multivector_embedding=embedding)
+
+
+def test_a_query_embedding_of_another_width_is_named_also_when_pages_are_encoded_on_the_fly(
+    tiny_colqwen2: str, pages_dir: Path
+) -> None:
+    # An empty store records no width and the ranker is not warmed up: the mismatch was found only inside MaxSim,
+    # as "page 0 has vectors of dim 128 but the query has dim 32", naming neither the component nor the input.
+    ranker = ColPaliRanker(tiny_colqwen2, multivector_store=InMemoryMultiVectorStore())
+    dense_like = [[0.1] * 32]  # what a dense embedder's `embedding` becomes on this socket (Haystack wraps it)
+    with pytest.raises(ValueError, match=r"query_multivector_embedding has vectors of dim 32.*ColPaliTextEmbedder"):
+        ranker.run(documents=_page_docs(pages_dir), query_multivector_embedding=dense_like)
 
 
 def test_without_query_or_embedding_the_ranker_says_so(tiny_colqwen2: str) -> None:

@@ -210,6 +210,23 @@ def test_malformed_path_is_named_with_the_documents_own_meta_key(tmp_path: Path)
         classify(doc, file_path_meta_field="image_path")
 
 
+@pytest.mark.parametrize("key", ["path", "filepath", "image"])
+def test_a_file_path_under_another_meta_key_is_pointed_out(key: str) -> None:
+    # Before: only "neither text content nor an image (no blob and no meta['file_path'])", leaving the user to
+    # spot that their key is spelled differently.
+    with pytest.raises(MediaError) as info:
+        classify(Document(meta={key: "charts/q3.png", "title": "Q3 revenue"}))
+    message = str(info.value)
+    assert message.startswith("document has neither text content nor an image")
+    assert f"meta['{key}'] looks like a file path: store it under meta['file_path'], or set file_path_meta_field" in (
+        message
+    )
+    # Meta that names no image or PDF adds nothing.
+    with pytest.raises(MediaError) as info:
+        classify(Document(meta={"title": "no content", "source": "notes.txt"}))
+    assert "looks like a file path" not in str(info.value)
+
+
 def test_symlink_loop_is_a_named_media_error(tmp_path: Path) -> None:
     (tmp_path / "a.png").symlink_to(tmp_path / "b.png")
     (tmp_path / "b.png").symlink_to(tmp_path / "a.png")

@@ -247,6 +247,21 @@ def test_image_embedder_reports_bad_images_clearly(tiny_siglip: str, tmp_path: P
         embedder.run(image=42)  # type: ignore[arg-type]
 
 
+def test_image_embedder_given_a_text_query_points_to_the_text_embedder(tmp_path: Path) -> None:
+    # Before: "file 'a chart of revenue' does not exist ...; it is a bare file name, as Haystack's converters store
+    # by default (store_full_path=False): set root_path ...", which sends the user after the wrong fix.
+    embedder = MultimodalImageEmbedder("/no/such/model", root_path=str(tmp_path))
+    for text in ("a chart of revenue", "revenue"):
+        with pytest.raises(MediaError, match="to embed a text query, use MultimodalTextEmbedder") as info:
+            embedder.run(image=text)
+        assert "root_path" not in str(info.value)  # the bare-file-name advice does not apply to a query text
+    # A missing file named like one, or a path, keeps the plain message.
+    for path in ("chart.png", "photos/query", "../../outside"):
+        with pytest.raises(MediaError, match=r"does not exist|outside root_path") as info:
+            embedder.run(image=path)
+        assert "MultimodalTextEmbedder" not in str(info.value)
+
+
 def test_text_embedder_rejects_empty_and_non_string_input(tiny_siglip: str) -> None:
     embedder = MultimodalTextEmbedder(tiny_siglip)
     with pytest.raises(ValueError, match="empty query"):

@@ -719,6 +719,16 @@ def test_a_directory_given_as_the_pipeline_is_a_clear_error(tmp_path: Path) -> N
         load_pipeline(tmp_path)
 
 
+def test_a_mistyped_path_without_yaml_suffix_is_called_a_missing_file(tmp_path: Path) -> None:
+    from haystack_integrations.common.multimodal_rag.errors import PipelineLoadError
+
+    # Before: "a pipeline YAML is a mapping with 'components' and 'connections', got str".
+    missing = tmp_path / "pipelines" / "rag"
+    with pytest.raises(PipelineLoadError, match=r"is neither a file \(no such file: .*pipelines/rag\)") as info:
+        load_pipeline(str(missing))
+    assert "pass the path of a pipeline YAML file" in str(info.value)
+
+
 def test_a_binary_file_given_as_the_pipeline_is_a_clear_error(tmp_path: Path) -> None:
     binary = tmp_path / "pipeline.yaml"
     binary.write_bytes(b"\x89PNG\r\n\x1a\n\xd0\xff")

@@ -373,8 +373,9 @@ def load_pipeline(
     :param root_path: Directory every component that reads files is confined to (documents' relative
         `file_path`s resolve in it); defaults to `base_dir`. Index and query with the same one.
     :returns: The pipeline (components are not warmed up yet).
-    :raises PipelineLoadError: On an alias bomb, invalid YAML, a directory or binary file, or YAML that is not
-        a pipeline (the message names the component and key).
+    :raises PipelineLoadError: On an alias bomb, invalid YAML, a directory or binary file, a one-line `source`
+        that names no file (a mistyped path), or YAML that is not a pipeline (the message names the component
+        and key).
     :raises FileNotFoundError: When `source` names a `.yaml`/`.yml` file that does not exist.
     :raises TypeError: When `source` is neither a path nor a string.
     """
@@ -390,6 +391,14 @@ def load_pipeline(
         msg = f"{source} is not a YAML file (not UTF-8 text: {e})"
         raise PipelineLoadError(msg) from e
     data = load_yaml(text)
+    if isinstance(data, str) and "\n" not in str(source).strip():
+        # One line that parses as a YAML string: a mistyped path (no such file, no .yaml suffix), not pipeline text.
+        msg = (
+            f"{str(source)!r} is neither a file (no such file: {Path(source).expanduser().resolve()}) nor the YAML "
+            "text of a pipeline: pass the path of a pipeline YAML file (e.g. 'examples/pipelines/rag.yaml'; "
+            "shipped_pipeline('rag.yaml') gives the installed copy's path)"
+        )
+        raise PipelineLoadError(msg)
     if not isinstance(data, dict):
         msg = f"a pipeline YAML is a mapping with 'components' and 'connections', got {type(data).__name__}"
         raise PipelineLoadError(msg)

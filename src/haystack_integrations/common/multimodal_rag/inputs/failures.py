@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import PurePath
 from typing import Literal
 
 from haystack import Document
@@ -48,14 +49,32 @@ def check_documents_input(component: str, documents: object) -> None:
 
     :param component: Name of the component (used in the message).
     :param documents: What the component received.
-    :raises TypeError: If `documents` is not a list of `Document`.
+    :raises TypeError: If `documents` is not a list of `Document`, naming what it got and what to pass instead.
     """
-    if not isinstance(documents, list) or not all(isinstance(d, Document) for d in documents):
-        msg = (
-            f"{component} expects a list of Documents as input. "
-            "To embed a single string, use the matching text embedder."
+    if isinstance(documents, list) and all(isinstance(d, Document) for d in documents):
+        return
+    if isinstance(documents, list):
+        item = next(d for d in documents if not isinstance(d, Document))
+        got = f"a list holding a {type(item).__name__} ({_preview(item)})"
+    else:
+        item = documents
+        got = f"a {type(documents).__name__} ({_preview(documents)})"
+    msg = f"{component} expects a list of Documents as input, got {got}."
+    if isinstance(item, Document):
+        msg += " Wrap a single Document in a list: [document]."
+    elif isinstance(item, (str, PurePath)):
+        msg += (
+            " For files, wrap each path in a Document (Document(meta={'file_path': path})) or convert them with "
+            "MultimodalFileToDocument first."
         )
-        raise TypeError(msg)
+        if "Embedder" in component:
+            msg += " To embed a query text, use the matching text embedder."
+    raise TypeError(msg)
+
+
+def _preview(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def duplicate_id_failures(documents: Sequence[Document]) -> dict[int, str]:

@@ -159,6 +159,13 @@ def _guess_path_kind(path_str: str) -> str | None:
     return _kind_from_mime(mime_type)
 
 
+def _looks_like_media_path(value: Any) -> bool:
+    if not isinstance(value, (str, os.PathLike)):
+        return False
+    text = str(value).strip()
+    return bool(text) and "\n" not in text and _guess_path_kind(text) in ("image", "pdf")
+
+
 def _has_text(document: Document) -> bool:
     return isinstance(document.content, str) and document.content.strip() != ""
 
@@ -236,6 +243,13 @@ def classify(document: Document, *, file_path_meta_field: str = "file_path") -> 
         msg = f"meta['modality'] is {declared!r} but the document has no blob and no meta['{file_path_meta_field}']"
         raise MediaError(msg)
     msg = f"document has neither text content nor an image (no blob and no meta['{file_path_meta_field}'])"
+    path_like = sorted(k for k, v in document.meta.items() if _looks_like_media_path(v))
+    if path_like:
+        # e.g. meta={"path": "charts/q3.png"} or {"filepath": ...}: say where the path has to go.
+        msg += (
+            f"; meta[{path_like[0]!r}] looks like a file path: store it under meta['{file_path_meta_field}'], "
+            f"or set file_path_meta_field={path_like[0]!r}"
+        )
     raise MediaError(msg)
 
 

@@ -12,6 +12,7 @@ from haystack.dataclasses import ChatMessage, ImageContent
 from PIL import Image
 
 from haystack_integrations.common.multimodal_rag.errors import MediaError
+from haystack_integrations.common.multimodal_rag.inputs.failures import check_documents_input
 from haystack_integrations.common.multimodal_rag.inputs.media import (
     PAGE_NUMBER_META_KEY,
     VISUAL_MODALITIES,
@@ -271,8 +272,10 @@ class MultimodalChatPromptBuilder:
               `document_id`, `file_path`, `page_number`, `modality`, `score`, `included`, `skipped_reason`.
             - `sources`: a copy of `citations` under the old name (deprecated; removed in 0.3).
         :raises ValueError: On an empty query.
+        :raises TypeError: When `documents` is not a list of Documents.
         """
         check_query(type(self).__name__, query)
+        check_documents_input(type(self).__name__, documents)
         citations: list[Citation] = []
         modalities: list[str | None] = []
         for doc in documents:

@@ -102,6 +102,18 @@ class MultimodalImageEmbedder(DenseEmbedderBase):
         )
         raise TypeError(msg)
 
+    def _looks_like_query_text(self, image: Any) -> bool:
+        # A string that names no file and reads like words (spaces, no file extension, no folder) is most likely a
+        # text query sent to the image embedder by mistake.
+        if not isinstance(image, str) or not image.strip() or "/" in image or "\\" in image:
+            return False
+        path = Path(image)
+        if self.root_path is not None and not path.is_absolute():
+            path = Path(self.root_path) / path
+        if path.exists():
+            return False
+        return any(ch.isspace() for ch in image.strip()) or not Path(image).suffix
+
     @component.output_types(embedding=list[float])
     def run(self, image: ImageContent | ByteStream | str) -> dict[str, list[float]]:
         """
@@ -110,7 +122,8 @@ class MultimodalImageEmbedder(DenseEmbedderBase):
         :param image: A file path, a `ByteStream` or an `ImageContent`.
         :returns: `{"embedding": list[float]}`.
         :raises TypeError: On an unsupported input type.
-        :raises MediaError: When the image cannot be read (missing, corrupt, outside `root_path`, too large).
+        :raises MediaError: When the image cannot be read (missing, corrupt, outside `root_path`, too large); a
+            string that names no file and reads like a text query says to use `MultimodalTextEmbedder`.
         """
         doc = self._as_document(image)
         try:
@@ -122,6 +135,11 @@ class MultimodalImageEmbedder(DenseEmbedderBase):
             picture = load_image(source)
         except MediaError as e:
             msg = f"{type(self).__name__}: cannot embed the query image: {e}"
+            if "does not exist" in str(e) and self._looks_like_query_text(image):
+                msg = (
+                    f"{type(self).__name__} embeds an image, and {image!r} is not an image file (no such file): "
+                    "to embed a text query, use MultimodalTextEmbedder"
+                )
             raise MediaError(msg) from e
         self.warm_up()
         assert self._encoder is not None

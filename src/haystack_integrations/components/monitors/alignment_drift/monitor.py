@@ -9,6 +9,7 @@ from typing import Any, Literal, TypedDict
 from haystack import Document, component, default_from_dict, default_to_dict, logging
 
 from haystack_integrations.common.multimodal_rag.errors import MediaError
+from haystack_integrations.common.multimodal_rag.inputs.failures import check_documents_input
 from haystack_integrations.common.multimodal_rag.inputs.media import MODALITIES, modality_of
 from haystack_integrations.common.multimodal_rag.numerics.statistics import (
     FrozenSample,
@@ -513,8 +514,10 @@ class AlignmentDriftMonitor:
         :param query: The query (accepted so the monitor can sit anywhere in a query pipeline; not used).
         :returns: `{"documents": documents, "drift_report": DriftReport}`.
         :raises DriftStateError: When the state file is corrupt (see `reset_corrupt_state`) or cannot be written.
+        :raises TypeError: When `documents` is not a list of Documents.
         """
         del query
+        check_documents_input(type(self).__name__, documents)
         observed: list[tuple[str, float]] = []
         for doc in documents:
             modality = self._modality(doc)

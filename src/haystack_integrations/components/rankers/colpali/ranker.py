@@ -17,6 +17,7 @@ from haystack.utils import ComponentDevice, Secret
 from haystack_integrations.common.multimodal_rag.backends.colpali import LateInteractionEncoder, check_processor_kwargs
 from haystack_integrations.common.multimodal_rag.backends.loading import LoadSpec, serialize_loading_params
 from haystack_integrations.common.multimodal_rag.errors import MediaError, MultiVectorStoreError
+from haystack_integrations.common.multimodal_rag.inputs.failures import check_documents_input
 from haystack_integrations.common.multimodal_rag.inputs.media import resolve_path
 from haystack_integrations.common.multimodal_rag.inputs.planning import iter_image_batches, plan_documents
 from haystack_integrations.common.multimodal_rag.numerics.maxsim import (
@@ -129,6 +130,11 @@ def _rescore_and_select(
             meta[LATE_INTERACTION_SCORE_META_KEY] = raw
         ranked.append(rescored(doc, scores[i], meta))
     return ranked
+
+
+def _describe_store(store: Any) -> str:
+    path = getattr(store, "path", None)
+    return f"{type(store).__name__} at {path}" if path else type(store).__name__
 
 
 class _LRUCache:
@@ -306,6 +312,7 @@ class ColPaliRanker:
         self._host_cache = HostPageCache(host_cache_mb * 2**20) if host_cache_mb > 0 else None
         # The on-the-fly path stores vectors like the store does, so both paths score identical values.
         self._cache_dtype = np.dtype(multivector_store.dtype if multivector_store is not None else "float16")
+        self._warned_unstored = False  # the "pages encoded at query time although a store is set" warning, once
 
     def warm_up(self) -> None:
         """
@@ -477,7 +484,9 @@ class ColPaliRanker:
         if expected is not None and array.shape[1] != expected:
             msg = (
                 f"{name}: query_multivector_embedding has vectors of dim {array.shape[1]}, but model "
-                f"'{self.model}' and its store use dim {expected}"
+                f"'{self.model}' and its store use dim {expected}: connect the `multivector_embedding` of a "
+                "ColPaliTextEmbedder with the same model (a dense text embedder's `embedding` does not fit), or pass "
+                "the query text as `query`"
             )
             raise ValueError(msg)
         return array
@@ -585,8 +594,10 @@ class ColPaliRanker:
         :raises ValueError: Without a query or its embedding, on an empty query, a malformed embedding or an
             invalid `top_k`.
         :raises MultiVectorStoreError: When stored vectors do not fit the model (width, model id).
+        :raises TypeError: When `documents` is not a list of Documents.
         """
         component_name = type(self).__name__
+        check_documents_input(component_name, documents)
         if query_multivector_embedding is None:
             if query is None:
                 msg = f"{component_name} needs `query` or `query_multivector_embedding`; got neither"
@@ -611,8 +622,23 @@ class ColPaliRanker:
         missing = [d for d in documents if d.id not in late]
         if missing:
             self.warm_up()
+            if query_multivector_embedding is not None:
+                # The model's width is known only once it is loaded (an empty store records none).
+                self._check_query_embedding(query_vectors)
             vectors, problems = self._read_through(missing)
             late.update(maxsim_by_id(query_vectors, vectors, device=self._score_device()))
+            if vectors and self.multivector_store is not None and not self._warned_unstored:
+                self._warned_unstored = True
+                logger.warning(
+                    "{component}: {count} image/page candidate(s) have no vectors in the multi-vector store "
+                    "({store}), so their pages were encoded now, at query time (slow; logged once per ranker). "
+                    "Index them with ColPaliDocumentEmbedder into the same store, or check that the ranker's store "
+                    "is the one the indexing pipeline wrote. First ids: {ids}",
+                    component=component_name,
+                    count=len(vectors),
+                    store=_describe_store(self.multivector_store),
+                    ids=", ".join(f"'{doc_id}'" for doc_id in list(vectors)[:3]),
+                )
             if problems:
                 logger.warning(
                     "{component}: {count} candidate(s) have no stored multi-vector and no readable image; they keep "

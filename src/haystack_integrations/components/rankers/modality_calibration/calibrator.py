@@ -10,6 +10,7 @@ import numpy as np
 from haystack import Document, component, default_from_dict, default_to_dict, logging
 
 from haystack_integrations.common.multimodal_rag.errors import MediaError
+from haystack_integrations.common.multimodal_rag.inputs.failures import check_documents_input
 from haystack_integrations.common.multimodal_rag.inputs.media import MODALITIES, modality_of
 from haystack_integrations.common.multimodal_rag.numerics.ranking import (
     CALIBRATED_DENSE_SCORE_META_KEY,
@@ -455,7 +456,9 @@ class ModalityScoreCalibrator:
         :returns: `{"documents": [...]}` sorted by fused score, best first (stable; documents without a usable
             score last), cut at `top_k`.
         :raises ValueError: On an unknown modality value or a negative `top_k`.
+        :raises TypeError: When `documents` is not a list of Documents.
         """
+        check_documents_input(type(self).__name__, documents)
         top_k = self.top_k if top_k is None else top_k
         check_top_k_and_threshold(top_k, None)
         if not documents:

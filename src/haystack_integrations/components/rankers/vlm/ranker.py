@@ -19,6 +19,7 @@ from haystack_integrations.common.multimodal_rag.backends.vlm import (
     VLMLoadSpec,
 )
 from haystack_integrations.common.multimodal_rag.errors import MediaError, ModelLoadError
+from haystack_integrations.common.multimodal_rag.inputs.failures import check_documents_input
 from haystack_integrations.common.multimodal_rag.inputs.media import (
     VISUAL_MODALITIES,
     decode_pool,
@@ -608,9 +609,11 @@ class VisionLanguageRanker:
         :returns: `{"documents": [...]}`: judged documents by probability, then the unjudged ones (not judged for
             `max_candidates`, unreadable, or refused by the processor) in incoming order.
         :raises ValueError: On an empty query or an invalid `top_k`.
+        :raises TypeError: When `documents` is not a list of Documents.
         """
         name = type(self).__name__
         check_query(name, query)
+        check_documents_input(name, documents)
         top_k, score_threshold = call_top_k_and_threshold(self, top_k, score_threshold)
         if not documents or top_k == 0:
             return {"documents": []}
