@@ -729,6 +729,16 @@ def test_a_mistyped_path_without_yaml_suffix_is_called_a_missing_file(tmp_path: 
     assert "pass the path of a pipeline YAML file" in str(info.value)
 
 
+def test_an_existing_file_that_holds_no_pipeline_is_not_called_missing(tmp_path: Path) -> None:
+    from haystack_integrations.common.multimodal_rag.errors import PipelineLoadError
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("just a line of text\n", encoding="utf-8")
+    with pytest.raises(PipelineLoadError, match="a pipeline YAML is a mapping") as info:
+        load_pipeline(str(notes))
+    assert "no such file" not in str(info.value)
+
+
 def test_a_binary_file_given_as_the_pipeline_is_a_clear_error(tmp_path: Path) -> None:
     binary = tmp_path / "pipeline.yaml"
     binary.write_bytes(b"\x89PNG\r\n\x1a\n\xd0\xff")

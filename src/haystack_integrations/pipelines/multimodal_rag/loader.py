@@ -391,7 +391,7 @@ def load_pipeline(
         msg = f"{source} is not a YAML file (not UTF-8 text: {e})"
         raise PipelineLoadError(msg) from e
     data = load_yaml(text)
-    if isinstance(data, str) and "\n" not in str(source).strip():
+    if isinstance(data, str) and not _looks_like_path(source):
         # One line that parses as a YAML string: a mistyped path (no such file, no .yaml suffix), not pipeline text.
         msg = (
             f"{str(source)!r} is neither a file (no such file: {Path(source).expanduser().resolve()}) nor the YAML "
