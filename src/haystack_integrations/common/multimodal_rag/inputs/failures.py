@@ -70,7 +70,7 @@ def check_documents_input(component: str, documents: object, *, allow_tuple: boo
             " For files, wrap each path in a Document (Document(meta={'file_path': path})) or convert them with "
             "MultimodalFileToDocument first."
         )
-        if "Embedder" in component:
+        if "Embedder" in component and isinstance(documents, str):  # one string: most likely a query text
             msg += " To embed a query text, use the matching text embedder."
     raise TypeError(msg)
 
