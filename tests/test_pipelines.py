@@ -739,9 +739,7 @@ def test_an_existing_file_that_holds_no_pipeline_is_not_called_missing(tmp_path:
     assert "no such file" not in str(info.value)
 
 
-def test_the_mistyped_path_message_names_the_path_it_looked_at(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_the_mistyped_path_message_names_the_path_it_looked_at(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from haystack_integrations.common.multimodal_rag.errors import PipelineLoadError
 
     # '~' is not expanded when reading, so the message must not call the expanded path (which exists) missing.
