@@ -9,6 +9,7 @@
 # earlier version's `src/` and `benchmarks/`, e.g. `git archive <commit> src benchmarks | tar -x -C .baseline`) it
 # runs the baseline and this version alternately, twice each (baseline, current, baseline, current), in the same
 # command on the same machine: host speed differs between machine starts, so only pairs from one run compare.
+# It exits non-zero when any of the four runs fails (a broken baseline too).
 #
 # Every log goes to $OUT (the device tool's output folder) or ./gpu-checks. Failures are logged with full
 # tracebacks (`--tb=long -rfE`), so a flaky failure leaves its message behind. Each section fits the device tool's
@@ -45,6 +46,9 @@ case "$section" in
     if [[ $# -gt 0 && -d "$1" ]]; then
       baseline="$1"
       shift
+    elif [[ $# -gt 0 && "$1" == */* ]]; then  # rows are plain names: a path that is not a folder is a typo
+      echo "gpu_checks.sh bench: baseline folder $1 does not exist" >&2
+      exit 2
     fi
     rows=("$@")
     [[ ${#rows[@]} -gt 0 ]] || rows=(dense vlm pages)
@@ -53,10 +57,14 @@ case "$section" in
       PYTHONPATH="$2/src${PYTHONPATH:+:$PYTHONPATH}" python3 "$2/benchmarks/gpu_throughput.py" --only "${rows[@]}" \
         2>&1 | grep -v -e "it/s]" -e "s/it]" | tee -a "$out/bench.log"
     }
+    status=0  # any failed run fails the command (the loop alone returns only the last run's status)
     for round in 1 2; do
-      [[ -n "$baseline" ]] && run_bench "baseline, round $round" "$baseline"
-      run_bench "current, round $round" "$PWD"
+      if [[ -n "$baseline" ]]; then
+        run_bench "baseline, round $round" "$baseline" || status=$?
+      fi
+      run_bench "current, round $round" "$PWD" || status=$?
     done
+    exit "$status"
     ;;
   *)
     echo "usage: bash benchmarks/gpu_checks.sh tests | suite | bench [BASELINE_DIR] [ROWS...]" >&2

@@ -144,9 +144,10 @@ def run(args: argparse.Namespace) -> int:
     if args.tiny:
         print("=" * 78)
         print("TINY MODE: tiny RANDOM-WEIGHT models built locally. Retrieval order and answers are")
-        print("MEANINGLESS; this mode only shows that the whole pipeline runs, offline, on a CPU. Their")
-        print("tokenizers know only a few hundred pieces (3-4 tokens per word), so the embedder warns that text")
-        print("chunks were truncated; a real model's tokenizer needs far fewer tokens per word.")
+        print("MEANINGLESS; this mode only shows that the whole pipeline runs, offline, on a CPU.")
+        print("Their tokenizers know fewer than a hundred pieces (about 4 tokens per word), so")
+        print("the embedder warns that text chunks were truncated; a real model's tokenizer")
+        print("needs far fewer tokens per word.")
         print("=" * 78)
         models = tiny_models(workdir / "tiny_models")
         embedding_dim = 32

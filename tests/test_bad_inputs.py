@@ -394,4 +394,25 @@ def test_a_component_given_something_else_than_documents_says_what_it_got_and_wh
     message = str(info.value)
     assert message.startswith(f"{component} expects a list of Documents as input, got {got}")
     assert hint in message
-    assert ("To embed a query text" in message) == (isinstance(given, (str, list)) and "Embedder" in component)
+    # A bare string may be a query text; a list of file paths is not (CHANGELOG: no text-embedder hint for those).
+    assert ("To embed a query text" in message) == (isinstance(given, str) and "Embedder" in component)
+
+
+@pytest.mark.parametrize(
+    "component",
+    [
+        "ColPaliRanker",
+        "VisionLanguageRanker",
+        "ModalityScoreCalibrator",
+        "AlignmentDriftMonitor",
+        "MultimodalChatPromptBuilder",
+    ],
+)
+def test_the_components_that_took_a_tuple_of_documents_still_take_one(component: str) -> None:
+    # These iterated any sequence before they checked their input; a caller passing a tuple must keep working
+    # (the document embedders refused tuples before and still do).
+    _DOCUMENT_CONSUMERS[component](())
+    if "Ranker" not in component:  # the rankers would load their (missing) model for a non-empty input
+        _DOCUMENT_CONSUMERS[component]((Document(content="a text", score=0.5, meta={"modality": "text"}),))
+    with pytest.raises(TypeError, match=rf"^{component} expects a list of Documents as input, got a tuple holding"):
+        _DOCUMENT_CONSUMERS[component]((Document(content="x"), "chart.png"))

@@ -159,6 +159,10 @@ def test_pages_missing_from_the_given_store_are_warned_about_once(
     with caplog.at_level(logging.WARNING):
         ColPaliRanker(tiny_colqwen2, multivector_store=store).run(query="q", documents=stored)
         ColPaliRanker(tiny_colqwen2).run(query="q", documents=docs)
+        # Text candidates never have page vectors: a store is not "missing" them.
+        ColPaliRanker(tiny_colqwen2, multivector_store=InMemoryMultiVectorStore()).run(
+            query="q", documents=[Document(content="a text candidate", score=0.5)]
+        )
     assert "no vectors in the multi-vector store" not in caplog.text
 
 

@@ -227,6 +227,17 @@ def test_a_file_path_under_another_meta_key_is_pointed_out(key: str) -> None:
     assert "looks like a file path" not in str(info.value)
 
 
+def test_a_url_or_a_non_string_meta_key_gets_no_file_path_hint() -> None:
+    # The loader reads local files only: moving a URL to meta['file_path'] would fail again, so it is not suggested.
+    with pytest.raises(MediaError) as info:
+        classify(Document(meta={"url": "https://example.com/charts/q3.png"}))
+    assert "looks like a file path" not in str(info.value)
+    # A non-string key (possible with an explicit id) is skipped: sorting it with str keys raised a TypeError, which
+    # escaped the on_error="skip" handling that expects a MediaError.
+    with pytest.raises(MediaError, match=r"meta\['path'\] looks like a file path"):
+        classify(Document(id="d1", meta={1: "a.png", "path": "b.png"}))
+
+
 def test_symlink_loop_is_a_named_media_error(tmp_path: Path) -> None:
     (tmp_path / "a.png").symlink_to(tmp_path / "b.png")
     (tmp_path / "b.png").symlink_to(tmp_path / "a.png")

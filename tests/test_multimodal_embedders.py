@@ -255,11 +255,15 @@ def test_image_embedder_given_a_text_query_points_to_the_text_embedder(tmp_path:
         with pytest.raises(MediaError, match="to embed a text query, use MultimodalTextEmbedder") as info:
             embedder.run(image=text)
         assert "root_path" not in str(info.value)  # the bare-file-name advice does not apply to a query text
-    # A missing file named like one, or a path, keeps the plain message.
-    for path in ("chart.png", "photos/query", "../../outside"):
+    # A missing file named like one (also with spaces, as cameras and screenshots name them), or a path, keeps the
+    # plain message.
+    for path in ("chart.png", "IMG 0001.jpg", "Screenshot 2024-05-01 at 10.12.33.png", "scan 2.pdf", "photos/query"):
         with pytest.raises(MediaError, match=r"does not exist|outside root_path") as info:
             embedder.run(image=path)
         assert "MultimodalTextEmbedder" not in str(info.value)
+    with pytest.raises(MediaError, match=r"outside root_path") as info:
+        embedder.run(image="../../outside")
+    assert "MultimodalTextEmbedder" not in str(info.value)
 
 
 def test_text_embedder_rejects_empty_and_non_string_input(tiny_siglip: str) -> None:

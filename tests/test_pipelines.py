@@ -739,6 +739,22 @@ def test_an_existing_file_that_holds_no_pipeline_is_not_called_missing(tmp_path:
     assert "no such file" not in str(info.value)
 
 
+def test_the_mistyped_path_message_names_the_path_it_looked_at(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from haystack_integrations.common.multimodal_rag.errors import PipelineLoadError
+
+    # '~' is not expanded when reading, so the message must not call the expanded path (which exists) missing.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "pipelines").mkdir()
+    (tmp_path / "pipelines" / "rag").write_text("components: {}\n", encoding="utf-8")
+    with pytest.raises(PipelineLoadError, match="'~' is not expanded here") as info:
+        load_pipeline("~/pipelines/rag")
+    assert f"no such file: {tmp_path / 'pipelines' / 'rag'})" not in str(info.value)
+    # YAML text of several lines that is one string is not a path: no 'no such file' for it.
+    with pytest.raises(PipelineLoadError, match="a pipeline YAML is a mapping") as info:
+        load_pipeline("|\n  a block of text\n  on two lines\n")
+    assert "no such file" not in str(info.value)
+
+
 def test_a_binary_file_given_as_the_pipeline_is_a_clear_error(tmp_path: Path) -> None:
     binary = tmp_path / "pipeline.yaml"
     binary.write_bytes(b"\x89PNG\r\n\x1a\n\xd0\xff")

@@ -70,14 +70,31 @@ def _inline_code_spans(text: str) -> Iterator[str]:
             yield re.sub(r"\s*\n\s*", " ", span).strip()
 
 
-def _printed_calls() -> list[tuple[str, str, str]]:
+def _printed_calls(text: str = README) -> list[tuple[str, str, str]]:
     """`(span, name, argument text)` for every inline span that prints a call of a public callable."""
     calls = []
-    for span in _inline_code_spans(README):
+    for span in _inline_code_spans(text):
         match = re.fullmatch(r"(?:with )?([A-Za-z_][\w.]*)\((.*)\)(?: as \w+:)?(?: -> .*)?", span)
-        if match and match.group(1) in CALLABLES:
+        # `X(...).run(query, documents=docs)` matches with the arguments of two calls: not one signature or call.
+        if match and match.group(1) in CALLABLES and _balanced(match.group(2)):
             calls.append((span, match.group(1), match.group(2)))
     return calls
+
+
+def _balanced(args: str) -> bool:
+    depth, quote = 0, ""
+    for char in args:
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "\"'":
+            quote = char
+        elif char in "([{":
+            depth += 1
+        elif char in ")]}":
+            depth -= 1
+            if depth < 0:
+                return False
+    return depth == 0
 
 
 PRINTED = _printed_calls()
@@ -127,6 +144,12 @@ def _split_top_level(args: str) -> list[str]:
             continue
         current += char
     return [*parts, current]
+
+
+def test_a_chained_call_is_not_read_as_the_first_callables_arguments() -> None:
+    # Read as ColPaliRanker's arguments, `documents=docs` failed as "ColPaliRanker has no parameter ['documents']".
+    text = "Call `ColPaliRanker(...).run(query, documents=docs)` or `ColPaliRanker(top_k=5)`."
+    assert _printed_calls(text) == [("ColPaliRanker(top_k=5)", "ColPaliRanker", "top_k=5")]
 
 
 def test_the_readme_prints_the_main_component_signatures() -> None:

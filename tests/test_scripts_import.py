@@ -42,3 +42,49 @@ def test_the_gpu_check_script_parses_and_names_files_that_exist() -> None:
     assert "benchmarks/gpu_throughput.py" in named
     missing = sorted(path for path in named if not (ROOT / path).is_file())
     assert not missing, f"benchmarks/gpu_checks.sh names files that do not exist: {missing}"
+
+
+_FAKE_PYTHON = """#!/usr/bin/env bash
+# Stands in for python3: the device probe and the module checks succeed or fail fast; gpu_throughput.py fails
+# for a source root whose path holds 'broken'.
+case "$1" in
+  -) cat >/dev/null; echo "device fake" ;;
+  -c) exit 1 ;;
+  *) echo "ran $1 with PYTHONPATH=$PYTHONPATH"; [[ "$1" != *broken* ]] ;;
+esac
+"""
+
+
+def _run_gpu_checks(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    fake = bin_dir / "python3"
+    fake.write_text(_FAKE_PYTHON)
+    fake.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "OUT": str(tmp_path / "out"), "PYTHONPATH": "/site"}
+    return subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_checks.sh"), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def test_gpu_check_bench_fails_when_any_run_fails_and_imports_each_roots_code_first(tmp_path: Path) -> None:
+    good, broken = tmp_path / "good", tmp_path / "broken"
+    good.mkdir()
+    broken.mkdir()
+    passed = _run_gpu_checks(tmp_path, "bench", str(good), "dense")
+    assert passed.returncode == 0, passed.stderr
+    log = (tmp_path / "out" / "bench.log").read_text()
+    assert log.count(f"ran {good}/benchmarks/gpu_throughput.py with PYTHONPATH={good}/src:/site") == 2
+    assert log.count(f"ran {ROOT}/benchmarks/gpu_throughput.py with PYTHONPATH={ROOT}/src:/site") == 2
+    # A failing baseline fails the command (the loop used to return only the last run's status, the current one's).
+    failed = _run_gpu_checks(tmp_path, "bench", str(broken), "dense")
+    assert failed.returncode != 0
+    # A mistyped baseline folder is named, not passed on as a row name.
+    typo = _run_gpu_checks(tmp_path, "bench", str(tmp_path / "no-such-baseline"), "dense")
+    assert typo.returncode == 2
+    assert "no-such-baseline does not exist" in typo.stderr

@@ -391,13 +391,16 @@ def load_pipeline(
         msg = f"{source} is not a YAML file (not UTF-8 text: {e})"
         raise PipelineLoadError(msg) from e
     data = load_yaml(text)
-    if isinstance(data, str) and not _looks_like_path(source):
+    if isinstance(data, str) and "\n" not in str(source).strip() and not _looks_like_path(source):
         # One line that parses as a YAML string: a mistyped path (no such file, no .yaml suffix), not pipeline text.
+        # The path named is the one looked at: '~' is not expanded (a file under the home folder may exist).
         msg = (
-            f"{str(source)!r} is neither a file (no such file: {Path(source).expanduser().resolve()}) nor the YAML "
+            f"{str(source)!r} is neither a file (no such file: {Path(source).resolve()}) nor the YAML "
             "text of a pipeline: pass the path of a pipeline YAML file (e.g. 'examples/pipelines/rag.yaml'; "
             "shipped_pipeline('rag.yaml') gives the installed copy's path)"
         )
+        if str(source).startswith("~"):
+            msg += "; '~' is not expanded here: pass os.path.expanduser(path)"
         raise PipelineLoadError(msg)
     if not isinstance(data, dict):
         msg = f"a pipeline YAML is a mapping with 'components' and 'connections', got {type(data).__name__}"

@@ -43,19 +43,22 @@ def mark_failed(document: Document, reason: str) -> Document:
     return replace(document, meta={**document.meta, EMBEDDING_ERROR_META_KEY: reason})
 
 
-def check_documents_input(component: str, documents: object) -> None:
+def check_documents_input(component: str, documents: object, *, allow_tuple: bool = False) -> None:
     """
     Validate that a component received a list of Documents.
 
     :param component: Name of the component (used in the message).
     :param documents: What the component received.
+    :param allow_tuple: Accept a tuple of Documents too (the components that iterated any sequence before this
+        check existed, so a caller passing a tuple keeps working).
     :raises TypeError: If `documents` is not a list of `Document`, naming what it got and what to pass instead.
     """
-    if isinstance(documents, list) and all(isinstance(d, Document) for d in documents):
+    containers = (list, tuple) if allow_tuple else list
+    if isinstance(documents, containers) and all(isinstance(d, Document) for d in documents):
         return
-    if isinstance(documents, list):
+    if isinstance(documents, containers):
         item = next(d for d in documents if not isinstance(d, Document))
-        got = f"a list holding a {type(item).__name__} ({_preview(item)})"
+        got = f"a {type(documents).__name__} holding a {type(item).__name__} ({_preview(item)})"
     else:
         item = documents
         got = f"a {type(documents).__name__} ({_preview(documents)})"
@@ -67,7 +70,7 @@ def check_documents_input(component: str, documents: object) -> None:
             " For files, wrap each path in a Document (Document(meta={'file_path': path})) or convert them with "
             "MultimodalFileToDocument first."
         )
-        if "Embedder" in component:
+        if "Embedder" in component and isinstance(documents, str):  # one string: most likely a query text
             msg += " To embed a query text, use the matching text embedder."
     raise TypeError(msg)
 

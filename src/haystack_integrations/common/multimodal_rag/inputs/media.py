@@ -159,11 +159,18 @@ def _guess_path_kind(path_str: str) -> str | None:
     return _kind_from_mime(mime_type)
 
 
-def _looks_like_media_path(value: Any) -> bool:
+def looks_like_media_path(value: Any) -> bool:
+    """
+    Whether `value` reads like the path of an image or a PDF (judged by its name only; the file is not opened).
+
+    :param value: Any value (a meta value, a query).
+    :returns: `True` for a one-line string or path whose extension is an image or PDF type (not a URL: the
+        loader reads local files only).
+    """
     if not isinstance(value, (str, os.PathLike)):
         return False
     text = str(value).strip()
-    return bool(text) and "\n" not in text and _guess_path_kind(text) in ("image", "pdf")
+    return bool(text) and "\n" not in text and "://" not in text and _guess_path_kind(text) in ("image", "pdf")
 
 
 def _has_text(document: Document) -> bool:
@@ -243,7 +250,7 @@ def classify(document: Document, *, file_path_meta_field: str = "file_path") -> 
         msg = f"meta['modality'] is {declared!r} but the document has no blob and no meta['{file_path_meta_field}']"
         raise MediaError(msg)
     msg = f"document has neither text content nor an image (no blob and no meta['{file_path_meta_field}'])"
-    path_like = sorted(k for k, v in document.meta.items() if _looks_like_media_path(v))
+    path_like = sorted(k for k, v in document.meta.items() if isinstance(k, str) and looks_like_media_path(v))
     if path_like:
         # e.g. meta={"path": "charts/q3.png"} or {"filepath": ...}: say where the path has to go.
         msg += (

@@ -272,10 +272,10 @@ class MultimodalChatPromptBuilder:
               `document_id`, `file_path`, `page_number`, `modality`, `score`, `included`, `skipped_reason`.
             - `sources`: a copy of `citations` under the old name (deprecated; removed in 0.3).
         :raises ValueError: On an empty query.
-        :raises TypeError: When `documents` is not a list of Documents.
+        :raises TypeError: When `documents` is not a list (or tuple) of Documents.
         """
         check_query(type(self).__name__, query)
-        check_documents_input(type(self).__name__, documents)
+        check_documents_input(type(self).__name__, documents, allow_tuple=True)
         citations: list[Citation] = []
         modalities: list[str | None] = []
         for doc in documents:

@@ -12,7 +12,13 @@ from haystack.utils import ComponentDevice, Secret
 from haystack_integrations.common.multimodal_rag.backends.dense import DenseEmbedderBase
 from haystack_integrations.common.multimodal_rag.backends.loading import serialize_loading_params
 from haystack_integrations.common.multimodal_rag.errors import MediaError
-from haystack_integrations.common.multimodal_rag.inputs.media import VISUAL_MODALITIES, classify, load_image, locate
+from haystack_integrations.common.multimodal_rag.inputs.media import (
+    VISUAL_MODALITIES,
+    classify,
+    load_image,
+    locate,
+    looks_like_media_path,
+)
 
 
 @component
@@ -104,8 +110,10 @@ class MultimodalImageEmbedder(DenseEmbedderBase):
 
     def _looks_like_query_text(self, image: Any) -> bool:
         # A string that names no file and reads like words (spaces, no file extension, no folder) is most likely a
-        # text query sent to the image embedder by mistake.
+        # text query sent to the image embedder by mistake; a missing 'IMG 0001.jpg' is a file name, not a query.
         if not isinstance(image, str) or not image.strip() or "/" in image or "\\" in image:
+            return False
+        if looks_like_media_path(image):
             return False
         path = Path(image)
         if self.root_path is not None and not path.is_absolute():

@@ -514,10 +514,10 @@ class AlignmentDriftMonitor:
         :param query: The query (accepted so the monitor can sit anywhere in a query pipeline; not used).
         :returns: `{"documents": documents, "drift_report": DriftReport}`.
         :raises DriftStateError: When the state file is corrupt (see `reset_corrupt_state`) or cannot be written.
-        :raises TypeError: When `documents` is not a list of Documents.
+        :raises TypeError: When `documents` is not a list (or tuple) of Documents.
         """
         del query
-        check_documents_input(type(self).__name__, documents)
+        check_documents_input(type(self).__name__, documents, allow_tuple=True)
         observed: list[tuple[str, float]] = []
         for doc in documents:
             modality = self._modality(doc)

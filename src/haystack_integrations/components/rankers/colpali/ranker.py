@@ -594,10 +594,10 @@ class ColPaliRanker:
         :raises ValueError: Without a query or its embedding, on an empty query, a malformed embedding or an
             invalid `top_k`.
         :raises MultiVectorStoreError: When stored vectors do not fit the model (width, model id).
-        :raises TypeError: When `documents` is not a list of Documents.
+        :raises TypeError: When `documents` is not a list (or tuple) of Documents.
         """
         component_name = type(self).__name__
-        check_documents_input(component_name, documents)
+        check_documents_input(component_name, documents, allow_tuple=True)
         if query_multivector_embedding is None:
             if query is None:
                 msg = f"{component_name} needs `query` or `query_multivector_embedding`; got neither"

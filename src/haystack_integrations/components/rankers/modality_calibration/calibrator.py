@@ -456,9 +456,9 @@ class ModalityScoreCalibrator:
         :returns: `{"documents": [...]}` sorted by fused score, best first (stable; documents without a usable
             score last), cut at `top_k`.
         :raises ValueError: On an unknown modality value or a negative `top_k`.
-        :raises TypeError: When `documents` is not a list of Documents.
+        :raises TypeError: When `documents` is not a list (or tuple) of Documents.
         """
-        check_documents_input(type(self).__name__, documents)
+        check_documents_input(type(self).__name__, documents, allow_tuple=True)
         top_k = self.top_k if top_k is None else top_k
         check_top_k_and_threshold(top_k, None)
         if not documents:

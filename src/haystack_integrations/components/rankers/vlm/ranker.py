@@ -609,11 +609,11 @@ class VisionLanguageRanker:
         :returns: `{"documents": [...]}`: judged documents by probability, then the unjudged ones (not judged for
             `max_candidates`, unreadable, or refused by the processor) in incoming order.
         :raises ValueError: On an empty query or an invalid `top_k`.
-        :raises TypeError: When `documents` is not a list of Documents.
+        :raises TypeError: When `documents` is not a list (or tuple) of Documents.
         """
         name = type(self).__name__
         check_query(name, query)
-        check_documents_input(name, documents)
+        check_documents_input(name, documents, allow_tuple=True)
         top_k, score_threshold = call_top_k_and_threshold(self, top_k, score_threshold)
         if not documents or top_k == 0:
             return {"documents": []}
