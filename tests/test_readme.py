@@ -70,19 +70,9 @@ def _inline_code_spans(text: str) -> Iterator[str]:
             yield re.sub(r"\s*\n\s*", " ", span).strip()
 
 
-def _printed_calls(text: str = README) -> list[tuple[str, str, str]]:
-    """`(span, name, argument text)` for every inline span that prints a call of a public callable."""
-    calls = []
-    for span in _inline_code_spans(text):
-        match = re.fullmatch(r"(?:with )?([A-Za-z_][\w.]*)\((.*)\)(?: as \w+:)?(?: -> .*)?", span)
-        # `X(...).run(query, documents=docs)` matches with the arguments of two calls: not one signature or call.
-        if match and match.group(1) in CALLABLES and _balanced(match.group(2)):
-            calls.append((span, match.group(1), match.group(2)))
-    return calls
-
-
-def _balanced(args: str) -> bool:
-    depth, quote = 0, ""
+def _split_top_level(args: str) -> list[str] | None:
+    """`args` cut at its top-level commas, or `None` when its brackets do not balance (two chained calls)."""
+    parts, depth, current, quote = [], 0, "", ""
     for char in args:
         if quote:
             quote = "" if char == quote else quote
@@ -93,8 +83,31 @@ def _balanced(args: str) -> bool:
         elif char in ")]}":
             depth -= 1
             if depth < 0:
-                return False
-    return depth == 0
+                return None
+        elif char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+            continue
+        current += char
+    return [*parts, current] if depth == 0 else None
+
+
+def _shown_parts(args: str) -> list[str]:
+    """The printed parameters of a balanced argument list, `...` left out."""
+    parts = _split_top_level(args)
+    assert parts is not None, f"unbalanced brackets in {args!r}"
+    return [part.strip() for part in parts if part.strip() and part.strip() != "..."]
+
+
+def _printed_calls(text: str = README) -> list[tuple[str, str, str]]:
+    """`(span, name, argument text)` for every inline span that prints a call of a public callable."""
+    calls = []
+    for span in _inline_code_spans(text):
+        match = re.fullmatch(r"(?:with )?([A-Za-z_][\w.]*)\((.*)\)(?: as \w+:)?(?: -> .*)?", span)
+        # `X(...).run(query, documents=docs)` matches with the arguments of two calls: not one signature or call.
+        if match and match.group(1) in CALLABLES and _split_top_level(match.group(2)) is not None:
+            calls.append((span, match.group(1), match.group(2)))
+    return calls
 
 
 PRINTED = _printed_calls()
@@ -107,7 +120,7 @@ def _parse_printed(name: str, args: str) -> tuple[bool, list[tuple[str, Any]]]:
     :returns: `(is_signature, [(parameter, shown value or the marker _REQUIRED / _ANY)])`. A list with a bare
         `*` is a signature (its values are the defaults); otherwise a call (its values are examples).
     """
-    parts = [part.strip() for part in _split_top_level(args) if part.strip() and part.strip() != "..."]
+    parts = _shown_parts(args)
     is_signature = "*" in parts
     shown: list[tuple[str, Any]] = []
     for part in parts:
@@ -125,25 +138,6 @@ def _parse_printed(name: str, args: str) -> tuple[bool, list[tuple[str, Any]]]:
 
 _REQUIRED = object()
 _ANY = object()
-
-
-def _split_top_level(args: str) -> list[str]:
-    parts, depth, current, quote = [], 0, "", ""
-    for char in args:
-        if quote:
-            quote = "" if char == quote else quote
-        elif char in "\"'":
-            quote = char
-        elif char in "([{":
-            depth += 1
-        elif char in ")]}":
-            depth -= 1
-        elif char == "," and depth == 0:
-            parts.append(current)
-            current = ""
-            continue
-        current += char
-    return [*parts, current]
 
 
 def test_a_chained_call_is_not_read_as_the_first_callables_arguments() -> None:
@@ -189,7 +183,7 @@ def test_a_printed_signature_or_call_matches_the_code(span: str, name: str, args
 
 
 def _star_position(args: str) -> int:
-    parts = [part.strip() for part in _split_top_level(args) if part.strip() and part.strip() != "..."]
+    parts = _shown_parts(args)
     return parts.index("*")
 
 
