@@ -21,6 +21,17 @@ from haystack_integrations.common.multimodal_rag.inputs.media import (
 )
 
 
+def _looks_like_query_text(image: Any) -> bool:
+    """
+    Whether a file name the loader reported missing reads like a text query sent to the image embedder by mistake:
+    a string with no folder, no image/PDF extension ('IMG 0001.jpg' is a file name) and spaces or no extension.
+    """
+    if not isinstance(image, str) or "/" in image or "\\" in image or looks_like_media_path(image):
+        return False
+    text = image.strip()
+    return bool(text) and (any(ch.isspace() for ch in text) or not Path(text).suffix)
+
+
 @component
 class MultimodalImageEmbedder(DenseEmbedderBase):
     """
@@ -108,20 +119,6 @@ class MultimodalImageEmbedder(DenseEmbedderBase):
         )
         raise TypeError(msg)
 
-    def _looks_like_query_text(self, image: Any) -> bool:
-        # A string that names no file and reads like words (spaces, no file extension, no folder) is most likely a
-        # text query sent to the image embedder by mistake; a missing 'IMG 0001.jpg' is a file name, not a query.
-        if not isinstance(image, str) or not image.strip() or "/" in image or "\\" in image:
-            return False
-        if looks_like_media_path(image):
-            return False
-        path = Path(image)
-        if self.root_path is not None and not path.is_absolute():
-            path = Path(self.root_path) / path
-        if path.exists():
-            return False
-        return any(ch.isspace() for ch in image.strip()) or not Path(image).suffix
-
     @component.output_types(embedding=list[float])
     def run(self, image: ImageContent | ByteStream | str) -> dict[str, list[float]]:
         """
@@ -143,7 +140,7 @@ class MultimodalImageEmbedder(DenseEmbedderBase):
             picture = load_image(source)
         except MediaError as e:
             msg = f"{type(self).__name__}: cannot embed the query image: {e}"
-            if "does not exist" in str(e) and self._looks_like_query_text(image):
+            if "does not exist" in str(e) and _looks_like_query_text(image):
                 msg = (
                     f"{type(self).__name__} embeds an image, and {image!r} is not an image file (no such file): "
                     "to embed a text query, use MultimodalTextEmbedder"

@@ -479,6 +479,12 @@ class ColPaliRanker:
         if not np.isfinite(array).all():
             msg = f"{name}: query_multivector_embedding contains NaN or infinite values"
             raise ValueError(msg)
+        self._check_query_width(array)
+        return array
+
+    def _check_query_width(self, array: np.ndarray) -> None:
+        """The query embedding's width against the model's (once loaded), else the store's (if it records one)."""
+        name = type(self).__name__
         store = self.multivector_store
         expected = self._encoder.dim if self._encoder is not None else (store.dim if store is not None else None)
         if expected is not None and array.shape[1] != expected:
@@ -489,7 +495,6 @@ class ColPaliRanker:
                 "the query text as `query`"
             )
             raise ValueError(msg)
-        return array
 
     def _stored_scores(
         self,
@@ -624,7 +629,7 @@ class ColPaliRanker:
             self.warm_up()
             if query_multivector_embedding is not None:
                 # The model's width is known only once it is loaded (an empty store records none).
-                self._check_query_embedding(query_vectors)
+                self._check_query_width(np.asarray(query_vectors))
             vectors, problems = self._read_through(missing)
             late.update(maxsim_by_id(query_vectors, vectors, device=self._score_device()))
             if vectors and self.multivector_store is not None and not self._warned_unstored:
